@@ -1,0 +1,187 @@
+"""LoRA (Hu et al., 2021), rsLoRA (Kalajdzievski, 2023) and DoRA (Liu et al., 2024).
+
+A LoRA adds a low-rank update to chosen linear layers::
+
+    y = x W^T + b + s * (x A^T) B^T          A: [r, in], B: [out, r]
+    s = alpha / r          (rsLoRA: alpha / sqrt(r))
+
+DoRA re-normalises the merged weight row by row with a learned magnitude ``m`` ([out])::
+
+    W' = m * (W + s B A) / ||W + s B A||_row
+
+Target selection follows PEFT exactly (``target_modules`` list or regex, ``layers_to_transform``,
+``rank_pattern``/``alpha_pattern``), so a PEFT adapter selects the same modules here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from adaptkit.errors import UnsupportedAdapterError
+
+KIND = "lora"
+
+
+def _pattern_key(patterns: Mapping[str, object], module_name: str) -> str | None:
+    """PEFT's rule: the first pattern ``p`` with ``(.*\\.)?(p)$`` matching the module name."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return pattern
+    return None
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """What a LoRA changes and how strongly.
+
+    ``target_modules`` is a tuple of module-name suffixes or one regex (full match), as in PEFT.
+    """
+
+    r: int
+    alpha: float
+    target_modules: tuple[str, ...] | str
+    use_rslora: bool = False
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+    lora_bias: bool = False
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | None = None
+    exclude_modules: tuple[str, ...] | str | None = None
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise UnsupportedAdapterError(f"LoRA rank r must be positive, got {self.r}")
+        if not self.target_modules:
+            raise UnsupportedAdapterError("LoRA target_modules is empty: the adapter would change nothing")
+
+    def rank_for(self, module_name: str) -> int:
+        key = _pattern_key(self.rank_pattern, module_name)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return float(self.alpha_pattern[key]) if key is not None else float(self.alpha)
+
+    def scale_for(self, module_name: str) -> float:
+        """``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``) with this module's rank and alpha."""
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def saves_module(self, module_name: str) -> bool:
+        """True when ``module_name`` is replaced wholesale by a stored copy (``modules_to_save``)."""
+        return any(re.match(rf"(^|.*\.){m}($|\..*)", module_name) for m in self.modules_to_save)
+
+    def targets(self, module_name: str) -> bool:
+        """PEFT's ``check_target_module_exists``: does this LoRA act on ``module_name``?"""
+        excl = self.exclude_modules
+        if excl:
+            if isinstance(excl, str):
+                if re.fullmatch(excl, module_name):
+                    return False
+            elif module_name in excl or any(module_name.endswith(f".{e}") for e in excl):
+                return False
+        if self.saves_module(module_name):
+            return False
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, module_name) is not None
+        if module_name in self.target_modules:
+            return True
+        found = any(module_name.endswith(f".{t}") for t in self.target_modules)
+        if not found or not self.layers_to_transform:
+            return found
+        return layer_index_of(module_name, self.layers_pattern) in self.layers_to_transform
+
+
+def layer_index_of(module_name: str, layers_pattern: tuple[str, ...] | None) -> int | None:
+    """The block index in a module name (``model.layers.3.mlp`` -> 3), PEFT's rule."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
+    else:
+        match = None
+        for pattern in layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_name)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+class LoraWeights(nn.Module):
+    """The low-rank factors of one adapted layer.
+
+    Shapes: ``lora_A`` [r, in], ``lora_B`` [out, r], ``lora_B_bias`` [out] (``lora_bias``),
+    ``magnitude`` [out] (DoRA).
+    """
+
+    def __init__(
+        self,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scale: float,
+        lora_B_bias: torch.Tensor | None = None,
+        magnitude: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.lora_A = nn.Parameter(lora_A, requires_grad=False)
+        self.lora_B = nn.Parameter(lora_B, requires_grad=False)
+        self.lora_B_bias = None if lora_B_bias is None else nn.Parameter(lora_B_bias, requires_grad=False)
+        self.magnitude = None if magnitude is None else nn.Parameter(magnitude, requires_grad=False)
+        self.scale = float(scale)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.shape[0]
+
+    def low_rank_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``s * (x A^T B^T + bias_B)``; x: [..., in] -> [..., out]."""
+        out = (x @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T
+        if self.lora_B_bias is not None:
+            out = out + self.lora_B_bias.to(x.dtype)
+        return out * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B @ A`` in float32, shape [out, in]."""
+        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+
+
+@dataclass
+class LoraAdapter:
+    """A loaded LoRA: its config, the factors per module, and whole modules it replaces."""
+
+    config: LoraConfig
+    layers: dict[str, LoraWeights]  # module name (as in the base model) -> factors
+    saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # modules_to_save
+    fingerprint: str | None = None  # base fingerprint, when the writer recorded one
+    source: str | None = None  # where it was read from
+    base_class: str | None = None  # the transformers class it was trained on, when recorded
+
+    kind = KIND
+
+    @property
+    def parameter_count(self) -> int:
+        count = sum(p.numel() for w in self.layers.values() for p in w.parameters())
+        return count + sum(t.numel() for sd in self.saved_modules.values() for t in sd.values())
+
+    @property
+    def nbytes(self) -> int:
+        n = sum(p.numel() * p.element_size() for w in self.layers.values() for p in w.parameters())
+        return n + sum(t.numel() * t.element_size() for sd in self.saved_modules.values() for t in sd.values())
+
+    def ranks(self) -> dict[str, int]:
+        return {name: w.rank for name, w in self.layers.items()}

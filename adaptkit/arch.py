@@ -1,0 +1,138 @@
+"""Per-architecture facts: where the transformer blocks are, what their sub-modules are called.
+
+Three layouts are known: the Llama family (Llama, Mistral, Qwen2, ... share it), GPT-2 (whose
+``Conv1D`` stores weights transposed, ``[in, out]``) and BERT (post-LN encoder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from adaptkit.errors import BaseModelError
+
+_LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite"}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Layout facts of one architecture family.
+
+    Module paths are relative to the decoder/encoder block (``layers[i]``), except
+    ``layers_paths`` which are relative to the loaded model.
+    """
+
+    family: str  # "llama" | "gpt2" | "bert"
+    layers_paths: tuple[str, ...]  # candidates, the first that exists wins
+    attention: str  # self-attention module inside a block
+    mlp: str  # feed-forward module inside a block (or its output sub-module for BERT)
+    attention_norm: str | None  # pre-LN norm before attention (None for post-LN)
+    mlp_norm: str | None  # pre-LN norm before the FFN
+    is_causal: bool
+    conv1d_modules: tuple[str, ...]  # GPT-2 Conv1D module names: weight stored [in, out]
+    embedding_keys: tuple[str, ...]  # checkpoint keys of the input embedding, first found wins
+
+
+ARCH_SPECS: dict[str, ArchSpec] = {
+    "llama": ArchSpec(
+        family="llama",
+        layers_paths=("model.layers", "layers"),
+        attention="self_attn",
+        mlp="mlp",
+        attention_norm="input_layernorm",
+        mlp_norm="post_attention_layernorm",
+        is_causal=True,
+        conv1d_modules=(),
+        embedding_keys=("model.embed_tokens.weight", "embed_tokens.weight"),
+    ),
+    "gpt2": ArchSpec(
+        family="gpt2",
+        layers_paths=("transformer.h", "h"),
+        attention="attn",
+        mlp="mlp",
+        attention_norm="ln_1",
+        mlp_norm="ln_2",
+        is_causal=True,
+        conv1d_modules=("c_attn", "c_proj", "c_fc", "q_attn"),
+        embedding_keys=("transformer.wte.weight", "wte.weight"),
+    ),
+    "bert": ArchSpec(
+        family="bert",
+        layers_paths=("bert.encoder.layer", "encoder.layer"),
+        attention="attention.output",
+        mlp="output",
+        attention_norm=None,
+        mlp_norm=None,
+        is_causal=False,
+        conv1d_modules=(),
+        embedding_keys=("bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight",
+                        "roberta.embeddings.word_embeddings.weight"),
+    ),
+}
+
+
+def family_of(model_type: str) -> str:
+    """The layout family of a transformers ``model_type``; raises for unknown ones."""
+    if model_type in _LLAMA_FAMILY:
+        return "llama"
+    if model_type in ("gpt2",):
+        return "gpt2"
+    if model_type in ("bert", "roberta"):
+        return "bert"
+    known = sorted(_LLAMA_FAMILY | {"gpt2", "bert", "roberta"})
+    raise BaseModelError(f"model_type {model_type!r} is not supported; known model types: {', '.join(known)}")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Sizes of one concrete model, read from its config."""
+
+    spec: ArchSpec
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+
+def facts_from_config(config) -> ModelFacts:
+    """Read the sizes adaptkit needs from a transformers config."""
+    family = family_of(config.model_type)
+    if family == "gpt2":
+        hidden, layers, heads = config.n_embd, config.n_layer, config.n_head
+        kv_heads = heads
+    else:
+        hidden, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return ModelFacts(
+        spec=ARCH_SPECS[family],
+        model_type=config.model_type,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+    )
+
+
+def decoder_layers(model: nn.Module, spec: ArchSpec) -> tuple[str, nn.ModuleList]:
+    """The qualified name and the ``ModuleList`` of the model's transformer blocks."""
+    for path in spec.layers_paths:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList):
+            return path, layers
+    raise BaseModelError(
+        f"could not find the transformer blocks of this {spec.family} model (looked for {', '.join(spec.layers_paths)})"
+    )

@@ -1,0 +1,159 @@
+"""Loading a base model: the only place ``from_pretrained`` is called on a base.
+
+Also the base *fingerprint*: a short digest of the architecture, the sizes and a few
+embedding rows, written into what adaptkit saves so that a wrong base/adapter pair is caught.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adaptkit.arch import ModelFacts, facts_from_config
+from adaptkit.errors import BaseModelError, InvalidArgumentError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
+
+FINGERPRINT_ROWS = 4  # embedding rows hashed into the fingerprint
+
+
+def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    """``"bf16"``/``"bfloat16"``/``torch.bfloat16`` -> ``torch.bfloat16``; None -> ``default``."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise InvalidArgumentError(f"dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
+        return dtype
+    name = _DTYPE_ALIASES.get(str(dtype), str(dtype))
+    if name not in DTYPES:
+        raise InvalidArgumentError(f"dtype {dtype!r} is not supported; use one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
+
+
+def read_config(path: str | os.PathLike):
+    """The transformers config of a base folder, with a clear error when it is not one."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise BaseModelError(f"{path}: no config.json; give the folder of a Hugging Face model (save_pretrained output)")
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except Exception as exc:  # transformers raises many types here
+        raise BaseModelError(f"{path / 'config.json'}: cannot be read as a transformers config ({exc})") from exc
+
+
+def model_class_for(config):
+    """The transformers class to instantiate: the checkpoint's own architecture when known."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    from adaptkit.arch import family_of
+
+    if family_of(config.model_type) == "bert":
+        return transformers.AutoModel
+    return transformers.AutoModelForCausalLM
+
+
+def fingerprint_of(facts: ModelFacts, embedding_rows: torch.Tensor) -> str:
+    """Digest of sizes + the first embedding rows (rounded to bf16, so fp32/bf16 copies agree)."""
+    digest = hashlib.sha256()
+    sizes = [facts.family, facts.hidden_size, facts.num_layers, facts.num_heads, facts.num_kv_heads, facts.vocab_size]
+    digest.update(json.dumps(sizes).encode())
+    rows = embedding_rows[:FINGERPRINT_ROWS].detach().to("cpu", torch.bfloat16).to(torch.float32).contiguous()
+    digest.update(rows.numpy().tobytes())
+    return f"{facts.family}-{digest.hexdigest()[:16]}"
+
+
+@dataclass
+class LoadedBase:
+    """A base model in memory, with what adaptkit needs to know about it."""
+
+    model: nn.Module
+    tokenizer: object | None
+    facts: ModelFacts
+    path: Path
+    dtype: torch.dtype
+    fingerprint: str
+    quantize: str | None = None
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved beside a model, or None when the folder has none."""
+    path = Path(path)
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+    if not any((path / n).is_file() for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise BaseModelError(f"{path}: the tokenizer files cannot be loaded ({exc})") from exc
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device = "cpu",
+    quantize: str | None = None,
+    quantize_options: dict | None = None,
+    attn_implementation: str = "eager",
+) -> LoadedBase:
+    """Load a Hugging Face model folder (single or sharded safetensors; ``.bin`` weights-only).
+
+    Args:
+        path: folder written by ``save_pretrained``.
+        dtype: ``float32`` | ``float16`` | ``bfloat16`` (the compute dtype with ``quantize``).
+        device: where the weights go.
+        quantize: None, or ``"nf4"`` for a 4-bit NF4 base (bitsandbytes, see ``quant.py``).
+        attn_implementation: ``"eager"`` (exact, default) or ``"sdpa"``.
+
+    Example:
+        >>> base = load_base("tiny-llama", dtype="bfloat16")
+    """
+    path = Path(path)
+    config = read_config(path)
+    torch_dtype = parse_dtype(dtype)
+    facts = facts_from_config(config)
+    weight_files = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+    if not weight_files:
+        raise BaseModelError(f"{path}: no *.safetensors or *.bin weight files next to config.json")
+    cls = model_class_for(config)
+    kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation, weights_only=True)
+    if quantize is not None:
+        from adaptkit import quant
+
+        kwargs.update(quant.from_pretrained_kwargs(quantize, torch_dtype, **(quantize_options or {})))
+    try:
+        model = cls.from_pretrained(str(path), **kwargs)
+    except Exception as exc:
+        raise BaseModelError(f"{path}: transformers could not load the weights ({type(exc).__name__}: {exc})") from exc
+    if quantize is None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    embed = model.get_input_embeddings().weight
+    return LoadedBase(
+        model=model,
+        tokenizer=load_tokenizer(path),
+        facts=facts,
+        path=path,
+        dtype=torch_dtype,
+        fingerprint=fingerprint_of(facts, embed),
+        quantize=quantize,
+    )

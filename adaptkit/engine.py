@@ -1,0 +1,387 @@
+"""The Engine: one base model, many named adapters, each batch row routed to its own.
+
+    eng = Engine.from_pretrained("tiny-llama")
+    eng.add_adapter("sql", "adapters/sql")
+    logits = eng.logits(ids, adapters=["sql", None])
+
+Adapters are injected once (``inject.py``); a forward sets a routing plan (``routing.py``) that
+every injected layer reads. ``merge``/``unmerge`` fold one LoRA into the base weights and restore
+them bit for bit from copies kept aside.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from adaptkit import inject
+from adaptkit.adapters.lora import LoraAdapter
+from adaptkit.base import LoadedBase, load_base
+from adaptkit.errors import (
+    AdapterMismatchError,
+    EngineStateError,
+    InvalidArgumentError,
+    UnknownAdapterError,
+    UnsupportedAdapterError,
+)
+from adaptkit.generation import check_sampling, left_pad, positions_from_mask, sample_next
+from adaptkit.merge import merged_bias, merged_weight
+from adaptkit.routing import RoutingPlan, members_of, route_rows, use_plan
+
+_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What ``Engine.adapters`` reports about one loaded adapter."""
+
+    name: str
+    kind: str
+    params: int
+    nbytes: int
+    source: str | None
+    details: dict = field(default_factory=dict)
+
+
+def _lora_details(adapter: LoraAdapter) -> dict:
+    ranks = sorted(set(adapter.ranks().values()))
+    return {
+        "ranks": ranks,
+        "alpha": adapter.config.alpha,
+        "targets": sorted({m.rpartition(".")[2] for m in adapter.layers}),
+        "modules": len(adapter.layers),
+        "dora": adapter.config.use_dora,
+        "rslora": adapter.config.use_rslora,
+        "modules_to_save": sorted(adapter.saved_modules),
+    }
+
+
+# kind -> (attach, detach, details). A new kind adds one entry here.
+_KIND_HANDLERS = {
+    "lora": (inject.attach_lora, inject.detach_lora, _lora_details),
+}
+
+
+class Engine:
+    """A base model with named adapters; logits and generation with per-row adapters."""
+
+    def __init__(self, base: LoadedBase):
+        self.base = base
+        self._adapters: dict[str, object] = {}
+        self._infos: dict[str, AdapterInfo] = {}
+        self._default: object = None
+        self._merged: str | None = None
+        self._merge_backup: list[tuple[torch.nn.Module, str, object]] = []  # (module, param, original)
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: str | torch.dtype = "float32",
+        quantize: str | None = None,
+        device: str | torch.device = "cpu",
+        **quantize_options,
+    ) -> Engine:
+        """Load a base model folder. ``quantize="nf4"`` loads its linear layers in 4-bit NF4."""
+        return cls(load_base(path, dtype=dtype, device=device, quantize=quantize, quantize_options=quantize_options))
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.base.model
+
+    @property
+    def tokenizer(self):
+        return self.base.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.model.get_input_embeddings().weight.device
+
+    @property
+    def adapters(self) -> dict[str, AdapterInfo]:
+        return dict(self._infos)
+
+    @property
+    def merged(self) -> str | None:
+        """The name of the LoRA merged into the weights, if any."""
+        return self._merged
+
+    def add_adapter(self, name: str, adapter, scale: float = 1.0) -> AdapterInfo:
+        """Load an adapter (a path, kind detected from the files, or an adapter object) as ``name``.
+
+        ``scale`` multiplies the adapter's effect (a LoRA's ``alpha / r``). A failed load leaves the
+        engine exactly as it was.
+        """
+        from adaptkit.formats.detect import read_adapter
+
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidArgumentError(f"adapter name {name!r} must be 1-64 letters, digits, '_' or '-'")
+        if name in self._adapters:
+            raise InvalidArgumentError(f"an adapter named {name!r} is already loaded; remove_adapter({name!r}) first")
+        if self._merged is not None:
+            raise EngineStateError(f"{self._merged!r} is merged into the weights; call unmerge() before adding adapters")
+        loaded = read_adapter(adapter) if isinstance(adapter, (str, os.PathLike)) else adapter
+        handlers = _KIND_HANDLERS.get(loaded.kind)
+        if handlers is None:
+            raise UnsupportedAdapterError(f"adapter kind {loaded.kind!r} cannot be served by this engine")
+        self._check_base(loaded)
+        if scale != 1.0:
+            self._rescale(loaded, scale)
+        attach, _, details = handlers
+        try:
+            attach(self.model, name, loaded, self.base.dtype, self.device)
+        except Exception:
+            handlers[1](self.model, name, loaded)  # undo any partial injection
+            raise
+        self._adapters[name] = loaded
+        info = AdapterInfo(name, loaded.kind, loaded.parameter_count, loaded.nbytes, loaded.source, details(loaded))
+        self._infos[name] = info
+        return info
+
+    def _check_base(self, adapter) -> None:
+        source = getattr(adapter, "source", None) or "adapter"
+        fingerprint = getattr(adapter, "fingerprint", None)
+        if fingerprint and fingerprint != self.base.fingerprint:
+            raise AdapterMismatchError(
+                f"{source}: made for base {fingerprint}, but this base is {self.base.fingerprint}; load it on its own base"
+            )
+        base_class = getattr(adapter, "base_class", None)
+        if base_class:
+            from adaptkit.arch import family_of
+
+            own = self.base.facts.family
+            other = _family_of_class(base_class)
+            if other is not None and other != own:
+                raise AdapterMismatchError(
+                    f"{source}: made for a {base_class} ({other} family) but the base is a {self.base.facts.model_type} "
+                    f"({family_of(self.base.facts.model_type)} family)"
+                )
+
+    @staticmethod
+    def _rescale(adapter, scale: float) -> None:
+        if isinstance(adapter, LoraAdapter):
+            for weights in adapter.layers.values():
+                weights.scale *= scale
+        else:
+            raise UnsupportedAdapterError(f"scale= is not supported for {adapter.kind} adapters")
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter (its layers go back to the plain base modules when none is left)."""
+        self._require(name)
+        if self._merged == name:
+            raise EngineStateError(f"{name!r} is merged into the weights; call unmerge() first")
+        adapter = self._adapters.pop(name)
+        del self._infos[name]
+        _KIND_HANDLERS[adapter.kind][1](self.model, name, adapter)
+        if name in members_of(self._default if not isinstance(self._default, list) else None):
+            self._default = None
+
+    def set_default_adapter(self, entry) -> None:
+        """The adapter used when ``adapters=None`` is passed (no weights are copied)."""
+        for name in members_of(entry):
+            self._require(name)
+        self._default = entry
+
+    def _require(self, name: str) -> None:
+        if name not in self._adapters:
+            known = ", ".join(sorted(self._adapters)) or "none loaded"
+            raise UnknownAdapterError(f"no adapter named {name!r}; loaded adapters: {known}")
+
+    # ----------------------------------------------------------------- routing
+    def plan(self, adapters, batch_size: int) -> RoutingPlan:
+        """Check the per-row entries and group rows by adapter, once for the whole forward."""
+        if adapters is None or isinstance(adapters, (str,)) or not isinstance(adapters, Sequence):
+            entries = [self._default if adapters is None else adapters] * batch_size
+        else:
+            entries = list(adapters)
+        if len(entries) != batch_size:
+            raise InvalidArgumentError(f"adapters has {len(entries)} entries for a batch of {batch_size} rows")
+        for entry in entries:
+            for name in members_of(entry):
+                self._require(name)
+        if self._merged is not None:
+            entries = [self._strip_merged(e) for e in entries]
+        return route_rows(entries, device=self.device)
+
+    def _strip_merged(self, entry):
+        if entry == self._merged:
+            return None
+        raise EngineStateError(
+            f"{self._merged!r} is merged into the weights, so every row must use it (got {entry!r}); call unmerge() first"
+        )
+
+    # ----------------------------------------------------------------- forward
+    @torch.inference_mode()
+    def logits(self, input_ids, attention_mask=None, adapters=None) -> torch.Tensor:
+        """Logits [batch, seq, vocab] (encoders: last hidden state) with each row's adapter.
+
+        ``adapters``: one entry per row (None, a name, ak.Stack/Fuse/Mix), or one entry for all rows.
+        Left padding is handled: position ids count real tokens only.
+        """
+        input_ids = torch.as_tensor(input_ids, device=self.device)
+        if input_ids.ndim == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = torch.as_tensor(attention_mask, device=self.device)
+        plan = self.plan(adapters, input_ids.shape[0])
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.base.facts.spec.is_causal:
+            kwargs["position_ids"] = positions_from_mask(attention_mask)
+            kwargs["use_cache"] = False
+        with use_plan(plan):
+            out = self.model(**kwargs)
+        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise EngineStateError(f"{self.base.path} has no tokenizer files; pass token ids instead of text")
+        return [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+
+    def generate(
+        self,
+        prompts: Sequence[str] | str,
+        adapters=None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Generate a continuation of each prompt with its row's adapter (batched, left-padded)."""
+        single = isinstance(prompts, str)
+        prompts = [prompts] if single else list(prompts)
+        token_rows = self.generate_ids(
+            self.encode(prompts), adapters, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+        )
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in token_rows]
+
+    @torch.inference_mode()
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        adapters=None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> list[list[int]]:
+        """Like :meth:`generate` on token ids; returns the new tokens of each row (up to eos)."""
+        if not self.base.facts.spec.is_causal:
+            raise EngineStateError(f"{self.base.facts.model_type} is an encoder; generate needs a causal LM")
+        check_sampling(temperature, top_p, top_k, max_new_tokens)
+        config = self.model.config
+        if eos_token_id is None:
+            eos_token_id = getattr(self.tokenizer, "eos_token_id", None) or getattr(config, "eos_token_id", None)
+        eos_ids = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]) - {None}
+        pad_id = getattr(self.tokenizer, "pad_token_id", None) or next(iter(eos_ids), 0)
+        ids, mask = left_pad([list(r) for r in prompt_ids], pad_id, self.device)
+        batch = ids.shape[0]
+        plan = self.plan(adapters, batch)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        new_tokens: list[list[int]] = [[] for _ in range(batch)]
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        eos = torch.tensor(sorted(eos_ids), device=self.device) if eos_ids else None
+        cache = DynamicCache(config=config)
+        positions = positions_from_mask(mask)
+        step_ids = ids
+        with use_plan(plan):
+            for _ in range(max_new_tokens):
+                out = self.model(
+                    input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+                )
+                token = sample_next(out.logits[:, -1, :], temperature, top_p, top_k, generator)
+                token = torch.where(finished, torch.full_like(token, pad_id), token)
+                for row in (~finished).nonzero().flatten().tolist():
+                    new_tokens[row].append(int(token[row]))
+                if eos is not None:
+                    finished |= torch.isin(token, eos)
+                if bool(finished.all()):
+                    break
+                step_ids = token.unsqueeze(1)
+                mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=self.device)], dim=1)
+                positions = positions[:, -1:] + 1
+        return new_tokens
+
+    # ----------------------------------------------------------------- merging
+    def merge(self, name: str) -> None:
+        """Fold the LoRA ``name`` into the base weights in place (zero added latency).
+
+        The original tensors are kept aside; :meth:`unmerge` copies them back bit for bit.
+        While merged, every row must use ``name``. All new tensors are computed before any is
+        written, so a failure leaves the weights untouched.
+        """
+        from adaptkit import quant
+
+        self._require(name)
+        if self._merged is not None:
+            raise EngineStateError(f"{self._merged!r} is already merged; call unmerge() first")
+        adapter = self._adapters[name]
+        if not isinstance(adapter, LoraAdapter):
+            raise UnsupportedAdapterError(f"{name!r} is a {adapter.kind} adapter; only LoRA-family adapters can be merged")
+        writes = []  # (module, param name, new value)
+        for module_name in adapter.layers:
+            layer = self.model.get_submodule(module_name)
+            base_layer, factors = layer.base, layer.lora[name]
+            new = merged_weight(inject.weight_out_in(base_layer), [(factors, 1.0)])
+            writes.append((base_layer, "weight", new.T if inject.is_conv1d(base_layer) else new))
+            if factors.lora_B_bias is not None:
+                if base_layer.bias is None:
+                    raise UnsupportedAdapterError(
+                        f"{module_name}: lora_bias cannot be merged into a layer without a bias (serve it unmerged)"
+                    )
+                writes.append((base_layer, "bias", merged_bias(base_layer.bias, [(factors, 1.0)])))
+        for module_name in adapter.saved_modules:
+            switched = self.model.get_submodule(module_name)
+            for param_name, value in switched.replacements[name].named_parameters():
+                writes.append((switched.base, param_name, value))
+        for module, param_name, value in writes:
+            if isinstance(value, torch.nn.Parameter):
+                # a stored module (modules_to_save) replaces the parameter object, which also unties
+                # it from a tied embedding; unmerge puts the original object back
+                owner_name, _, leaf = param_name.rpartition(".")
+                owner = module.get_submodule(owner_name) if owner_name else module
+                self._merge_backup.append((owner, leaf, getattr(owner, leaf)))
+                setattr(owner, leaf, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+                continue
+            if param_name == "weight" and quant.is_quantized(module):
+                self._merge_backup.append((module, param_name, quant.snapshot(module)))
+                quant.replace_weight(module, value)
+                continue
+            param = module.get_parameter(param_name)
+            self._merge_backup.append((module, param_name, param.detach().clone()))
+            param.data.copy_(value.to(param.dtype))
+        self._merged = name
+
+    def unmerge(self) -> None:
+        """Restore the base weights exactly (copies kept at merge time, never a subtraction)."""
+        from adaptkit import quant
+
+        for module, param_name, original in reversed(self._merge_backup):
+            if isinstance(original, torch.nn.Parameter):
+                setattr(module, param_name, original)
+            elif param_name == "weight" and quant.is_quantized(module):
+                quant.restore(module, original)
+            else:
+                module.get_parameter(param_name).data.copy_(original)
+        self._merge_backup.clear()
+        self._merged = None
+
+
+def _family_of_class(class_name: str) -> str | None:
+    lowered = class_name.lower()
+    for prefix, family in (("gpt2", "gpt2"), ("bert", "bert"), ("roberta", "bert"), ("llama", "llama"),
+                           ("mistral", "llama"), ("qwen", "llama"), ("gemma", "llama"), ("phi3", "llama")):
+        if lowered.startswith(prefix):
+            return family
+    return None

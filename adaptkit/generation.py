@@ -1,0 +1,64 @@
+"""Token sampling and the batched decode loop (prefill once, then one token per step)."""
+
+from __future__ import annotations
+
+import torch
+
+from adaptkit.errors import InvalidArgumentError
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:
+    if temperature < 0:
+        raise InvalidArgumentError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise InvalidArgumentError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if max_new_tokens < 0:
+        raise InvalidArgumentError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token per row from ``logits`` [B, V] -> [B]. ``temperature == 0`` is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token once the mass *before* it already reaches top_p (the top token always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (input_ids [B, S], attention_mask [B, S]) padded on the left."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise InvalidArgumentError("every prompt must have at least one token")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions_from_mask(attention_mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
+    """Position ids that count only real tokens (left padding gets position 0), plus ``offset`` per row."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if isinstance(offset, torch.Tensor):
+        offset = offset.view(-1, 1)
+    return positions + offset

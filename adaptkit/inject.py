@@ -1,0 +1,270 @@
+"""The one place modules are swapped into a model, and the routed layers that get swapped in.
+
+- :class:`LoraLinear` wraps a ``Linear``/GPT-2 ``Conv1D`` (or a 4-bit linear): the base matmul runs
+  once for the whole batch, then each adapter group adds its low-rank part to its own rows.
+- :class:`SwitchedModule` wraps a module that some adapters replace wholesale (PEFT's
+  ``modules_to_save``): rows of those adapters are recomputed with the stored copy.
+
+Both read the :class:`~adaptkit.routing.RoutingPlan` of the forward in progress.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from adaptkit.adapters.lora import LoraWeights
+from adaptkit.errors import EngineStateError
+from adaptkit.routing import AdapterGroup, current_plan
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at the qualified ``name`` inside ``model``; return the module it replaces."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer whose weight is stored [in, out]."""
+    return type(module).__name__ == "Conv1D"
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(out_features, in_features) of a linear-like module, None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if is_conv1d(module):
+        return module.nf, module.weight.shape[0]
+    if hasattr(module, "out_features") and hasattr(module, "in_features") and hasattr(module, "weight"):
+        return module.out_features, module.in_features  # bitsandbytes Linear4bit and friends
+    return None
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The base weight as [out, in] in float32 (dequantized for 4-bit layers)."""
+    if is_conv1d(module):
+        return module.weight.detach().float().T
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().float()
+    from adaptkit import quant
+
+    return quant.dequantize_weight(module)
+
+
+def _scatter_rows(y: torch.Tensor, group: AdapterGroup, delta: torch.Tensor) -> torch.Tensor:
+    """y + delta on the group's rows (delta already has only those rows)."""
+    if group.row_weights is not None:
+        delta = delta * group.row_weights.to(delta.dtype)
+    if group.rows is None:
+        return y + delta
+    return y.index_add(0, group.rows, delta)
+
+
+class LoraLinear(nn.Module):
+    """A linear layer with any number of named LoRAs, each applied to its own batch rows.
+
+    ``y = base(x)`` for every row, then for each adapter group ``g`` of the plan:
+    ``y[g] += w_g * s * (x[g] A^T) B^T`` (DoRA: the row-normalised form, see adapters/lora.py).
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.lora = nn.ModuleDict()
+        self.dora_scale: dict[str, torch.Tensor] = {}  # name -> magnitude / ||W + sBA||_row, [out]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def add(self, name: str, weights: LoraWeights) -> None:
+        self.lora[name] = weights
+        if weights.magnitude is not None:
+            merged = weight_out_in(self.base).to(weights.lora_A.device) + weights.delta_weight()
+            self.dora_scale[name] = weights.magnitude.float() / torch.linalg.norm(merged, dim=1)
+
+    def remove(self, name: str) -> None:
+        del self.lora[name]
+        self.dora_scale.pop(name, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        plan = current_plan()
+        if plan is None or not self.lora:
+            return y
+        for name, group in plan.groups.items():
+            if name not in self.lora:
+                continue
+            weights = self.lora[name]
+            x_rows = x if group.rows is None else x.index_select(0, group.rows)
+            delta = weights.low_rank_output(x_rows)
+            if name in self.dora_scale:
+                delta = self._dora_delta(name, y, group, delta)
+            y = _scatter_rows(y, group, delta.to(y.dtype))
+        return y
+
+    def _dora_delta(self, name: str, y: torch.Tensor, group: AdapterGroup, low_rank: torch.Tensor) -> torch.Tensor:
+        """DoRA as an additive term: ``(m/n - 1) * (y - b) + m/n * lora`` (PEFT's unmerged form)."""
+        if group.row_weights is not None:
+            raise EngineStateError(f"DoRA adapter {name!r} cannot be weighted inside ak.Mix (DoRA is not linear)")
+        y_rows = y if group.rows is None else y.index_select(0, group.rows)
+        bias = self.base.bias
+        y_no_bias = y_rows if bias is None else y_rows - bias.to(y.dtype)
+        scale = self.dora_scale[name].to(y.dtype)
+        return (scale - 1) * y_no_bias + scale * low_rank.to(y.dtype)
+
+
+class SwitchedModule(nn.Module):
+    """A module that some adapters replace by their own stored copy (``modules_to_save``)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.replacements = nn.ModuleDict()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def add(self, name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        replacement = copy.deepcopy(self.base)
+        replacement.load_state_dict(state_dict, strict=True)
+        replacement.requires_grad_(False)
+        self.replacements[name] = replacement
+
+    def remove(self, name: str) -> None:
+        del self.replacements[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base(x, *args, **kwargs)
+        plan = current_plan()
+        if plan is None or not self.replacements:
+            return y
+        for name, group in plan.groups.items():
+            if name not in self.replacements:
+                continue
+            if group.row_weights is not None:
+                raise EngineStateError(
+                    f"adapter {name!r} replaces whole modules (modules_to_save) and cannot be weighted in ak.Mix"
+                )
+            replacement = self.replacements[name]
+            if group.rows is None:
+                return replacement(x, *args, **kwargs)
+            y = y.index_copy(0, group.rows, replacement(x.index_select(0, group.rows), *args, **kwargs))
+        return y
+
+
+WRAPPERS = (LoraLinear, SwitchedModule)
+
+
+def base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module of the base model by its original name, looking through adaptkit's wrappers."""
+    found: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in skip):
+            continue
+        if isinstance(module, WRAPPERS):
+            found[name] = module.base
+            skip.append(name + ".")
+            for sub, m in module.base.named_modules():
+                if sub:
+                    found[f"{name}.{sub}"] = m
+        else:
+            found[name] = module
+    return found
+
+
+def wrap_once(model: nn.Module, name: str, wrapper_cls: type[nn.Module]) -> nn.Module:
+    """The wrapper of type ``wrapper_cls`` at ``name``, swapping one in on first use."""
+    module = model.get_submodule(name)
+    if isinstance(module, wrapper_cls):
+        return module
+    wrapper = wrapper_cls(module)
+    swap_module(model, name, wrapper)
+    return wrapper
+
+
+def unwrap_if_empty(model: nn.Module, name: str) -> None:
+    """Put the original module back where a wrapper holds no adapter any more."""
+    module = model.get_submodule(name)
+    if isinstance(module, LoraLinear) and not module.lora:
+        swap_module(model, name, module.base)
+    elif isinstance(module, SwitchedModule) and not module.replacements:
+        swap_module(model, name, module.base)
+
+
+def check_lora_fits(modules: dict[str, nn.Module], adapter, where: str = "the base") -> None:
+    """Raise :class:`AdapterMismatchError` unless every LoRA target exists with the right shapes.
+
+    ``modules`` is :func:`base_modules` of a model (a meta-device model will do).
+    """
+    from adaptkit.errors import AdapterMismatchError
+
+    source = adapter.source or "adapter"
+    if not any(adapter.config.targets(name) for name in modules) and adapter.layers:
+        targets = adapter.config.target_modules
+        raise AdapterMismatchError(
+            f"{source}: target_modules {targets!r} match no module of {where}; "
+            "the adapter was made for another architecture, or the targets are misspelt"
+        )
+    for name, weights in adapter.layers.items():
+        module = modules.get(name)
+        if module is None:
+            raise AdapterMismatchError(
+                f"{source}: module {name!r} does not exist in {where}; the adapter was made for another architecture"
+            )
+        shape = linear_shape(module)
+        if shape is None:
+            raise AdapterMismatchError(f"{source}: {name} is a {type(module).__name__}, not a linear layer")
+        if (weights.out_features, weights.in_features) != shape:
+            raise AdapterMismatchError(
+                f"{source}: {name}: LoRA maps {weights.in_features} -> {weights.out_features} features but the "
+                f"base layer maps {shape[1]} -> {shape[0]}; the adapter was made for a base of another size"
+            )
+    for name, params in adapter.saved_modules.items():
+        module = modules.get(name)
+        if module is None:
+            raise AdapterMismatchError(f"{source}: modules_to_save entry {name!r} does not exist in {where}")
+        own = dict(module.named_parameters(recurse=True))
+        for param, tensor in params.items():
+            if param not in own or tuple(own[param].shape) != tuple(tensor.shape):
+                got = tuple(own[param].shape) if param in own else "missing"
+                raise AdapterMismatchError(
+                    f"{source}: modules_to_save {name}.{param}: adapter has {tuple(tensor.shape)}, base has {got}"
+                )
+
+
+def attach_lora(model: nn.Module, name: str, adapter, dtype: torch.dtype, device: torch.device) -> None:
+    """Wrap the adapter's target layers (once) and register its factors under ``name``."""
+    check_lora_fits(base_modules(model), adapter)
+    for module_name, weights in adapter.layers.items():
+        weights = weights.to(device=device, dtype=dtype)
+        if weights.magnitude is not None:
+            weights.magnitude.data = weights.magnitude.data.float()
+        wrap_once(model, module_name, LoraLinear).add(name, weights)
+    for module_name, state in adapter.saved_modules.items():
+        wrap_once(model, module_name, SwitchedModule).add(name, state)
+
+
+def detach_lora(model: nn.Module, name: str, adapter) -> None:
+    """Remove the adapter ``name`` from every wrapper; unwrap wrappers left empty."""
+    for module_name in adapter.layers:
+        module = model.get_submodule(module_name)
+        if isinstance(module, LoraLinear) and name in module.lora:
+            module.remove(name)
+            unwrap_if_empty(model, module_name)
+    for module_name in adapter.saved_modules:
+        module = model.get_submodule(module_name)
+        if isinstance(module, SwitchedModule) and name in module.replacements:
+            module.remove(name)
+            unwrap_if_empty(model, module_name)

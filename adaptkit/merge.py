@@ -1,0 +1,263 @@
+"""LoRA merge math, and the streaming merge of adapters into a standalone checkpoint.
+
+Merging is explicit and pure: :func:`merged_weight` computes a new weight from a base weight and
+LoRA contributions; callers decide where it goes. All arithmetic is in float32 and cast once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from adaptkit.adapters.lora import LoraAdapter, LoraWeights
+from adaptkit.arch import facts_from_config
+from adaptkit.base import fingerprint_of, parse_dtype, read_config
+from adaptkit.errors import AdapterMismatchError, InvalidArgumentError, UnsupportedAdapterError
+
+Contribution = tuple[LoraWeights, float]  # factors of one layer, weight of its delta
+
+
+def merged_weight(weight: torch.Tensor, contributions: Sequence[Contribution]) -> torch.Tensor:
+    """``W + sum_i w_i * s_i B_i A_i`` in float32, [out, in] (DoRA: the row-normalised form).
+
+    DoRA (Liu et al., 2024): ``m * (W + sBA) / ||W + sBA||_row``; it is not linear in its
+    delta, so a DoRA layer merges alone and with weight 1.
+    """
+    weight = weight.float()
+    if any(w.magnitude is not None for w, _ in contributions):
+        if len(contributions) != 1 or contributions[0][1] != 1.0:
+            raise UnsupportedAdapterError("a DoRA adapter can only be merged alone and with weight 1 (it is not linear)")
+        factors = contributions[0][0]
+        direction = weight + factors.delta_weight().to(weight.device)
+        norm = torch.linalg.norm(direction, dim=1, keepdim=True)
+        return factors.magnitude.float().to(weight.device).view(-1, 1) * direction / norm
+    out = weight.clone()
+    for factors, w in contributions:
+        out += w * factors.delta_weight().to(weight.device)
+    return out
+
+
+def merged_bias(bias: torch.Tensor, contributions: Sequence[Contribution]) -> torch.Tensor:
+    """``b + sum_i w_i * s_i * bias_B_i`` (``lora_bias``) in float32."""
+    out = bias.float().clone()
+    for factors, w in contributions:
+        if factors.lora_B_bias is not None:
+            out += w * factors.scale * factors.lora_B_bias.float().to(out.device)
+    return out
+
+
+def check_merge_weights(adapters: Sequence, weights: Sequence[float] | None) -> list[float]:
+    """Weights for ``adapters``: ones by default; finite, one per adapter, not all zero."""
+    if weights is None:
+        return [1.0] * len(adapters)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise InvalidArgumentError(f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        raise InvalidArgumentError(f"weights must be finite numbers, got {weights}")
+    if all(w == 0 for w in weights):
+        raise InvalidArgumentError("all merge weights are zero: the merge would change nothing")
+    return weights
+
+
+MERGE_METHODS = {"linear": "sum of w_i * dW_i"}
+
+
+def check_method(method: str) -> None:
+    if method not in MERGE_METHODS:
+        raise InvalidArgumentError(f"unknown merge method {method!r}; known methods: {', '.join(sorted(MERGE_METHODS))}")
+
+
+@dataclass
+class _TensorUpdate:
+    """What to do to one checkpoint tensor."""
+
+    contributions: list[Contribution]
+    transposed: bool = False  # GPT-2 Conv1D stores [in, out]
+    is_bias: bool = False
+    replacement: torch.Tensor | None = None  # modules_to_save
+
+
+def _checkpoint_key(module: str, param: str, shapes: dict) -> str | None:
+    """The checkpoint key of ``module.param``, allowing for a missing/extra base-model prefix."""
+    candidates = [f"{module}.{param}"]
+    for prefix in ("model.", "transformer.", "bert.", "roberta."):
+        if module.startswith(prefix):
+            candidates.append(f"{module[len(prefix):]}.{param}")
+        else:
+            candidates.append(f"{prefix}{module}.{param}")
+    return next((c for c in candidates if c in shapes), None)
+
+
+def plan_tensor_updates(
+    adapters: Sequence[LoraAdapter], weights: Sequence[float], shapes: dict[str, tuple[int, ...]], spec, where: str
+) -> tuple[dict[str, _TensorUpdate], dict[str, torch.Tensor]]:
+    """Map every adapter tensor onto checkpoint keys, checking shapes before anything is written.
+
+    Returns the per-key updates and the new tensors that the checkpoint lacks (an untied lm_head).
+    """
+    updates: dict[str, _TensorUpdate] = {}
+    added: dict[str, torch.Tensor] = {}
+    for adapter, w in zip(adapters, weights):
+        source = adapter.source or "adapter"
+        for module, factors in adapter.layers.items():
+            key = _checkpoint_key(module, "weight", shapes)
+            if key is None:
+                raise AdapterMismatchError(f"{source}: {module}.weight is not in {where}; the adapter is for another base")
+            transposed = module.rpartition(".")[2] in spec.conv1d_modules
+            expected = (factors.in_features, factors.out_features) if transposed else (factors.out_features, factors.in_features)
+            if tuple(shapes[key]) != expected:
+                raise AdapterMismatchError(
+                    f"{source}: {key} has shape {tuple(shapes[key])} in {where} but the LoRA needs {expected}"
+                )
+            updates.setdefault(key, _TensorUpdate([], transposed=transposed)).contributions.append((factors, w))
+            if factors.lora_B_bias is not None:
+                bias_key = _checkpoint_key(module, "bias", shapes)
+                if bias_key is None:
+                    raise AdapterMismatchError(f"{source}: lora_bias needs {module}.bias, which {where} lacks")
+                updates.setdefault(bias_key, _TensorUpdate([], is_bias=True)).contributions.append((factors, w))
+        for module, params in adapter.saved_modules.items():
+            if w != 1.0:
+                raise UnsupportedAdapterError(f"{source}: modules_to_save ({module}) can only be merged with weight 1")
+            for param, tensor in params.items():
+                key = _checkpoint_key(module, param, shapes)
+                if key is None:
+                    added[f"{module}.{param}"] = tensor  # e.g. an lm_head tied to the embeddings in the base
+                    continue
+                if tuple(shapes[key]) != tuple(tensor.shape):
+                    raise AdapterMismatchError(f"{source}: {key}: adapter has {tuple(tensor.shape)}, {where} has {shapes[key]}")
+                if key in updates and updates[key].replacement is not None:
+                    raise UnsupportedAdapterError(f"{key} is replaced by two adapters (modules_to_save); merge one of them")
+                updates.setdefault(key, _TensorUpdate([])).replacement = tensor
+    return updates, added
+
+
+def apply_update(tensor: torch.Tensor, update: _TensorUpdate) -> torch.Tensor:
+    """The merged tensor (float32) for one checkpoint tensor."""
+    if update.replacement is not None:
+        return update.replacement.float()
+    if update.is_bias:
+        return merged_bias(tensor, update.contributions)
+    weight = tensor.float().T if update.transposed else tensor.float()
+    merged = merged_weight(weight, update.contributions)
+    return merged.T.contiguous() if update.transposed else merged
+
+
+def checkpoint_fingerprint(checkpoint, config) -> str | None:
+    """The base fingerprint computed from files (no model built); None if no embedding key is found."""
+    facts = facts_from_config(config)
+    shapes = checkpoint.keys_and_shapes()
+    key = next((k for k in facts.spec.embedding_keys if k in shapes), None)
+    if key is None:
+        return None
+    return fingerprint_of(facts, checkpoint.read_tensor(key))
+
+
+def load_lora_adapters(adapters: Sequence) -> list[LoraAdapter]:
+    """Read adapter paths (or take loaded adapters); only the LoRA family merges into weights."""
+    from adaptkit.formats.detect import read_adapter
+
+    loaded = [a if isinstance(a, LoraAdapter) else read_adapter(a) for a in adapters]
+    for adapter in loaded:
+        if not isinstance(adapter, LoraAdapter):
+            raise UnsupportedAdapterError(
+                f"{adapter.source}: a {adapter.kind} adapter cannot be merged into weights; only LoRA-family adapters can"
+            )
+    return loaded
+
+
+def merge_checkpoint(
+    base: str | os.PathLike,
+    adapters: Sequence,
+    out: str | os.PathLike,
+    weights: Sequence[float] | None = None,
+    dtype: str | torch.dtype | None = None,
+    method: str = "linear",
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Merge LoRA adapters into a base checkpoint, one shard at a time, into a standalone folder.
+
+    ``out`` holds sharded safetensors (the base's shard layout), an index, the config, tokenizer and
+    generation config: ``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads it without
+    adaptkit. Each merged tensor is ``W + sum_i w_i * dW_i`` computed in float32, then cast to
+    ``dtype`` (default: the tensor's own dtype). Nothing is written to ``out`` unless it all works.
+
+    Example:
+        >>> merge_checkpoint("tiny-llama", ["sql-lora", "tone-lora"], "merged", weights=[0.7, 0.3])
+    """
+    from adaptkit.formats.checkpoint import (
+        atomic_output_dir,
+        copy_side_files,
+        open_checkpoint,
+        save_shard,
+        write_index,
+    )
+
+    check_method(method)
+    base = Path(base)
+    config = read_config(base)
+    spec = facts_from_config(config).spec
+    checkpoint = open_checkpoint(base)
+    loaded = load_lora_adapters(adapters)
+    weights = check_merge_weights(loaded, weights)
+    out_dtype = None if dtype is None else parse_dtype(dtype)
+    shapes = checkpoint.keys_and_shapes()
+    if any(a.fingerprint for a in loaded):
+        base_fp = checkpoint_fingerprint(checkpoint, config)
+        for adapter in loaded:
+            if adapter.fingerprint and base_fp and adapter.fingerprint != base_fp:
+                raise AdapterMismatchError(
+                    f"{adapter.source}: made for base {adapter.fingerprint}, but {base} is {base_fp}; use its own base"
+                )
+    updates, added = plan_tensor_updates(loaded, weights, shapes, spec, where=str(base))
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    with atomic_output_dir(out, force=force) as tmp:
+        shards = list(checkpoint.iter_shards())
+        names = _output_shard_names(len(shards))
+        for i, (shard, tensors) in enumerate(tqdm(shards, desc="merging shards", unit="shard", disable=not progress)):
+            merged = {}
+            for key, tensor in tensors.items():
+                new = apply_update(tensor, updates[key]) if key in updates else tensor
+                target = out_dtype if (out_dtype is not None and tensor.is_floating_point()) else tensor.dtype
+                merged[key] = new.to(target)
+            if i == len(shards) - 1:
+                for key, tensor in added.items():
+                    merged[key] = tensor.to(out_dtype or tensor.dtype)
+            total += save_shard(merged, tmp / names[i])
+            weight_map.update(dict.fromkeys(merged, names[i]))
+            del merged, tensors
+        if len(names) > 1:
+            write_index(tmp, weight_map, total)
+        config_updates = {}
+        if out_dtype is not None:
+            config_updates["dtype"] = str(out_dtype).removeprefix("torch.")
+        if added:
+            config_updates["tie_word_embeddings"] = False
+        copy_side_files(base, tmp, config_updates)
+        record = {
+            "adaptkit_merge": {
+                "base": str(base),
+                "adapters": [a.source for a in loaded],
+                "weights": weights,
+                "method": method,
+                "dtype": config_updates.get("dtype"),
+            }
+        }
+        (tmp / "adaptkit_merge.json").write_text(json.dumps(record, indent=2))
+    return Path(out)
+
+
+def _output_shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

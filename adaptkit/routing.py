@@ -1,0 +1,160 @@
+"""Which adapter each batch row uses, decided once per forward and read by every injected layer.
+
+The engine turns ``adapters=[...]`` (one entry per row) into a :class:`RoutingPlan` and sets it in
+a context variable around the forward; layers look up their groups in the plan. Nothing is
+re-grouped per layer: index tensors are built once per plan.
+
+A row entry is ``None`` (the bare base), an adapter name, or a composition:
+
+- ``Stack("a", "b")``: apply a then b (for LoRA: both deltas; for bottleneck adapters: in sequence)
+- ``Fuse("a", "b")``: AdapterFusion over the named bottleneck adapters
+- ``Mix({"a": 0.7, "b": -0.3})``: base + sum_i w_i * delta_i
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from adaptkit.errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Apply adapters one after the other: ``ak.Stack("a", "b")``."""
+
+    names: tuple[str, ...]
+
+    def __init__(self, *names: str):
+        if len(names) < 1:
+            raise InvalidArgumentError("Stack needs at least one adapter name")
+        object.__setattr__(self, "names", tuple(names))
+
+    def members(self) -> dict[str, float]:
+        return dict.fromkeys(self.names, 1.0)
+
+
+@dataclass(frozen=True)
+class Fuse:
+    """AdapterFusion over bottleneck adapters: ``ak.Fuse("a", "b")``."""
+
+    names: tuple[str, ...]
+
+    def __init__(self, *names: str):
+        if len(names) < 2:
+            raise InvalidArgumentError("Fuse needs at least two adapter names")
+        object.__setattr__(self, "names", tuple(names))
+
+    def members(self) -> dict[str, float]:
+        return dict.fromkeys(self.names, 1.0)
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Base plus a weighted sum of adapter deltas: ``ak.Mix({"a": 0.7, "b": -0.3})``.
+
+    With ``normalize=True`` the weights are divided by the sum of their absolute values.
+    """
+
+    weights: tuple[tuple[str, float], ...]
+    normalize: bool = False
+
+    def __init__(self, weights: Mapping[str, float], normalize: bool = False):
+        if not weights:
+            raise InvalidArgumentError("Mix needs at least one {name: weight} entry")
+        items = tuple((str(k), float(v)) for k, v in weights.items())
+        if normalize:
+            total = sum(abs(v) for _, v in items)
+            if total == 0:
+                raise InvalidArgumentError("Mix(normalize=True) with all weights zero")
+            items = tuple((k, v / total) for k, v in items)
+        object.__setattr__(self, "weights", items)
+        object.__setattr__(self, "normalize", normalize)
+
+    def members(self) -> dict[str, float]:
+        return dict(self.weights)
+
+
+RowEntry = str | Stack | Fuse | Mix | None
+
+
+def members_of(entry: RowEntry) -> dict[str, float]:
+    """The adapters a row entry uses, with the weight of each one's delta."""
+    if entry is None:
+        return {}
+    if isinstance(entry, str):
+        return {entry: 1.0}
+    if isinstance(entry, (Stack, Fuse, Mix)):
+        return entry.members()
+    raise InvalidArgumentError(
+        f"a row's adapter must be None, a name, ak.Stack, ak.Fuse or ak.Mix; got {entry!r} ({type(entry).__name__})"
+    )
+
+
+@dataclass(frozen=True)
+class AdapterGroup:
+    """The rows that use one adapter. ``rows`` is None when it is every row of the batch.
+
+    ``row_weights`` ([n, 1, 1]) is None when every weight is 1.
+    """
+
+    rows: torch.Tensor | None
+    row_weights: torch.Tensor | None
+
+
+@dataclass
+class RoutingPlan:
+    """Per-row adapter entries of one batch and the index tensors derived from them."""
+
+    entries: tuple[RowEntry, ...]
+    groups: dict[str, AdapterGroup]
+    cache: dict = field(default_factory=dict)  # per-kind data derived once per plan
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.entries)
+
+    def group(self, name: str) -> AdapterGroup | None:
+        return self.groups.get(name)
+
+
+def route_rows(entries: Sequence[RowEntry], device: torch.device | str = "cpu") -> RoutingPlan:
+    """Group rows by adapter: one index tensor (and weight tensor) per adapter, built once."""
+    entries = tuple(entries)
+    rows_of: dict[str, list[int]] = {}
+    weights_of: dict[str, list[float]] = {}
+    for row, entry in enumerate(entries):
+        for name, weight in members_of(entry).items():
+            rows_of.setdefault(name, []).append(row)
+            weights_of.setdefault(name, []).append(weight)
+    groups = {}
+    for name, rows in rows_of.items():
+        weights = weights_of[name]
+        index = None if len(rows) == len(entries) else torch.tensor(rows, dtype=torch.long, device=device)
+        row_weights = None
+        if any(w != 1.0 for w in weights):
+            row_weights = torch.tensor(weights, dtype=torch.float32, device=device).view(-1, 1, 1)
+        groups[name] = AdapterGroup(rows=index, row_weights=row_weights)
+    return RoutingPlan(entries=entries, groups=groups)
+
+
+_current_plan: contextvars.ContextVar[RoutingPlan | None] = contextvars.ContextVar("adaptkit_plan", default=None)
+
+
+def current_plan() -> RoutingPlan | None:
+    """The plan of the forward in progress (None outside ``use_plan``)."""
+    return _current_plan.get()
+
+
+@contextlib.contextmanager
+def use_plan(plan: RoutingPlan) -> Iterator[RoutingPlan]:
+    """Make ``plan`` the routing of every forward inside the block."""
+    token = _current_plan.set(plan)
+    try:
+        yield plan
+    finally:
+        _current_plan.reset(token)

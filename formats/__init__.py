@@ -1,0 +1,1 @@
+"""Readers and writers of adapter and checkpoint layouts (installed as ``adaptkit.formats``)."""

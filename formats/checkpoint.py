@@ -1,0 +1,144 @@
+"""Full checkpoints as transformers writes them: single or sharded safetensors (+ index), or ``.bin``.
+
+Reading is shard by shard (memory-mapped safetensors); writing goes to a temporary folder that is
+renamed into place only when complete (:func:`atomic_output_dir`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from adaptkit.errors import BaseModelError, OutputExistsError
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The weight files of a model folder and which tensor lives in which file."""
+
+    folder: Path
+    shards: tuple[Path, ...]
+    is_safetensors: bool
+
+    def keys_and_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor name with its shape, read from headers only (safetensors) or a weights-only load."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for shard in self.shards:
+            if self.is_safetensors:
+                with safe_open(str(shard), framework="pt") as f:
+                    for key in f.keys():
+                        shapes[key] = tuple(f.get_slice(key).get_shape())
+            else:
+                for key, tensor in _load_bin(shard).items():
+                    shapes[key] = tuple(tensor.shape)
+        return shapes
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        for shard in self.shards:
+            if self.is_safetensors:
+                with safe_open(str(shard), framework="pt") as f:
+                    if key in f.keys():
+                        return f.get_tensor(key)
+            else:
+                state = _load_bin(shard)
+                if key in state:
+                    return state[key]
+        raise KeyError(key)
+
+    def iter_shards(self) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+        """(shard path, its tensors) one shard at a time."""
+        for shard in self.shards:
+            if self.is_safetensors:
+                with safe_open(str(shard), framework="pt") as f:
+                    yield shard, {key: f.get_tensor(key) for key in f.keys()}
+            else:
+                yield shard, _load_bin(shard)
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+
+
+def open_checkpoint(folder: str | os.PathLike) -> Checkpoint:
+    """Find a model folder's weight files (safetensors preferred)."""
+    folder = Path(folder)
+    for index_name, single, is_safe in ((SAFE_INDEX, "model.safetensors", True), (BIN_INDEX, "pytorch_model.bin", False)):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise BaseModelError(f"{index}: not a valid shard index ({exc})") from exc
+            files = tuple(dict.fromkeys(folder / name for name in weight_map.values()))
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise BaseModelError(f"{index}: lists shard files that do not exist: {', '.join(missing)}")
+            return Checkpoint(folder, files, is_safe)
+        if (folder / single).is_file():
+            return Checkpoint(folder, (folder / single,), is_safe)
+    raise BaseModelError(f"{folder}: no model.safetensors, sharded safetensors index, or pytorch_model.bin")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``out``, renamed to ``out`` only if the block completes.
+
+    An existing ``out`` is an error unless ``force``; then it is replaced only after success.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; choose another output folder or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
+    """Write one safetensors shard; returns its bytes of tensor data."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def copy_side_files(src: Path, dst: Path, config_updates: dict | None = None) -> None:
+    """Copy config, generation config and tokenizer files; apply ``config_updates`` to config.json."""
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    if config_updates:
+        config = json.loads((dst / "config.json").read_text())
+        config.update(config_updates)
+        (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

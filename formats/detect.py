@@ -1,0 +1,31 @@
+"""Which reader a path needs: the layout is detected from the files on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from adaptkit.formats import peft
+
+from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
+
+
+def read_adapter(path: str | os.PathLike):
+    """Read any supported adapter (PEFT folder, AdapterHub folder, adaptkit file) from ``path``."""
+    path = Path(path)
+    config = peft.read_config(path)
+    if peft.is_peft_config(config):
+        peft_type = str(config["peft_type"])
+        kind = peft.PEFT_TYPES.get(peft_type)
+        if kind is None:
+            known = ", ".join(sorted(peft.PEFT_TYPES))
+            raise UnsupportedAdapterError(
+                f"{path / peft.CONFIG_NAME}: peft_type {peft_type!r} is not supported; supported: {known}"
+            )
+        readers = {"lora": peft.read_lora}
+        if kind not in readers:
+            raise UnsupportedAdapterError(f"{path}: {peft_type} adapters cannot be loaded by this version")
+        return readers[kind](path, config)
+    raise AdapterFormatError(
+        f"{path / peft.CONFIG_NAME}: neither a PEFT config (no 'peft_type') nor an AdapterHub config (no 'config')"
+    )

@@ -1,0 +1,253 @@
+"""The Hugging Face PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Key names in PEFT files look like
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. adaptkit's in-memory names
+are the base module name (``model.layers.0.self_attn.q_proj``) and a field of
+:class:`~adaptkit.adapters.lora.LoraWeights`. Every rename lives in ``LORA_KEY_TABLE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from adaptkit.formats.tensors import first_existing, load_tensor_file
+from safetensors.torch import save_file
+
+from adaptkit.adapters.lora import LoraAdapter, LoraConfig, LoraWeights
+from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+KEY_PREFIX = "base_model.model."
+ADAPTKIT_META = "adaptkit.json"  # beside a PEFT folder: adaptkit's extra facts (base fingerprint)
+
+# PEFT key suffix -> LoraWeights field. The first entry of a field is the one adaptkit writes.
+LORA_KEY_TABLE: dict[str, str] = {
+    "lora_A.weight": "lora_A",
+    "lora_B.weight": "lora_B",
+    "lora_B.bias": "lora_B_bias",
+    "lora_magnitude_vector": "magnitude",
+    "lora_magnitude_vector.weight": "magnitude",  # PEFT < 0.14
+}
+LORA_FIELD_TO_KEY = {field: key for key, field in reversed(LORA_KEY_TABLE.items())}
+
+# LoRA config fields: those adaptkit implements, and those that only matter when training.
+_LORA_FIELDS = {
+    "r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias",
+    "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules",
+    "modules_to_save", "bias",
+}
+_TRAINING_ONLY = {
+    "peft_type", "task_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "lora_dropout", "init_lora_weights", "loftq_config", "auto_mapping", "megatron_core", "qalora_group_size",
+    "eva_config", "corda_config", "runtime_config", "ensure_weight_tying", "lora_ga_config",
+}
+# Fields whose non-empty value changes the forward pass in a way adaptkit does not implement.
+_UNSUPPORTED_WHEN_SET = {
+    "layer_replication", "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
+    "megatron_config", "use_bdlora", "arrow_config", "kasa_config", "monteclora_config", "velora_config",
+}
+
+PEFT_TYPES = {"LORA": "lora", "PREFIX_TUNING": "prefix", "P_TUNING": "ptuning", "PROMPT_TUNING": "prompt"}
+
+
+def read_config(folder: Path) -> dict:
+    """``adapter_config.json`` of a folder, with errors that say what is wrong."""
+    path = folder / CONFIG_NAME
+    if not folder.exists():
+        raise AdapterFormatError(f"{folder}: no such adapter folder")
+    if not path.is_file():
+        raise AdapterFormatError(f"{folder}: no {CONFIG_NAME}; an adapter folder needs its config beside the weights")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object")
+    return config
+
+
+def is_peft_config(config: dict) -> bool:
+    return "peft_type" in config
+
+
+def _check_fields(config: dict, path: Path) -> None:
+    for key, value in config.items():
+        if key in _LORA_FIELDS or key in _TRAINING_ONLY:
+            continue
+        if key in _UNSUPPORTED_WHEN_SET:
+            if value in (None, False, [], {}, ""):
+                continue
+            raise UnsupportedAdapterError(
+                f"{path}: {key}={value!r} is not supported by adaptkit; re-train without it or merge with PEFT first"
+            )
+        if value in (None, False, [], {}, ""):
+            continue
+        raise UnsupportedAdapterError(f"{path}: unknown LoRA field {key}={value!r}; adaptkit does not implement it")
+    if config.get("bias", "none") != "none":
+        raise UnsupportedAdapterError(
+            f"{path}: bias={config['bias']!r} (trained base biases) is not supported; use lora_bias or bias='none'"
+        )
+
+
+def lora_config_from_peft(config: dict, path: Path) -> LoraConfig:
+    """Build a :class:`LoraConfig` from a PEFT LoRA config dict."""
+    _check_fields(config, path)
+    targets = config.get("target_modules")
+    if targets is None:
+        raise AdapterFormatError(f"{path}: target_modules is missing")
+    layers = config.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    pattern = config.get("layers_pattern")
+    if isinstance(pattern, str):
+        pattern = [pattern]
+    exclude = config.get("exclude_modules")
+    return LoraConfig(
+        r=int(config["r"]),
+        alpha=float(config.get("lora_alpha", 8)),
+        target_modules=targets if isinstance(targets, str) else tuple(targets),
+        use_rslora=bool(config.get("use_rslora", False)),
+        use_dora=bool(config.get("use_dora", False)),
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        lora_bias=bool(config.get("lora_bias", False)),
+        rank_pattern=dict(config.get("rank_pattern") or {}),
+        alpha_pattern=dict(config.get("alpha_pattern") or {}),
+        layers_to_transform=tuple(layers) if layers else None,
+        layers_pattern=tuple(pattern) if pattern else None,
+        exclude_modules=exclude if (exclude is None or isinstance(exclude, str)) else tuple(exclude),
+        modules_to_save=tuple(config.get("modules_to_save") or ()),
+    )
+
+
+def split_lora_key(key: str) -> tuple[str, str] | None:
+    """``model.layers.0.q_proj.lora_A.weight`` -> (``model.layers.0.q_proj``, ``lora_A``)."""
+    for suffix, field in LORA_KEY_TABLE.items():
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], field
+    return None
+
+
+def _strip_prefix(key: str) -> str:
+    return key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
+
+
+def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdapter:
+    """Read a PEFT LoRA folder into a :class:`LoraAdapter` (tensors on CPU, as stored)."""
+    folder = Path(folder)
+    config = read_config(folder) if config is None else config
+    cfg_path = folder / CONFIG_NAME
+    lora_config = lora_config_from_peft(config, cfg_path)
+    weight_file = first_existing(folder, WEIGHT_NAMES)
+    if weight_file is None:
+        raise AdapterFormatError(f"{folder}: no {' or '.join(WEIGHT_NAMES)} beside {CONFIG_NAME}")
+    state = load_tensor_file(weight_file)
+    fields: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for raw_key, tensor in state.items():
+        key = _strip_prefix(raw_key)
+        if ".lora_embedding_" in key:
+            raise UnsupportedAdapterError(f"{weight_file}: {raw_key}: LoRA on embedding layers is not supported")
+        split = split_lora_key(key)
+        if split is not None:
+            module, field = split
+            fields.setdefault(module, {})[field] = tensor
+            continue
+        module, _, param = key.rpartition(".")
+        module = module.replace(".modules_to_save.default", "")
+        if lora_config.saves_module(module):
+            saved.setdefault(module, {})[param] = tensor
+            continue
+        raise AdapterFormatError(f"{weight_file}: unexpected key {raw_key!r} (not a LoRA factor nor a modules_to_save entry)")
+    if not fields and not saved:
+        raise AdapterFormatError(f"{weight_file}: holds no LoRA weights")
+    layers = {}
+    for module, tensors in fields.items():
+        if "lora_A" not in tensors or "lora_B" not in tensors:
+            raise AdapterFormatError(f"{weight_file}: module {module!r} lacks lora_A or lora_B")
+        a, b = tensors["lora_A"], tensors["lora_B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterFormatError(
+                f"{weight_file}: {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not [r, in] and [out, r]"
+            )
+        if lora_config.use_dora and "magnitude" not in tensors:
+            raise AdapterFormatError(f"{weight_file}: {module}: use_dora is set but lora_magnitude_vector is missing")
+        layers[module] = LoraWeights(
+            a, b, lora_config.scale_for(module), lora_B_bias=tensors.get("lora_B_bias"), magnitude=tensors.get("magnitude")
+        )
+    meta = read_adaptkit_meta(folder)
+    return LoraAdapter(
+        config=lora_config,
+        layers=layers,
+        saved_modules=saved,
+        fingerprint=meta.get("base_fingerprint"),
+        source=str(folder),
+        base_class=(config.get("auto_mapping") or {}).get("base_model_class"),
+    )
+
+
+def read_adaptkit_meta(folder: Path) -> dict:
+    path = folder / ADAPTKIT_META
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def lora_config_to_peft(config: LoraConfig, base_class: str | None = None) -> dict:
+    """The PEFT ``adapter_config.json`` dict of a :class:`LoraConfig`."""
+    targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
+    out = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "target_modules": targets,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "fan_in_fan_out": config.fan_in_fan_out,
+        "lora_bias": config.lora_bias,
+        "bias": "none",
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "layers_to_transform": list(config.layers_to_transform) if config.layers_to_transform else None,
+        "layers_pattern": list(config.layers_pattern) if config.layers_pattern else None,
+        "modules_to_save": list(config.modules_to_save) or None,
+        "lora_dropout": 0.0,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+    }
+    if base_class:
+        out["auto_mapping"] = {"base_model_class": base_class, "parent_library": "transformers"}
+    return out
+
+
+def lora_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    """The PEFT-named tensors of a LoRA (inverse of the reading in :func:`read_lora`)."""
+    state = {}
+    for module, weights in adapter.layers.items():
+        for field in ("lora_A", "lora_B", "lora_B_bias", "magnitude"):
+            tensor = getattr(weights, field)
+            if tensor is not None:
+                state[f"{KEY_PREFIX}{module}.{LORA_FIELD_TO_KEY[field]}"] = tensor.detach().contiguous().cpu()
+    for module, params in adapter.saved_modules.items():
+        for param, tensor in params.items():
+            state[f"{KEY_PREFIX}{module}.{param}"] = tensor.detach().contiguous().cpu()
+    return state
+
+
+def write_lora(adapter: LoraAdapter, folder: str | os.PathLike) -> Path:
+    """Write a LoRA in the PEFT layout into an existing (normally temporary) folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = lora_config_to_peft(adapter.config, adapter.base_class)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    save_file(lora_state_dict(adapter), str(folder / WEIGHT_NAMES[0]), metadata={"format": "pt"})
+    if adapter.fingerprint:
+        (folder / ADAPTKIT_META).write_text(json.dumps({"base_fingerprint": adapter.fingerprint}, indent=2))
+    return folder
