@@ -222,15 +222,16 @@ def merge_checkpoint(
     weight_map: dict[str, str] = {}
     total = 0
     with atomic_output_dir(out, force=force) as tmp:
-        shards = list(checkpoint.iter_shards())
-        names = _output_shard_names(len(shards))
-        for i, (shard, tensors) in enumerate(tqdm(shards, desc="merging shards", unit="shard", disable=not progress)):
+        n_shards = len(checkpoint.shards)
+        names = _output_shard_names(n_shards)
+        shards = tqdm(checkpoint.iter_shards(), total=n_shards, desc="merging shards", unit="shard", disable=not progress)
+        for i, (_, tensors) in enumerate(shards):  # one input shard in memory at a time
             merged = {}
             for key, tensor in tensors.items():
                 new = apply_update(tensor, updates[key]) if key in updates else tensor
                 target = out_dtype if (out_dtype is not None and tensor.is_floating_point()) else tensor.dtype
                 merged[key] = new.to(target)
-            if i == len(shards) - 1:
+            if i == n_shards - 1:
                 for key, tensor in added.items():
                     merged[key] = tensor.to(out_dtype or tensor.dtype)
             total += save_shard(merged, tmp / names[i])
