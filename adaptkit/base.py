@@ -76,6 +76,14 @@ def fingerprint_of(facts: ModelFacts, embedding_rows: torch.Tensor) -> str:
     return f"{facts.family}-{digest.hexdigest()[:16]}"
 
 
+def _quiet_transformers() -> None:
+    """transformers' own per-load progress bars and advisory logs would drown adaptkit's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 @dataclass
 class LoadedBase:
     """A base model in memory, with what adaptkit needs to know about it."""
@@ -134,6 +142,7 @@ def load_base(
     if not weight_files:
         raise BaseModelError(f"{path}: no *.safetensors or *.bin weight files next to config.json")
     cls = model_class_for(config)
+    _quiet_transformers()
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation, weights_only=True)
     if quantize is not None:
         from adaptkit import quant
@@ -157,3 +166,40 @@ def load_base(
         fingerprint=fingerprint_of(facts, embed),
         quantize=quantize,
     )
+
+
+_CLASS_FAMILIES = (("gpt2", "gpt2"), ("bert", "bert"), ("roberta", "bert"), ("llama", "llama"), ("mistral", "llama"),
+                   ("qwen", "llama"), ("gemma", "llama"), ("phi3", "llama"), ("olmo", "llama"), ("granite", "llama"))
+
+
+def family_of_class(class_name: str) -> str | None:
+    """The layout family of a transformers class name (``LlamaForCausalLM`` -> ``llama``), if known."""
+    lowered = class_name.lower()
+    return next((family for prefix, family in _CLASS_FAMILIES if lowered.startswith(prefix)), None)
+
+
+def check_made_for(adapter, facts: ModelFacts, fingerprint: str | None) -> None:
+    """Raise :class:`AdapterMismatchError` when the adapter records another base than this one."""
+    from adaptkit.errors import AdapterMismatchError
+
+    source = getattr(adapter, "source", None) or "adapter"
+    recorded = getattr(adapter, "fingerprint", None)
+    if recorded and fingerprint and recorded != fingerprint:
+        raise AdapterMismatchError(
+            f"{source}: made for base {recorded}, but this base is {fingerprint}; load it on the base it was trained on"
+        )
+    base_class = getattr(adapter, "base_class", None)
+    other = family_of_class(base_class) if base_class else None
+    if other is not None and other != facts.family:
+        raise AdapterMismatchError(
+            f"{source}: made for a {base_class} ({other} family) but the base is a {facts.model_type} "
+            f"({facts.family} family); use a base of the architecture it was trained on"
+        )
+
+
+def meta_model(path: str | os.PathLike) -> nn.Module:
+    """The base's module tree on the meta device: names and shapes without reading any weight."""
+    config = read_config(path)
+    cls = model_class_for(config)
+    with torch.device("meta"):
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)

@@ -21,15 +21,14 @@ from transformers import DynamicCache
 
 from adaptkit import inject
 from adaptkit.adapters.lora import LoraAdapter
-from adaptkit.base import LoadedBase, load_base
+from adaptkit.base import LoadedBase, check_made_for, load_base
 from adaptkit.errors import (
-    AdapterMismatchError,
     EngineStateError,
     InvalidArgumentError,
     UnknownAdapterError,
     UnsupportedAdapterError,
 )
-from adaptkit.generation import check_sampling, left_pad, positions_from_mask, sample_next
+from adaptkit.generation import cache_argument, check_sampling, left_pad, positions_from_mask, sample_next
 from adaptkit.merge import merged_bias, merged_weight
 from adaptkit.routing import RoutingPlan, members_of, route_rows, use_plan
 
@@ -65,6 +64,11 @@ def _lora_details(adapter: LoraAdapter) -> dict:
 _KIND_HANDLERS = {
     "lora": (inject.attach_lora, inject.detach_lora, _lora_details),
 }
+
+
+def details_of(adapter) -> dict:
+    """Kind-specific facts of an adapter, as shown by ``Engine.adapters`` and ``adaptkit inspect``."""
+    return _KIND_HANDLERS[adapter.kind][2](adapter)
 
 
 class Engine:
@@ -145,23 +149,7 @@ class Engine:
         return info
 
     def _check_base(self, adapter) -> None:
-        source = getattr(adapter, "source", None) or "adapter"
-        fingerprint = getattr(adapter, "fingerprint", None)
-        if fingerprint and fingerprint != self.base.fingerprint:
-            raise AdapterMismatchError(
-                f"{source}: made for base {fingerprint}, but this base is {self.base.fingerprint}; load it on its own base"
-            )
-        base_class = getattr(adapter, "base_class", None)
-        if base_class:
-            from adaptkit.arch import family_of
-
-            own = self.base.facts.family
-            other = _family_of_class(base_class)
-            if other is not None and other != own:
-                raise AdapterMismatchError(
-                    f"{source}: made for a {base_class} ({other} family) but the base is a {self.base.facts.model_type} "
-                    f"({family_of(self.base.facts.model_type)} family)"
-                )
+        check_made_for(adapter, self.base.facts, self.base.fingerprint)
 
     @staticmethod
     def _rescale(adapter, scale: float) -> None:
@@ -293,12 +281,13 @@ class Engine:
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         eos = torch.tensor(sorted(eos_ids), device=self.device) if eos_ids else None
         cache = DynamicCache(config=config)
+        cache_kw = cache_argument(self.model)
         positions = positions_from_mask(mask)
         step_ids = ids
         with use_plan(plan):
             for _ in range(max_new_tokens):
                 out = self.model(
-                    input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+                    input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache}
                 )
                 token = sample_next(out.logits[:, -1, :], temperature, top_p, top_k, generator)
                 token = torch.where(finished, torch.full_like(token, pad_id), token)
@@ -376,12 +365,3 @@ class Engine:
                 module.get_parameter(param_name).data.copy_(original)
         self._merge_backup.clear()
         self._merged = None
-
-
-def _family_of_class(class_name: str) -> str | None:
-    lowered = class_name.lower()
-    for prefix, family in (("gpt2", "gpt2"), ("bert", "bert"), ("roberta", "bert"), ("llama", "llama"),
-                           ("mistral", "llama"), ("qwen", "llama"), ("gemma", "llama"), ("phi3", "llama")):
-        if lowered.startswith(prefix):
-            return family
-    return None

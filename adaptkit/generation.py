@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+from torch import nn
 
 from adaptkit.errors import InvalidArgumentError
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The forward() keyword of the KV cache: ``cache`` in newer transformers 5.x, else ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:

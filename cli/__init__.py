@@ -1,0 +1,1 @@
+"""adaptkit's command line (installed as ``adaptkit.cli``)."""
