@@ -270,7 +270,10 @@ class Engine:
         if eos_token_id is None:
             eos_token_id = getattr(self.tokenizer, "eos_token_id", None) or getattr(config, "eos_token_id", None)
         eos_ids = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]) - {None}
-        pad_id = getattr(self.tokenizer, "pad_token_id", None) or next(iter(eos_ids), 0)
+        pad_id = _first_not_none(
+            getattr(self.tokenizer, "pad_token_id", None), getattr(config, "pad_token_id", None),
+            *sorted(i for i in eos_ids if i >= 0), 0,
+        )
         ids, mask = left_pad([list(r) for r in prompt_ids], pad_id, self.device)
         batch = ids.shape[0]
         plan = self.plan(adapters, batch)
@@ -365,3 +368,7 @@ class Engine:
                 module.get_parameter(param_name).data.copy_(original)
         self._merge_backup.clear()
         self._merged = None
+
+
+def _first_not_none(*values):
+    return next(v for v in values if v is not None)
