@@ -43,15 +43,6 @@ def adapter_details(adapter) -> dict:
 
 def check_fits_base(adapter, base: str | os.PathLike) -> None:
     """Raise unless ``adapter`` fits the base folder (built on the meta device: no weights read)."""
-    from adaptkit.arch import facts_from_config
-    from adaptkit.base import check_made_for, meta_model, read_config
-    from adaptkit.formats.checkpoint import open_checkpoint
-    from adaptkit.inject import base_modules, check_lora_fits
-    from adaptkit.merge import checkpoint_fingerprint
+    from adaptkit.merge import check_fits_checkpoint
 
-    config = read_config(base)
-    facts = facts_from_config(config)
-    fingerprint = checkpoint_fingerprint(open_checkpoint(base), config) if adapter.fingerprint else None
-    check_made_for(adapter, facts, fingerprint)
-    if adapter.kind == "lora":
-        check_lora_fits(base_modules(meta_model(base)), adapter, where=str(base))
+    check_fits_checkpoint([adapter], base)

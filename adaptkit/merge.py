@@ -10,7 +10,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,8 +18,11 @@ from tqdm.auto import tqdm
 
 from adaptkit.adapters.lora import LoraAdapter, LoraWeights
 from adaptkit.arch import facts_from_config
-from adaptkit.base import fingerprint_of, parse_dtype, read_config
+from adaptkit.base import check_made_for, fingerprint_of, meta_model, parse_dtype, read_config
 from adaptkit.errors import AdapterMismatchError, InvalidArgumentError, UnsupportedAdapterError
+from adaptkit.inject import base_modules, check_lora_fits
+from adaptkit.lowrank import LowRank
+from adaptkit.merge_methods import MERGE_METHODS, MergeMethod, check_method, make_method  # noqa: F401 (re-exported)
 
 Contribution = tuple[LoraWeights, float]  # factors of one layer, weight of its delta
 
@@ -67,14 +70,6 @@ def check_merge_weights(adapters: Sequence, weights: Sequence[float] | None) -> 
     return weights
 
 
-MERGE_METHODS = {"linear": "sum of w_i * dW_i"}
-
-
-def check_method(method: str) -> None:
-    if method not in MERGE_METHODS:
-        raise InvalidArgumentError(f"unknown merge method {method!r}; known methods: {', '.join(sorted(MERGE_METHODS))}")
-
-
 @dataclass
 class _TensorUpdate:
     """What to do to one checkpoint tensor."""
@@ -83,6 +78,8 @@ class _TensorUpdate:
     transposed: bool = False  # GPT-2 Conv1D stores [in, out]
     is_bias: bool = False
     replacement: torch.Tensor | None = None  # modules_to_save
+    module: str = ""  # the adapters' module name: the key that seeds random merge methods
+    indices: list[int] = field(default_factory=list)  # position of each contribution's adapter in the merge
 
 
 def _checkpoint_key(module: str, param: str, shapes: dict) -> str | None:
@@ -105,7 +102,7 @@ def plan_tensor_updates(
     """
     updates: dict[str, _TensorUpdate] = {}
     added: dict[str, torch.Tensor] = {}
-    for adapter, w in zip(adapters, weights):
+    for index, (adapter, w) in enumerate(zip(adapters, weights)):
         source = adapter.source or "adapter"
         for module, factors in adapter.layers.items():
             key = _checkpoint_key(module, "weight", shapes)
@@ -117,12 +114,16 @@ def plan_tensor_updates(
                 raise AdapterMismatchError(
                     f"{source}: {key} has shape {tuple(shapes[key])} in {where} but the LoRA needs {expected}"
                 )
-            updates.setdefault(key, _TensorUpdate([], transposed=transposed)).contributions.append((factors, w))
+            update = updates.setdefault(key, _TensorUpdate([], transposed=transposed, module=module))
+            update.contributions.append((factors, w))
+            update.indices.append(index)
             if factors.lora_B_bias is not None:
                 bias_key = _checkpoint_key(module, "bias", shapes)
                 if bias_key is None:
                     raise AdapterMismatchError(f"{source}: lora_bias needs {module}.bias, which {where} lacks")
-                updates.setdefault(bias_key, _TensorUpdate([], is_bias=True)).contributions.append((factors, w))
+                update = updates.setdefault(bias_key, _TensorUpdate([], is_bias=True, module=module))
+                update.contributions.append((factors, w))
+                update.indices.append(index)
         for module, params in adapter.saved_modules.items():
             if w != 1.0:
                 raise UnsupportedAdapterError(f"{source}: modules_to_save ({module}) can only be merged with weight 1")
@@ -139,15 +140,28 @@ def plan_tensor_updates(
     return updates, added
 
 
-def apply_update(tensor: torch.Tensor, update: _TensorUpdate) -> torch.Tensor:
-    """The merged tensor (float32) for one checkpoint tensor."""
+def apply_update(tensor: torch.Tensor, update: _TensorUpdate, method: MergeMethod | None = None) -> torch.Tensor:
+    """The merged tensor (float32) for one checkpoint tensor; ``method`` combines the deltas (default linear)."""
     if update.replacement is not None:
         return update.replacement.float()
+    if method is not None and not method.is_linear:
+        return _apply_method(tensor, update, method)
     if update.is_bias:
         return merged_bias(tensor, update.contributions)
     weight = tensor.float().T if update.transposed else tensor.float()
     merged = merged_weight(weight, update.contributions)
     return merged.T.contiguous() if update.transposed else merged
+
+
+def _apply_method(tensor: torch.Tensor, update: _TensorUpdate, method: MergeMethod) -> torch.Tensor:
+    """``W + method(w_i, dW_i)``: the method runs on the deltas (``s_i B_i A_i``, or ``s_i * bias_B_i``)."""
+    weights = [w for _, w in update.contributions]
+    if update.is_bias:
+        deltas = [f.scale * f.lora_B_bias.float() for f, _ in update.contributions]
+        return tensor.float() + method.combine(deltas, weights, f"{update.module}.bias", update.indices)
+    deltas = [LowRank(B=f.scale * f.lora_B.float(), A=f.lora_A.float()) for f, _ in update.contributions]
+    combined = method.combine(deltas, weights, f"{update.module}.weight", update.indices)  # [out, in]
+    return tensor.float() + (combined.T if update.transposed else combined)
 
 
 def checkpoint_fingerprint(checkpoint, config) -> str | None:
@@ -158,6 +172,26 @@ def checkpoint_fingerprint(checkpoint, config) -> str | None:
     if key is None:
         return None
     return fingerprint_of(facts, checkpoint.read_tensor(key))
+
+
+def check_fits_checkpoint(adapters: Sequence, base: str | os.PathLike) -> None:
+    """Raise unless every adapter fits the base folder: recorded base, module names and shapes.
+
+    The base is built on the meta device, so no weight is read (except a few embedding rows when an
+    adapter records a base fingerprint).
+    """
+    from adaptkit.formats.checkpoint import open_checkpoint
+
+    config = read_config(base)
+    facts = facts_from_config(config)
+    fingerprint = None
+    if any(getattr(a, "fingerprint", None) for a in adapters):
+        fingerprint = checkpoint_fingerprint(open_checkpoint(base), config)
+    modules = base_modules(meta_model(base))
+    for adapter in adapters:
+        check_made_for(adapter, facts, fingerprint)
+        if isinstance(adapter, LoraAdapter):
+            check_lora_fits(modules, adapter, where=str(base))
 
 
 def load_lora_adapters(adapters: Sequence) -> list[LoraAdapter]:
@@ -179,9 +213,13 @@ def merge_checkpoint(
     out: str | os.PathLike,
     weights: Sequence[float] | None = None,
     dtype: str | torch.dtype | None = None,
-    method: str = "linear",
+    method: str | MergeMethod = "linear",
     force: bool = False,
     progress: bool = True,
+    *,
+    density: float | None = None,
+    seed: int | None = None,
+    rank: int | None = None,
 ) -> Path:
     """Merge LoRA adapters into a base checkpoint, one shard at a time, into a standalone folder.
 
@@ -189,6 +227,10 @@ def merge_checkpoint(
     generation config: ``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads it without
     adaptkit. Each merged tensor is ``W + sum_i w_i * dW_i`` computed in float32, then cast to
     ``dtype`` (default: the tensor's own dtype). Nothing is written to ``out`` unless it all works.
+
+    ``method`` (see :mod:`adaptkit.merge_methods`) combines the deltas of each tensor: ``linear``
+    (default), ``svd`` (``rank``), ``ties``/``magnitude_prune`` (``density``), ``dare_linear``/``dare_ties``
+    (``density``, ``seed``). For ``svd`` the energy kept per tensor is written to ``adaptkit_merge.json``.
 
     Example:
         >>> merge_checkpoint("tiny-llama", ["sql-lora", "tone-lora"], "merged", weights=[0.7, 0.3])
@@ -201,23 +243,25 @@ def merge_checkpoint(
         write_index,
     )
 
-    check_method(method)
+    merge_method = make_method(method, density=density, seed=seed, rank=rank)
     base = Path(base)
     config = read_config(base)
-    spec = facts_from_config(config).spec
     checkpoint = open_checkpoint(base)
     loaded = load_lora_adapters(adapters)
     weights = check_merge_weights(loaded, weights)
+    merge_method.check_weights(weights)
+    if not merge_method.is_linear:
+        for adapter in loaded:
+            if adapter.config.use_dora:
+                raise UnsupportedAdapterError(
+                    f"{adapter.source}: a DoRA adapter merges only with method 'linear' (alone, weight 1); "
+                    f"method {merge_method.name!r} needs additive deltas, which DoRA (row-normalised) does not have"
+                )
     out_dtype = None if dtype is None else parse_dtype(dtype)
     shapes = checkpoint.keys_and_shapes()
-    if any(a.fingerprint for a in loaded):
-        base_fp = checkpoint_fingerprint(checkpoint, config)
-        for adapter in loaded:
-            if adapter.fingerprint and base_fp and adapter.fingerprint != base_fp:
-                raise AdapterMismatchError(
-                    f"{adapter.source}: made for base {adapter.fingerprint}, but {base} is {base_fp}; use its own base"
-                )
-    updates, added = plan_tensor_updates(loaded, weights, shapes, spec, where=str(base))
+    facts = facts_from_config(config)
+    check_fits_checkpoint(loaded, base)
+    updates, added = plan_tensor_updates(loaded, weights, shapes, facts.spec, where=str(base))
 
     weight_map: dict[str, str] = {}
     total = 0
@@ -228,7 +272,7 @@ def merge_checkpoint(
         for i, (_, tensors) in enumerate(shards):  # one input shard in memory at a time
             merged = {}
             for key, tensor in tensors.items():
-                new = apply_update(tensor, updates[key]) if key in updates else tensor
+                new = apply_update(tensor, updates[key], merge_method) if key in updates else tensor
                 target = out_dtype if (out_dtype is not None and tensor.is_floating_point()) else tensor.dtype
                 merged[key] = new.to(target)
             if i == n_shards - 1:
@@ -250,10 +294,13 @@ def merge_checkpoint(
                 "base": str(base),
                 "adapters": [a.source for a in loaded],
                 "weights": weights,
-                "method": method,
+                "method": method if isinstance(method, str) else merge_method.name,
+                "method_params": merge_method.params(),
                 "dtype": config_updates.get("dtype"),
             }
         }
+        if merge_method.energy:
+            record["adaptkit_merge"]["energy_kept"] = merge_method.energy
         (tmp / "adaptkit_merge.json").write_text(json.dumps(record, indent=2))
     return Path(out)
 
