@@ -4,12 +4,47 @@
     eng = ak.Engine.from_pretrained("path/to/base")
     eng.add_adapter("sql", "path/to/lora")
     eng.logits(ids, adapters=["sql", None])
+
+Public names are imported on first use (``_PUBLIC`` below), so ``import adaptkit`` and
+``adaptkit --help`` do not pay for torch and transformers until they are needed.
 """
 
-from adaptkit.engine import AdapterInfo, Engine
-from adaptkit.errors import AdaptkitError
-from adaptkit.merge import merge_checkpoint
-from adaptkit.routing import Fuse, Mix, Stack
+from __future__ import annotations
 
-__all__ = ["AdaptkitError", "AdapterInfo", "Engine", "Fuse", "Mix", "Stack", "merge_checkpoint"]
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it (one static table; add new public names here)
+_PUBLIC = {
+    "AdaptkitError": "adaptkit.errors",
+    "AdapterInfo": "adaptkit.engine",
+    "Engine": "adaptkit.engine",
+    "Fuse": "adaptkit.routing",
+    "Mix": "adaptkit.routing",
+    "Stack": "adaptkit.routing",
+    "merge_checkpoint": "adaptkit.merge",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'adaptkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from adaptkit.engine import AdapterInfo, Engine
+    from adaptkit.errors import AdaptkitError
+    from adaptkit.merge import merge_checkpoint
+    from adaptkit.routing import Fuse, Mix, Stack
