@@ -1,0 +1,75 @@
+"""The command line: fast help, inspect, merge --verify, generate, demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import load_hf, make_peft_lora, random_ids
+
+import adaptkit as ak
+from adaptkit.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_llama, tmp_path_factory):
+    return make_peft_lora(tiny_llama, tmp_path_factory.mktemp("cli") / "sql", seed=5, r=4)
+
+
+def test_help_lists_commands_and_does_not_import_torch():
+    code = "import sys; from adaptkit.cli.main import main; assert 'torch' not in sys.modules; print('lazy')"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "lazy\n"
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("merge", "inspect", "generate", "demo"):
+        assert command in result.output
+
+
+def test_inspect_reports_facts_and_compatibility(lora, tiny_llama, tiny_gpt2):
+    result = CliRunner().invoke(main, ["inspect", str(lora), "--base", str(tiny_llama)])
+    assert result.exit_code == 0, result.output
+    engine = ak.Engine.from_pretrained(tiny_llama)
+    info = engine.add_adapter("sql", lora)
+    assert "kind: lora" in result.output
+    assert f"parameters: {info.params:,}" in result.output
+    assert "ranks: [4]" in result.output and "'q_proj'" in result.output
+    assert "compatible with" in result.output and ": yes" in result.output
+    other = CliRunner().invoke(main, ["inspect", str(lora), "--base", str(tiny_gpt2)])
+    assert other.exit_code == 1 and ": no (" in other.output
+
+
+def test_merge_verify_and_output_loads(lora, tiny_llama, tmp_path):
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["merge", str(tiny_llama), str(lora), "-o", str(out), "--verify", "-q"])
+    assert result.exit_code == 0, result.output
+    diff = float(result.output.split("=")[-1])
+    assert diff < 1e-4
+    ids = random_ids(seed=2)
+    engine = ak.Engine.from_pretrained(tiny_llama)
+    engine.add_adapter("sql", lora)
+    with torch.no_grad():
+        merged = load_hf(out)(input_ids=ids).logits
+    torch.testing.assert_close(merged, engine.logits(ids, adapters="sql"), atol=1e-4, rtol=0)
+
+
+def test_generate_prints_the_engine_output(lora, tiny_llama):
+    result = CliRunner().invoke(
+        main, ["generate", str(tiny_llama), "--adapter", f"sql={lora}", "--prompt", "SELECT name", "--max-new-tokens", "6"]
+    )
+    assert result.exit_code == 0, result.output
+    engine = ak.Engine.from_pretrained(tiny_llama)
+    engine.add_adapter("sql", lora)
+    expected = engine.generate(["SELECT name"], adapters=["sql"], max_new_tokens=6)[0]
+    assert result.output == f"SELECT name{expected}\n"
+
+
+def test_demo_runs_and_verifies(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path), "-q"])
+    assert result.exit_code == 0, result.output
+    alone = float(result.output.split("each row alone ")[1].split()[0])
+    merged = float(result.output.split("max logit difference ")[-1].split()[0])
+    assert alone < 1e-5 and merged < 1e-4
+    assert (tmp_path / "merged-sql" / "model.safetensors").is_file()
