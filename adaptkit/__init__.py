@@ -24,6 +24,7 @@ _PUBLIC = {
     "Fuse": "adaptkit.routing",
     "Mix": "adaptkit.routing",
     "Stack": "adaptkit.routing",
+    "combine_adapters": "adaptkit.combine",
     "merge_checkpoint": "adaptkit.merge",
 }
 
@@ -44,6 +45,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
+    from adaptkit.combine import combine_adapters
     from adaptkit.engine import AdapterInfo, Engine
     from adaptkit.errors import AdaptkitError
     from adaptkit.merge import merge_checkpoint

@@ -57,28 +57,102 @@ def main():
 
 
 @main.command()
-@click.argument("base", type=click.Path())
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--out", required=True, type=click.Path(), help="Output folder (a standalone checkpoint).")
+@click.argument("base", required=False, type=click.Path())
+@click.argument("adapters", nargs=-1, required=False, type=click.Path())
+@click.option("-o", "--out", default=None, type=click.Path(), help="Output folder (a standalone checkpoint).")
 @click.option("--weights", default=None, help="Comma-separated weight per adapter, e.g. 0.7,0.3.")
-@click.option("--method", default="linear", show_default=True, help="Combination method.")
+@click.option("--method", default="linear", show_default=True,
+              help="linear (= task_arithmetic), svd, ties, dare_linear, dare_ties, magnitude_prune.")
+@click.option("--density", default=None, type=float, help="ties, dare_*, magnitude_prune: fraction of each delta kept, in (0, 1].")
+@click.option("--seed", default=None, type=int, help="dare_*: seed of the drop masks (default 0).")
+@click.option("--rank", default=None, type=int,
+              help="svd: target rank; with --into-adapter, the rank ties/dare/magnitude_prune results are factored at.")
+@click.option("--into-adapter", "into_adapter", default=None, type=click.Path(),
+              help="Combine the LoRAs (all positional arguments; no base) into one LoRA folder instead.")
+@click.option("--recipe", default=None, type=click.Path(),
+              help="Read the whole merge from a YAML/JSON recipe file (no positional arguments).")
 @click.option("--dtype", default=None, help="Output dtype: float32, float16 or bfloat16 (default: as stored).")
 @click.option("--verify", is_flag=True, help="Compare merged vs unmerged logits on a probe and print the max difference.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def merge(base, adapters, out, weights, method, dtype, verify, force, quiet):
-    """Merge LoRA ADAPTERS into BASE, shard by shard, into a checkpoint plain transformers loads."""
+def merge(base, adapters, out, weights, method, density, seed, rank, into_adapter, recipe, dtype, verify, force, quiet):
+    """Merge LoRA ADAPTERS into BASE, shard by shard, into a checkpoint plain transformers loads.
+
+    \b
+    adaptkit merge BASE A B -o OUT [--method ties --density 0.5]   into the base
+    adaptkit merge A B --into-adapter OUT [--weights 0.7,0.3]      into one LoRA (no base)
+    adaptkit merge --recipe merge.yaml                             everything from a recipe file
+    """
     import adaptkit as ak
 
     weight_list = _float_list(weights)
+    method_params = dict(density=density, seed=seed, rank=rank)
+    if recipe is not None:
+        if base or adapters or into_adapter or out:
+            raise click.UsageError("--recipe describes the whole merge; give no BASE/ADAPTERS, -o or --into-adapter")
+        _merge_recipe(recipe, force, quiet)
+        return
+    if into_adapter is not None:
+        if out is not None or dtype is not None or verify:
+            raise click.UsageError("--into-adapter writes a LoRA: -o, --dtype and --verify apply to checkpoints")
+        paths = [p for p in (base, *adapters) if p]
+        if len(paths) < 2:
+            raise click.UsageError("--into-adapter needs at least two adapters: adaptkit merge A B --into-adapter OUT")
+        result = ak.combine_adapters(paths, weight_list, method, out=into_adapter, force=force, progress=not quiet,
+                                     **method_params)
+        _echo_combined(result)
+        return
+    if not base or not adapters or out is None:
+        raise click.UsageError("give BASE, at least one ADAPTER and -o OUT (or --into-adapter OUT, or --recipe FILE)")
     path = ak.merge_checkpoint(base, list(adapters), out, weights=weight_list, dtype=dtype, method=method,
-                               force=force, progress=not quiet)
+                               force=force, progress=not quiet, **method_params)
     click.echo(f"wrote {path}")
-    if verify:
+    _echo_merge_energy(path)
+    if verify and method not in ("linear", "task_arithmetic"):
+        click.echo(f"verify: skipped; the unmerged reference (ak.Mix) equals method 'linear' only, not {method!r}")
+    elif verify:
         from adaptkit.export import verify_merged_checkpoint
 
         diff = verify_merged_checkpoint(base, list(adapters), path, weights=weight_list)
         click.echo(f"verify: max abs logit difference merged vs unmerged = {diff:.3e}")
+
+
+def _echo_combined(result) -> None:
+    """What ``merge --into-adapter`` made, with the energy kept per module when it is not exact."""
+    ranks = sorted({w.rank for w in result.adapter.layers.values()})
+    click.echo(f"wrote {result.path}: {len(result.adapter.layers)} modules, ranks {ranks}, method {result.method!r}")
+    if result.exact:
+        click.echo("exact: the adapter's deltas equal the combination (nothing truncated)")
+        return
+    click.echo("energy kept (share of ||combined delta||_F^2 in the written rank):")
+    for module, energy in result.energy.items():
+        click.echo(f"  {module}: {energy:.4f}")
+    click.echo(f"  lowest {min(result.energy.values()):.4f}")
+
+
+def _echo_merge_energy(path) -> None:
+    """``svd`` merges record the energy kept per tensor in adaptkit_merge.json; print it."""
+    import json
+    from pathlib import Path
+
+    record = json.loads((Path(path) / "adaptkit_merge.json").read_text()).get("adaptkit_merge", {})
+    energy = record.get("energy_kept")
+    if energy:
+        click.echo("energy kept per tensor (share of ||combined delta||_F^2):")
+        for key, value in energy.items():
+            click.echo(f"  {key}: {value:.4f}")
+
+
+def _merge_recipe(path, force: bool, quiet: bool) -> None:
+    from adaptkit.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(path)
+    result = run_recipe(recipe, force=force, progress=not quiet)
+    if recipe.into == "adapter":
+        _echo_combined(result)
+    else:
+        click.echo(f"wrote {result}")
+        _echo_merge_energy(result)
 
 
 @main.command()
