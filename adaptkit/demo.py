@@ -103,7 +103,12 @@ def random_lora(
         a = torch.randn(rank, in_f, generator=gen) * std
         b = torch.randn(out_f, rank, generator=gen) * std
         layers[name] = LoraWeights(a, b, lora_config.scale_for(name))
-    return LoraAdapter(config=lora_config, layers=layers, base_class=type(model).__name__)
+    from adaptkit.base import read_config
+    from adaptkit.formats.checkpoint import open_checkpoint
+    from adaptkit.merge import checkpoint_fingerprint
+
+    fingerprint = checkpoint_fingerprint(open_checkpoint(base_dir), read_config(base_dir))
+    return LoraAdapter(config=lora_config, layers=layers, base_class=type(model).__name__, fingerprint=fingerprint)
 
 
 def run_demo(workdir: str | os.PathLike | None = None, progress: bool = True) -> list[str]:

@@ -297,6 +297,7 @@ def merge_checkpoint(
                 "method": method if isinstance(method, str) else merge_method.name,
                 "method_params": merge_method.params(),
                 "dtype": config_updates.get("dtype"),
+                "base_fingerprint": checkpoint_fingerprint(checkpoint, config),
             }
         }
         if merge_method.energy:

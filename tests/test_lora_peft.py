@@ -56,3 +56,34 @@ def test_gpt2_fan_in_fan_out_is_read_from_config(tiny_gpt2, tmp_path, ids):
     info = engine.add_adapter("a", adapter)
     assert info.details["targets"] == ["c_attn", "c_proj"]
     torch.testing.assert_close(engine.logits(ids, adapters="a"), peft_logits(tiny_gpt2, adapter, ids), atol=1e-4, rtol=0)
+
+
+def test_bert_encoder_lora_matches_peft_and_merges(tiny_bert, tmp_path):
+    """Encoders: LoRA on BERT's query/value equals PEFT; the merged checkpoint loads with plain transformers."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForMaskedLM
+
+    def hf():
+        return AutoModelForMaskedLM.from_pretrained(str(tiny_bert), attn_implementation="eager").eval()
+
+    model = get_peft_model(hf(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    model.save_pretrained(str(tmp_path / "lora"))
+    ids = random_ids(seed=1)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # right padding, as encoders use
+    reference = PeftModel.from_pretrained(hf(), str(tmp_path / "lora")).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+    engine = ak.Engine.from_pretrained(tiny_bert)
+    engine.add_adapter("a", tmp_path / "lora")
+    torch.testing.assert_close(engine.logits(ids, mask, adapters="a"), expected, atol=1e-4, rtol=0)
+
+    out = ak.merge_checkpoint(tiny_bert, [tmp_path / "lora"], tmp_path / "merged", progress=False)
+    with torch.no_grad():
+        merged = AutoModelForMaskedLM.from_pretrained(str(out), attn_implementation="eager").eval()
+        torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-4, rtol=0)
