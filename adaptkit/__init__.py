@@ -26,6 +26,8 @@ _PUBLIC = {
     "Stack": "adaptkit.routing",
     "combine_adapters": "adaptkit.combine",
     "merge_checkpoint": "adaptkit.merge",
+    "merge_qlora_checkpoint": "adaptkit.qlora",
+    "quantize_base": "adaptkit.qlora",
 }
 
 __all__ = sorted(_PUBLIC)
@@ -49,4 +51,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from adaptkit.engine import AdapterInfo, Engine
     from adaptkit.errors import AdaptkitError
     from adaptkit.merge import merge_checkpoint
+    from adaptkit.qlora import merge_qlora_checkpoint, quantize_base
     from adaptkit.routing import Fuse, Mix, Stack

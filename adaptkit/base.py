@@ -114,6 +114,31 @@ def load_tokenizer(path: str | os.PathLike):
     return tok
 
 
+def _quantize_kwargs(path: Path, config, quantize: str | None, dtype: torch.dtype, device, options: dict):
+    """(quantization in effect, extra ``from_pretrained`` kwargs): asked for, or already in config.json."""
+    from adaptkit import quant
+
+    stored = quant.stored_quantization(config, str(path / "config.json"))
+    if stored is not None:
+        if options or quantize not in (None, stored):
+            asked = ", ".join([f"quantize={quantize!r}"] * (quantize is not None) + sorted(options))
+            raise InvalidArgumentError(
+                f"{path} is already quantized ({stored}, settings in config.json); drop {asked} to load it as saved"
+            )
+        return stored, {"device_map": {"": str(device)}}
+    if quantize is None:
+        if options:
+            raise InvalidArgumentError(f"options {', '.join(sorted(options))} only apply with quantize='nf4'")
+        return None, {}
+    unknown = sorted(set(options) - set(quant.OPTIONS))
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown quantization option(s) {', '.join(unknown)}; known: compute_dtype, {', '.join(quant.OPTIONS)}"
+        )
+    skeleton = meta_model(path) if quant.skip_list(options.get("skip_modules")) else None
+    return quantize, quant.from_pretrained_kwargs(quantize, dtype, skeleton=skeleton, device=device, **options)
+
+
 def load_base(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = "float32",
@@ -128,7 +153,10 @@ def load_base(
         path: folder written by ``save_pretrained``.
         dtype: ``float32`` | ``float16`` | ``bfloat16`` (the compute dtype with ``quantize``).
         device: where the weights go.
-        quantize: None, or ``"nf4"`` for a 4-bit NF4 base (bitsandbytes, see ``quant.py``).
+        quantize: None, or ``"nf4"`` for a 4-bit NF4 base (bitsandbytes, see ``quant.py``). A folder
+            saved in NF4 (``config.json`` has a ``quantization_config``) loads in NF4 without it.
+        quantize_options: ``double_quant`` (default True), ``skip_modules`` (kept in ``dtype`` besides
+            the output embeddings), ``compute_dtype`` (overrides ``dtype``).
         attn_implementation: ``"eager"`` (exact, default) or ``"sdpa"``.
 
     Example:
@@ -143,17 +171,22 @@ def load_base(
         raise BaseModelError(f"{path}: no *.safetensors or *.bin weight files next to config.json")
     cls = model_class_for(config)
     _quiet_transformers()
+    options = dict(quantize_options or {})
+    if "compute_dtype" in options:  # Engine.from_pretrained(..., quantize="nf4", compute_dtype=...)
+        torch_dtype = parse_dtype(options.pop("compute_dtype"))
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation, weights_only=True)
-    if quantize is not None:
-        from adaptkit import quant
-
-        kwargs.update(quant.from_pretrained_kwargs(quantize, torch_dtype, **(quantize_options or {})))
+    quantize, quantize_kwargs = _quantize_kwargs(path, config, quantize, torch_dtype, device, options)
+    kwargs.update(quantize_kwargs)
     try:
         model = cls.from_pretrained(str(path), **kwargs)
     except Exception as exc:
         raise BaseModelError(f"{path}: transformers could not load the weights ({type(exc).__name__}: {exc})") from exc
     if quantize is None:
         model.to(device)
+    else:
+        from adaptkit import quant
+
+        quant.remember_loaded_states(model)  # before any forward can change bitsandbytes' layout
     model.eval()
     model.requires_grad_(False)
     embed = model.get_input_embeddings().weight

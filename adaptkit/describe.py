@@ -15,8 +15,15 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def describe_adapter(path: str | os.PathLike, base: str | os.PathLike | None = None) -> tuple[list[str], bool]:
-    """Lines describing the adapter at ``path``; with ``base``, whether it fits (False = it does not)."""
+def describe_adapter(
+    path: str | os.PathLike, base: str | os.PathLike | None = None, load: str | None = None
+) -> tuple[list[str], bool]:
+    """Lines describing the adapter at ``path``; with ``base``, whether it fits (False = it does not).
+
+    With ``base``, also the base's bytes in 32-bit, 16-bit and NF4 (from shapes); ``load``
+    (``nf4``, ``bfloat16``, ``float32``) loads it that way with the adapter and adds measured bytes
+    and the process's peak RSS.
+    """
     from adaptkit.formats.detect import read_adapter
 
     adapter = read_adapter(path)
@@ -31,7 +38,22 @@ def describe_adapter(path: str | os.PathLike, base: str | os.PathLike | None = N
         lines.append(f"compatible with {base}: no ({exc})")
         return lines, False
     lines.append(f"compatible with {base}: yes")
-    return lines, True
+    return lines + base_memory_lines(base, path, load), True
+
+
+def base_memory_lines(base: str | os.PathLike, adapter: str | os.PathLike | None = None, load: str | None = None) -> list[str]:
+    """The base's bytes in float32 / 16-bit / NF4 (QLoRA: LM head, embeddings, norms in 16-bit)."""
+    from adaptkit.qlora import base_memory, measure_load
+
+    sizes = base_memory(base)
+    lines = [f"base memory: float32 {_size(sizes['float32'])}, 16-bit {_size(sizes['16-bit'])}, "
+             f"NF4 {_size(sizes['nf4'])} (double quant; from shapes)"]
+    if load is not None:
+        quantize, dtype = (load, "bfloat16") if load == "nf4" else (None, load)
+        got = measure_load(base, dtype=dtype, quantize=quantize, adapter=adapter)
+        lines.append(f"loaded as {load} with the adapter: {_size(got['model_bytes'])} held, {got['load_s']:.2f} s, "
+                     f"peak RSS {_size(got['peak_rss'])} (before loading {_size(got['peak_rss_before'])})")
+    return lines
 
 
 def adapter_details(adapter) -> dict:

@@ -47,13 +47,13 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The base weight as [out, in] in float32 (dequantized for 4-bit layers)."""
-    if is_conv1d(module):
-        return module.weight.detach().float().T
-    if isinstance(module, nn.Linear):
-        return module.weight.detach().float()
     from adaptkit import quant
 
-    return quant.dequantize_weight(module)
+    if quant.is_quantized(module):  # before nn.Linear: bitsandbytes' Linear4bit subclasses it
+        return quant.dequantize_weight(module)
+    if is_conv1d(module):
+        return module.weight.detach().float().T
+    return module.weight.detach().float()
 
 
 def _scatter_rows(y: torch.Tensor, group: AdapterGroup, delta: torch.Tensor) -> torch.Tensor:

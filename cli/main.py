@@ -156,6 +156,33 @@ def _merge_recipe(path, force: bool, quiet: bool) -> None:
 
 
 @main.command()
+@click.argument("finetuned", type=click.Path())
+@click.option("--base", required=True, type=click.Path(), help="The base model FINETUNED was fine-tuned from.")
+@click.option("--rank", required=True, type=int, help="LoRA rank (capped per layer at min(out, in)).")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output LoRA folder (PEFT layout).")
+@click.option("--targets", default=None, help="Comma-separated module names, e.g. q_proj,v_proj (default: every linear layer of the blocks).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def extract(finetuned, base, rank, out, targets, force, quiet):
+    """Extract a rank-R LoRA from FINETUNED - BASE (truncated SVD per layer), streaming shard by shard."""
+    from adaptkit.extract import extract_lora
+
+    target_list = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+    res = extract_lora(finetuned, base, rank, out=out, targets=target_list, force=force, progress=not quiet)
+    click.echo(f"wrote {res.path}: {len(res.adapter.layers)} modules, rank {rank}")
+    click.echo("energy kept per layer (share of ||W_ft - W_base||_F^2):")
+    for module, energy in res.energy.items():
+        click.echo(f"  {module}: {energy:.4f} (rank {res.adapter.layers[module].rank})")
+    click.echo(f"  lowest {min(res.energy.values()):.4f}")
+    if res.unchanged:
+        click.echo(f"unchanged (left out): {', '.join(res.unchanged)}")
+    if res.other_changes:
+        click.echo("changed outside the targets, not carried by a LoRA (relative difference):")
+        for key, diff in res.other_changes.items():
+            click.echo(f"  {key}: {diff:.3e}")
+
+
+@main.command()
 @click.argument("adapter", type=click.Path())
 @click.option("--base", default=None, type=click.Path(), help="Check compatibility with this base model folder.")
 def inspect(adapter, base):

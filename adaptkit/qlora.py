@@ -1,0 +1,337 @@
+"""Deploying QLoRA: LoRAs trained on a 4-bit NF4 base, merged without losing accuracy.
+
+Two merges, both from the NF4 base *as loaded* (``quant.dequantize_weight``), whatever layout
+bitsandbytes holds after forwards:
+
+- :func:`merge_qlora_checkpoint` (default): ``W' = deq(Q(W)) + sum_i w_i s_i B_i A_i`` in float32,
+  written as a standalone 16/32-bit checkpoint, shard by shard. Its logits equal the unmerged QLoRA
+  model's up to float rounding: the base the adapter was trained on is kept exactly.
+- ``requantize=True``: ``Q(W')`` stays 4-bit (what PEFT's ``merge_and_unload`` does on a 4-bit
+  base); NF4's rounding of ``W'`` is added, measured by :func:`qlora_merge_error`.
+
+Also :func:`quantize_base` (save a base in NF4 through transformers' own serialization) and
+:func:`base_memory` (bytes in NF4 vs 16-bit, peak RSS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from adaptkit import quant
+from adaptkit.base import LoadedBase, load_base, meta_model, parse_dtype, read_config
+from adaptkit.errors import AdapterMismatchError, InvalidArgumentError
+from adaptkit.inject import base_modules, check_lora_fits
+from adaptkit.merge import (
+    apply_update,
+    check_merge_weights,
+    load_lora_adapters,
+    merged_bias,
+    merged_weight,
+    plan_tensor_updates,
+)
+
+# what transformers writes beside a 4-bit weight ``<module>.weight`` (bitsandbytes' QuantState.as_dict)
+_STATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
+                   ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
+
+
+def relative_logit_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """``||other - reference||_F / ||reference||_F`` over all rows, positions and vocabulary."""
+    reference, other = reference.double(), other.double()
+    return float(torch.linalg.norm(other - reference) / torch.linalg.norm(reference))
+
+
+def _load_nf4(base, compute_dtype, quantize_options: dict) -> LoadedBase:
+    return load_base(base, dtype=compute_dtype, quantize="nf4", quantize_options=quantize_options)
+
+
+def _quantized_layers(model) -> dict[str, torch.nn.Module]:
+    """Module name (as in the base model) -> its 4-bit layer, looking through adaptkit's wrappers."""
+    return {name: m for name, m in base_modules(model).items() if quant.is_quantized(m)}
+
+
+def _checkpoint_layout(checkpoint, layers: dict, conv1d: set[str]):
+    """Map checkpoint keys onto the 4-bit layers.
+
+    Returns ({weight key: module name}, {key: shape in the output}, quant-state keys to drop). A
+    base saved in NF4 stores ``weight`` as packed codes plus state keys; in the output every weight
+    has its full-precision shape ([out, in]; GPT-2's Conv1D [in, out]).
+    """
+    from adaptkit.merge import _checkpoint_key
+
+    shapes = checkpoint.keys_and_shapes()
+    weight_keys, state_keys = {}, set()
+    for name, layer in layers.items():
+        key = _checkpoint_key(name, "weight", shapes)
+        if key is None:
+            raise AdapterMismatchError(f"{checkpoint.folder}: no checkpoint tensor for the 4-bit layer {name}")
+        weight_keys[key] = name
+        state_keys.update(k for k in (key + s for s in _STATE_SUFFIXES) if k in shapes)
+        out_f, in_f = layer.weight.quant_state.shape
+        shapes[key] = (in_f, out_f) if name.rpartition(".")[2] in conv1d else (out_f, in_f)
+    return weight_keys, {k: v for k, v in shapes.items() if k not in state_keys}, state_keys
+
+
+def merge_qlora_checkpoint(
+    base: str | os.PathLike,
+    adapters: Sequence,
+    out: str | os.PathLike,
+    weights: Sequence[float] | None = None,
+    dtype: str | torch.dtype | None = None,
+    requantize: bool = False,
+    compute_dtype: str | torch.dtype = "float32",
+    force: bool = False,
+    progress: bool = True,
+    loaded: LoadedBase | None = None,
+    **quantize_options,
+) -> Path:
+    """Merge LoRAs trained on the NF4-quantized ``base`` into a standalone checkpoint.
+
+    The base is loaded in NF4 the way it was trained (``quantize_options``: ``double_quant``,
+    ``skip_modules``; a folder saved in NF4 loads as saved). Each 4-bit weight is dequantized
+    (float32) and ``sum_i w_i * s_i B_i A_i`` added; other tensors are copied from the checkpoint.
+
+    Args:
+        base: full-precision base folder (quantized here) or a folder saved by :func:`quantize_base`.
+        adapters: LoRA folders or loaded LoRAs; ``weights`` one per adapter (default 1).
+        dtype: output dtype (default: each tensor's own; a 4-bit weight takes ``compute_dtype``
+            when the base has no full-precision copy of it).
+        requantize: keep NF4: ``Q(W + dW)`` saved with transformers' 4-bit serialization.
+        loaded: an NF4 base already in memory (e.g. ``engine.base`` after serving); read as loaded.
+
+    Example:
+        >>> merge_qlora_checkpoint("llama-7b", ["qlora-sql"], "merged-sql", dtype="bfloat16")
+    """
+    adapters = load_lora_adapters(adapters)
+    weights = check_merge_weights(adapters, weights)
+    if loaded is None:
+        loaded = _load_nf4(base, compute_dtype, quantize_options)
+    elif loaded.quantize is None or requantize:
+        raise InvalidArgumentError(
+            f"{loaded.path}: loaded= takes an NF4 base, and not with requantize (which changes the layers it "
+            "is given): pass the base path instead"
+        )
+    for adapter in adapters:
+        check_lora_fits(base_modules(loaded.model), adapter, where=str(base))
+    if requantize:
+        return _merge_requantized(loaded, adapters, weights, out, force)
+    return _merge_dequantized(Path(base), loaded, adapters, weights, out, dtype, force, progress)
+
+
+def _merge_dequantized(base: Path, loaded: LoadedBase, adapters, weights, out, dtype, force, progress) -> Path:
+    """Stream the checkpoint shard by shard; 4-bit weights come from the loaded layers, dequantized."""
+    from tqdm.auto import tqdm
+
+    from adaptkit.formats.checkpoint import (
+        atomic_output_dir,
+        copy_side_files,
+        open_checkpoint,
+        save_shard,
+        write_index,
+    )
+    from adaptkit.merge import _output_shard_names
+
+    checkpoint = open_checkpoint(base)
+    spec = loaded.facts.spec
+    layers = _quantized_layers(loaded.model)
+    weight_keys, shapes, state_keys = _checkpoint_layout(checkpoint, layers, set(spec.conv1d_modules))
+    updates, added = plan_tensor_updates(adapters, weights, shapes, spec, where=str(base))
+    out_dtype = None if dtype is None else parse_dtype(dtype)
+    weight_map: dict[str, str] = {}
+    total = 0
+    with atomic_output_dir(out, force=force) as tmp:
+        names = _output_shard_names(len(checkpoint.shards))
+        shards = tqdm(checkpoint.iter_shards(), total=len(names), desc="merging shards", unit="shard", disable=not progress)
+        for i, (_, tensors) in enumerate(shards):
+            merged = {}
+            for key, tensor in tensors.items():
+                if key in state_keys:
+                    continue
+                if key in weight_keys:
+                    stored = tensor.dtype if tensor.is_floating_point() else loaded.dtype  # NF4 folder: codes
+                    tensor = quant.dequantize_weight(layers[weight_keys[key]])  # [out, in] float32, as loaded
+                    if weight_keys[key].rpartition(".")[2] in spec.conv1d_modules:
+                        tensor = tensor.T  # Conv1D stores [in, out]
+                    target = out_dtype or stored
+                else:
+                    target = out_dtype if (out_dtype is not None and tensor.is_floating_point()) else tensor.dtype
+                new = apply_update(tensor, updates[key]) if key in updates else tensor
+                merged[key] = new.to(target).contiguous()
+            if i == len(names) - 1:
+                for key, tensor in added.items():
+                    merged[key] = tensor.to(out_dtype or tensor.dtype)
+            total += save_shard(merged, tmp / names[i])
+            weight_map.update(dict.fromkeys(merged, names[i]))
+            del merged, tensors
+        if len(names) > 1:
+            write_index(tmp, weight_map, total)
+        copy_side_files(base, tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("quantization_config", None)  # the output is a plain 16/32-bit model
+        if out_dtype is not None or state_keys:  # from an NF4 folder: weights in the compute dtype
+            config["dtype"] = str(out_dtype or loaded.dtype).removeprefix("torch.")
+        if added:
+            config["tie_word_embeddings"] = False
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        _write_record(tmp, base, loaded, adapters, weights, "dequantize", config.get("dtype"))
+    return Path(out)
+
+
+def _merge_requantized(loaded: LoadedBase, adapters, weights, out, force) -> Path:
+    """``Q(deq(Q(W)) + dW)`` into every adapted 4-bit layer of ``loaded`` (a fresh copy), then save NF4."""
+    modules = base_modules(loaded.model)
+    per_module: dict[str, list] = {}
+    for adapter, w in zip(adapters, weights):
+        for name, factors in adapter.layers.items():
+            per_module.setdefault(name, []).append((factors, w))
+    writes = []  # computed before any layer changes: a failure leaves the model as loaded
+    for name, contributions in per_module.items():
+        module = modules[name]
+        new = merged_weight(quant.dequantize_weight(module) if quant.is_quantized(module) else
+                            module.weight.detach().float(), contributions)
+        writes.append((module, new))
+        if any(f.lora_B_bias is not None for f, _ in contributions):
+            writes.append((module.bias, merged_bias(module.bias, contributions)))
+    for adapter in adapters:
+        for name, params in adapter.saved_modules.items():
+            owned = dict(modules[name].named_parameters())
+            writes += [(owned[p], t.float()) for p, t in params.items()]
+    for target, value in writes:
+        if isinstance(target, torch.nn.Module) and quant.is_quantized(target):
+            quant.replace_weight(target, value)
+        elif isinstance(target, torch.nn.Module):
+            target.weight.data.copy_(value.to(target.weight.dtype))
+        else:
+            target.data.copy_(value.to(target.dtype))
+    return _save_nf4(loaded, out, force, record=lambda tmp: _write_record(
+        tmp, loaded.path, loaded, adapters, weights, "requantize", "nf4"))
+
+
+def _has_wrappers(loaded: LoadedBase) -> bool:
+    from adaptkit.inject import WRAPPERS
+
+    return any(isinstance(m, WRAPPERS) for m in loaded.model.modules())
+
+
+def _write_record(folder: Path, base, loaded: LoadedBase, adapters, weights, path: str, dtype) -> None:
+    qconfig = getattr(loaded.model.config, "quantization_config", None)
+    qconfig = qconfig if isinstance(qconfig, dict) else (qconfig.to_dict() if qconfig is not None else {})
+    record = {
+        "adaptkit_merge": {
+            "base": str(base),
+            "adapters": [a.source for a in adapters],
+            "weights": weights,
+            "method": "linear",
+            "dtype": dtype,
+            "qlora": {"merge": path, "quant_type": qconfig.get("bnb_4bit_quant_type"),
+                      "double_quant": qconfig.get("bnb_4bit_use_double_quant")},
+        }
+    }
+    (folder / "adaptkit_merge.json").write_text(json.dumps(record, indent=2))
+
+
+def _save_nf4(loaded: LoadedBase, out, force: bool, record=None) -> Path:
+    """``save_pretrained`` of a 4-bit model (transformers' serialization) + the base's tokenizer files."""
+    import shutil
+
+    from adaptkit.formats.checkpoint import SIDE_FILES, atomic_output_dir
+
+    if _has_wrappers(loaded):
+        raise InvalidArgumentError("the model has adapters attached; save the base before adding adapters")
+    quant.restore_loaded_layout(loaded.model)  # bitsandbytes' own inverse of its CPU layout is lossy
+    with atomic_output_dir(out, force=force) as tmp:
+        loaded.model.save_pretrained(str(tmp))
+        for name in SIDE_FILES:
+            if (loaded.path / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(loaded.path / name, tmp / name)
+        if record is not None:
+            record(tmp)
+    return Path(out)
+
+
+def quantize_base(
+    base: str | os.PathLike,
+    out: str | os.PathLike,
+    compute_dtype: str | torch.dtype = "bfloat16",
+    force: bool = False,
+    **quantize_options,
+) -> Path:
+    """Save ``base`` with its linear layers in NF4, so the 4-bit base can be shipped.
+
+    The folder is transformers' own 4-bit serialization (codes + quant state per weight,
+    ``quantization_config`` in config.json): ``from_pretrained(out)`` and
+    ``Engine.from_pretrained(out)`` load it in NF4 with the same weights, without re-quantizing.
+
+    Example:
+        >>> quantize_base("llama-7b", "llama-7b-nf4", compute_dtype="bfloat16", double_quant=True)
+    """
+    return _save_nf4(_load_nf4(base, compute_dtype, quantize_options), out, force)
+
+
+def qlora_merge_error(
+    base: str | os.PathLike,
+    adapters: Sequence,
+    merged: str | os.PathLike,
+    weights: Sequence[float] | None = None,
+    compute_dtype: str | torch.dtype = "float32",
+    **quantize_options,
+) -> float:
+    """Relative logit error of a merged checkpoint vs the unmerged QLoRA model, on a fixed probe.
+
+    The reference is ``base`` loaded in NF4 with the adapters applied unmerged (what they were
+    trained as); ``merged`` is loaded as saved (16/32-bit, or NF4 when requantized).
+    """
+    from adaptkit.engine import Engine
+    from adaptkit.export import probe_ids
+    from adaptkit.routing import Mix
+
+    adapters = load_lora_adapters(adapters)
+    weights = check_merge_weights(adapters, weights)
+    engine = Engine(_load_nf4(base, compute_dtype, quantize_options))
+    names = [f"a{i}" for i in range(len(adapters))]
+    for name, adapter in zip(names, adapters):
+        engine.add_adapter(name, adapter)
+    ids = probe_ids(engine.base.facts.vocab_size)
+    entry = Mix(dict(zip(names, weights))) if len(names) > 1 or weights != [1.0] else names[0]
+    reference = engine.logits(ids, adapters=entry)
+    del engine
+    other = Engine.from_pretrained(merged, dtype=compute_dtype).logits(ids)
+    return relative_logit_error(reference, other)
+
+
+def base_memory(base: str | os.PathLike, double_quant: bool = True, skip_modules: Sequence[str] | None = None) -> dict:
+    """Bytes of ``base`` in float32, 16-bit and NF4 (+ compute-dtype modules), from shapes alone."""
+    read_config(base)
+    skeleton = meta_model(base)
+    return {
+        "float32": quant.estimate_nbytes(skeleton, torch.float32),
+        "16-bit": quant.estimate_nbytes(skeleton, torch.bfloat16),
+        "nf4": quant.estimate_nbytes(skeleton, torch.bfloat16, "nf4", double_quant, skip_modules),
+        "nf4_fp32_compute": quant.estimate_nbytes(skeleton, torch.float32, "nf4", double_quant, skip_modules),
+    }
+
+
+def measure_load(base: str | os.PathLike, dtype: str = "bfloat16", quantize: str | None = None,
+                 adapter: str | os.PathLike | None = None, **quantize_options) -> dict:
+    """Load ``base`` (and ``adapter``) in this process: seconds, bytes held, peak RSS before and after.
+
+    Peak RSS is the process's high-water mark (``getrusage``), so a fresh process measures one load.
+    """
+    import time
+
+    from adaptkit.bench import peak_rss_bytes
+    from adaptkit.engine import Engine
+
+    before = peak_rss_bytes()
+    start = time.perf_counter()
+    engine = Engine.from_pretrained(base, dtype=dtype, quantize=quantize, **quantize_options)
+    if adapter is not None:
+        engine.add_adapter("adapter", adapter)
+    seconds = time.perf_counter() - start
+    return {"load_s": seconds, "model_bytes": quant.model_nbytes(engine.model),
+            "peak_rss_before": before, "peak_rss": peak_rss_bytes()}

@@ -1,0 +1,285 @@
+"""QLoRA: NF4 bases (bitsandbytes), LoRA on top vs PEFT, merges that keep or re-quantize NF4, saving.
+
+References: PEFT's LoRA on bitsandbytes ``Linear4bit`` layers (same quantized base), bitsandbytes'
+own (de)quantization, plain transformers loading of every written folder. On this CPU bitsandbytes
+computes ``Linear4bit`` as ``x @ dequantize_4bit(W)^T`` in float32, the same kernel for adaptkit and
+PEFT, so fp32 logits agree to 1e-4 (observed: bit for bit).
+
+CPUs with AVX512-BF16 repack a 4-bit layer on its first forward. CI machines may lack it, so the
+repack is applied here with bitsandbytes' own function, exactly as ``Linear4bit.forward`` does.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import load_hf, make_peft_lora, random_ids
+from safetensors.torch import load_file
+
+import adaptkit as ak
+from adaptkit import qlora, quant
+from adaptkit.cli.main import main
+from adaptkit.errors import AdaptkitError, InvalidArgumentError
+
+bnb = pytest.importorskip("bitsandbytes")
+from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit  # noqa: E402
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NF4_FP32 = dict(quantize="nf4", compute_dtype="float32")
+
+
+def bnb_config(double_quant: bool = True, compute_dtype=torch.float32):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def hf_nf4(base):
+    """The reference NF4 base: plain transformers + bitsandbytes."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(base), quantization_config=bnb_config(), dtype=torch.float32,
+                                                device_map="cpu", attn_implementation="eager").eval()
+
+
+def peft_nf4(base, adapter):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(hf_nf4(base), str(adapter)).eval()
+
+
+def layers_4bit(model) -> dict:
+    from adaptkit.inject import base_modules
+
+    return {name: m for name, m in base_modules(model).items() if quant.is_quantized(m)}
+
+
+def repack_like_avx512bf16_forward(model) -> None:
+    """What ``Linear4bit.forward`` does to each layer on an AVX512-BF16 CPU (bitsandbytes 0.49+)."""
+    for layer in layers_4bit(model).values():
+        layer.weight.data, _ = _convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_llama, tmp_path_factory):
+    """A LoRA on every linear layer with ||dW|| / ||W|| about 0.1 (s = 1.6/4, A, B ~ N(0, 0.1^2))."""
+    return make_peft_lora(tiny_llama, tmp_path_factory.mktemp("qlora") / "a", seed=3, r=4, lora_alpha=1.6,
+                          target_modules=ALL_LINEAR)
+
+
+@pytest.fixture(scope="module")
+def merged_fp32(tiny_llama, lora, tmp_path_factory):
+    return ak.merge_qlora_checkpoint(tiny_llama, [lora], tmp_path_factory.mktemp("m") / "fp32", progress=False)
+
+
+def test_nf4_load_keeps_head_embeddings_norms_dense(tiny_llama):
+    engine = ak.Engine.from_pretrained(tiny_llama, **NF4_FP32)
+    model = engine.model
+    assert engine.base.quantize == "nf4"
+    assert set(layers_4bit(model)) == {f"model.layers.{i}.{p}.{m}" for i in range(2)
+                                        for p, ms in (("self_attn", ALL_LINEAR[:4]), ("mlp", ALL_LINEAR[4:])) for m in ms}
+    assert model.lm_head.weight.dtype == model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.model.norm.weight.dtype == torch.float32
+    assert layers_4bit(model)["model.layers.0.self_attn.q_proj"].weight.quant_state.nested  # double quant
+    skipped = ak.Engine.from_pretrained(tiny_llama, quantize="nf4", skip_modules=["down_proj"], double_quant=False)
+    names = set(layers_4bit(skipped.model))
+    assert not any(n.endswith("down_proj") for n in names) and len(names) == 12
+    assert not quant.is_quantized(skipped.model.lm_head)  # transformers' default skip is kept with a skip list
+    assert not skipped.model.model.layers[0].self_attn.q_proj.weight.quant_state.nested
+
+
+def test_memory_estimate_equals_loaded_bytes(tiny_llama):
+    """Bytes from shapes (inspect) == bytes of the loaded model, NF4 and 16-bit."""
+    sizes = qlora.base_memory(tiny_llama)
+    assert quant.model_nbytes(ak.Engine.from_pretrained(tiny_llama, **NF4_FP32).model) == sizes["nf4_fp32_compute"]
+    assert quant.model_nbytes(ak.Engine.from_pretrained(tiny_llama, quantize="nf4", dtype="bfloat16").model) == sizes["nf4"]
+    assert quant.model_nbytes(ak.Engine.from_pretrained(tiny_llama, dtype="bfloat16").model) == sizes["16-bit"]
+    assert sizes["nf4"] < sizes["16-bit"] < sizes["float32"]
+
+
+@pytest.mark.parametrize("options", [{}, {"use_dora": True}, {"modules_to_save": ["lm_head"]}], ids=["lora", "dora", "saved"])
+def test_unmerged_qlora_equals_peft_on_the_same_nf4_base(tiny_llama, tmp_path, options):
+    adapter = make_peft_lora(tiny_llama, tmp_path / "x", seed=4, target_modules=ALL_LINEAR, **options)
+    engine = ak.Engine.from_pretrained(tiny_llama, **NF4_FP32)
+    engine.add_adapter("x", adapter)
+    ids = random_ids(batch=3, seed=1)
+    ours = engine.logits(ids, adapters=["x", None, "x"])  # per-row routing on the 4-bit base
+    reference = peft_nf4(tiny_llama, adapter)
+    expected = logits(reference, ids)
+    with reference.disable_adapter():
+        bare = logits(reference, ids)
+    torch.testing.assert_close(ours[[0, 2]], expected[[0, 2]], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours[1], bare[1], atol=1e-4, rtol=0)
+    assert (expected - bare).abs().max() > 0.1
+
+
+def test_gpt2_conv1d_base_qlora_and_merge(tiny_gpt2, tmp_path):
+    """GPT-2's Conv1D layers become Linear4bit [out, in]; the merged checkpoint stores them [in, out] again."""
+    adapter = make_peft_lora(tiny_gpt2, tmp_path / "g", seed=6)
+    engine = ak.Engine.from_pretrained(tiny_gpt2, **NF4_FP32)
+    engine.add_adapter("g", adapter)
+    ids = random_ids(seed=2)
+    torch.testing.assert_close(engine.logits(ids, adapters="g"), logits(peft_nf4(tiny_gpt2, adapter), ids), atol=1e-4, rtol=0)
+    out = ak.merge_qlora_checkpoint(tiny_gpt2, [adapter], tmp_path / "merged", progress=False)
+    assert qlora.qlora_merge_error(tiny_gpt2, [adapter], out) < 1e-5
+
+
+def test_dequantize_merge_equals_unmerged_qlora(tiny_llama, lora, merged_fp32, tmp_path):
+    reference = peft_nf4(tiny_llama, lora)
+    layer = reference.base_model.model.model.layers[0].self_attn.q_proj
+    w_nf4 = dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state)
+    delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    ratio = float(delta.norm() / w_nf4.norm())
+    assert 0.05 < ratio < 0.2  # the regime of the issue: ||dW|| / ||W|| about 0.1
+    # the merged weight is bitsandbytes' dequantized NF4 weight plus the delta, in fp32
+    tensors = load_file(merged_fp32 / "model.safetensors")
+    torch.testing.assert_close(tensors["model.layers.0.self_attn.q_proj.weight"], w_nf4 + delta, atol=1e-6, rtol=0)
+    ids = random_ids(batch=2, seed=5)
+    unmerged = logits(reference, ids)
+    merged = logits(load_hf(merged_fp32), ids)  # plain transformers, no adaptkit, no bitsandbytes
+    error = qlora.relative_logit_error(unmerged, merged)
+    # fp32 output: only summation order differs, so far below the issue's bound of 1e-2
+    assert error < 1e-5
+    assert "quantization_config" not in json.loads((merged_fp32 / "config.json").read_text())
+    bf16 = ak.merge_qlora_checkpoint(tiny_llama, [lora], tmp_path / "bf16", dtype="bfloat16", progress=False)
+    assert qlora.qlora_merge_error(tiny_llama, [lora], bf16) <= 1e-2  # bf16 rounding of the output weights
+
+
+def test_requantize_equals_peft_merge_and_reports_its_error(tiny_llama, lora, merged_fp32, tmp_path):
+    out = tmp_path / "nf4-merged"
+    result = CliRunner().invoke(main, ["merge", str(tiny_llama), str(lora), "-o", str(out), "--quantize", "nf4",
+                                       "--requantize", "-q"])
+    assert result.exit_code == 0, result.output
+    reported = float(result.output.strip().split("error added by re-quantizing: ")[1].split()[0])
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    # PEFT's merge_and_unload on a 4-bit base re-quantizes W + dW the same way: same codes, same scales
+    reference = peft_nf4(tiny_llama, lora)
+    ids = random_ids(batch=2, seed=5)
+    from adaptkit.export import probe_ids
+
+    probe = probe_ids(320)
+    unmerged = logits(reference, probe)
+    peft_merged = reference.merge_and_unload()
+    ours = hf_nf4(out)
+    for name, layer in layers_4bit(ours).items():
+        theirs = peft_merged.get_submodule(name).weight
+        assert torch.equal(layer.weight.data, theirs.data), name
+        assert torch.equal(dequantize_4bit(layer.weight.data, layer.weight.quant_state),
+                           dequantize_4bit(theirs.data, theirs.quant_state)), name
+    expected = qlora.relative_logit_error(unmerged, logits(ours, probe))
+    assert reported == pytest.approx(expected, rel=1e-3)
+    assert reported > 100 * qlora.relative_logit_error(unmerged, logits(load_hf(merged_fp32), probe))
+    torch.testing.assert_close(logits(ours, ids), logits(peft_merged, ids), atol=1e-4, rtol=0)
+
+
+def test_merge_after_inference_equals_merge_before(tiny_llama, lora, merged_fp32, tmp_path):
+    engine = ak.Engine.from_pretrained(tiny_llama, **NF4_FP32)
+    engine.add_adapter("a", lora)
+    layers = layers_4bit(engine.model)
+    before = {name: quant.dequantize_weight(layer) for name, layer in layers.items()}
+    codes = {name: layer.weight.data.clone() for name, layer in layers.items()}
+    for _ in range(3):
+        engine.logits(random_ids(seed=9), adapters=["a", None])
+    repack_like_avx512bf16_forward(engine.model)
+    for name, layer in layers.items():
+        assert quant.is_cpu_packed(layer), name
+        assert torch.equal(quant.dequantize_weight(layer), before[name]), name
+    name, layer = "model.layers.0.self_attn.k_proj", layers["model.layers.0.self_attn.k_proj"]
+    state = layer.weight.quant_state  # now bf16 scales [K/64, N]
+    bf16_scales = dequantize_4bit(codes[name], _as_loaded(state))  # loaded codes, the repacked scales
+    naive = dequantize_4bit(layer.weight.data.reshape(codes[name].shape), _as_loaded(state))
+    assert not torch.equal(naive, bf16_scales)  # the repacked bytes read as if loaded: other weights
+    assert not torch.equal(bf16_scales, before[name])  # and the bf16 scales alone change them too
+    out = ak.merge_qlora_checkpoint(tiny_llama, [lora], tmp_path / "after", loaded=engine.base, progress=False)
+    expected, got = load_file(merged_fp32 / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    # without the state recorded at load, the layer's own bf16 scales are the best left: documented fallback
+    quant._LOADED_STATES.pop(layer)
+    assert torch.equal(quant.dequantize_weight(layer), bf16_scales)
+    assert quant.restore_loaded_layout(engine.model) == len(layers) - 1  # the one without a record stays packed
+
+
+def _as_loaded(state):
+    """The repacked state with its bf16 scales, as if the bytes were still in the loaded layout."""
+    from bitsandbytes.functional import QuantState
+
+    return QuantState(state.absmax.T.reshape(-1).float(), shape=state.shape, code=state.code, blocksize=64,
+                      quant_type="nf4", dtype=torch.float32)
+
+
+def test_engine_merge_requantizes_and_unmerge_restores_bit_exactly(tiny_llama, lora):
+    engine = ak.Engine.from_pretrained(tiny_llama, **NF4_FP32)
+    engine.add_adapter("a", lora)
+    ids = random_ids(seed=8)
+    unmerged = engine.logits(ids, adapters="a")
+    layers = layers_4bit(engine.model)
+    stored = {n: (m.weight.data.clone(), m.weight.quant_state) for n, m in layers.items()}
+    engine.merge("a")
+    merged = engine.logits(ids, adapters="a")
+    peft_merged = peft_nf4(tiny_llama, lora).merge_and_unload()
+    torch.testing.assert_close(merged, logits(peft_merged, ids), atol=1e-4, rtol=0)  # same re-quantization as PEFT
+    merged_codes = {n: m.weight.data.clone() for n, m in layers.items()}
+    engine.unmerge()
+    for name, layer in layers.items():
+        assert torch.equal(layer.weight.data, stored[name][0]) and layer.weight.quant_state is stored[name][1], name
+    assert torch.equal(engine.logits(ids, adapters="a"), unmerged)
+    # merging again after a repack re-quantizes the same weights
+    repack_like_avx512bf16_forward(engine.model)
+    engine.merge("a")
+    assert all(torch.equal(merged_codes[n], m.weight.data) for n, m in layers.items())
+    engine.unmerge()
+    assert all(quant.is_cpu_packed(m) for m in layers.values())
+
+
+def test_saved_nf4_base_reloads_with_the_same_logits(tiny_llama, lora, merged_fp32, tmp_path):
+    out = tmp_path / "base-nf4"
+    result = CliRunner().invoke(main, ["quantize", str(tiny_llama), "-o", str(out), "--compute-dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert "NF4" in result.output and "16-bit" in result.output
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_use_double_quant"]
+    assert (out / "tokenizer.json").is_file()
+    ids = random_ids(seed=4)
+    fresh = ak.Engine.from_pretrained(tiny_llama, **NF4_FP32)
+    shipped = ak.Engine.from_pretrained(out)  # NF4 from config.json, no re-quantization
+    assert shipped.base.quantize == "nf4" and shipped.base.fingerprint == fresh.base.fingerprint
+    assert torch.equal(shipped.logits(ids), fresh.logits(ids))
+    assert torch.equal(logits(hf_nf4(tiny_llama), ids), logits(load_hf(out), ids))  # plain transformers
+    for engine in (fresh, shipped):
+        engine.add_adapter("a", lora)
+    torch.testing.assert_close(shipped.logits(ids, adapters="a"), fresh.logits(ids, adapters="a"), atol=0, rtol=0)
+    # merging into the shipped NF4 base gives the very checkpoint merged from the full-precision base
+    again = ak.merge_qlora_checkpoint(out, [lora], tmp_path / "from-nf4", progress=False)
+    expected, got = load_file(merged_fp32 / "model.safetensors"), load_file(again / "model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    with pytest.raises(InvalidArgumentError, match="already quantized"):
+        ak.Engine.from_pretrained(out, quantize="nf4", double_quant=False)
+
+
+def test_inspect_reports_nf4_bytes_and_peak_rss(tiny_llama, lora):
+    result = CliRunner().invoke(main, ["inspect", str(lora), "--base", str(tiny_llama), "--load", "nf4"])
+    assert result.exit_code == 0, result.output
+    sizes = qlora.base_memory(tiny_llama)
+    line = next(x for x in result.output.splitlines() if x.startswith("base memory:"))
+    assert "NF4" in line and "16-bit" in line
+    assert f"NF4 {sizes['nf4'] / 1024:.1f} KiB" in line
+    assert "peak RSS" in result.output
+
+
+def test_bad_quantize_arguments_are_adaptkit_errors(tiny_llama):
+    with pytest.raises(InvalidArgumentError, match="known: nf4"):
+        ak.Engine.from_pretrained(tiny_llama, quantize="int3")
+    with pytest.raises(InvalidArgumentError, match="only apply with quantize='nf4'"):
+        ak.Engine.from_pretrained(tiny_llama, double_quant=False)
+    with pytest.raises(InvalidArgumentError, match="unknown quantization option"):
+        ak.Engine.from_pretrained(tiny_llama, quantize="nf4", blocksize=32)
+    with pytest.raises(AdaptkitError, match="NF4 base"):
+        ak.merge_qlora_checkpoint(tiny_llama, [], "unused", loaded=ak.Engine.from_pretrained(tiny_llama).base)
