@@ -75,7 +75,13 @@ def main():
 @click.option("--verify", is_flag=True, help="Compare merged vs unmerged logits on a probe and print the max difference.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def merge(base, adapters, out, weights, method, density, seed, rank, into_adapter, recipe, dtype, verify, force, quiet):
+@click.option("--quantize", type=click.Choice(["nf4"]), default=None,
+              help="QLoRA: load BASE in NF4 as the adapters were trained, merge into the dequantized weights.")
+@click.option("--requantize", is_flag=True, help="With --quantize: keep NF4 in OUT and print the error it adds.")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="With --quantize: QLoRA double quantization.")
+@click.option("--skip-modules", default=None, help="With --quantize: comma-separated modules kept unquantized.")
+def merge(base, adapters, out, weights, method, density, seed, rank, into_adapter, recipe, dtype, verify, force, quiet,
+          quantize, requantize, double_quant, skip_modules):
     """Merge LoRA ADAPTERS into BASE, shard by shard, into a checkpoint plain transformers loads.
 
     \b
@@ -104,6 +110,10 @@ def merge(base, adapters, out, weights, method, density, seed, rank, into_adapte
         return
     if not base or not adapters or out is None:
         raise click.UsageError("give BASE, at least one ADAPTER and -o OUT (or --into-adapter OUT, or --recipe FILE)")
+    if quantize or requantize:
+        _merge_qlora(base, list(adapters), out, weight_list, method, dtype, verify, force, quiet, requantize,
+                     double_quant=double_quant, skip_modules=skip_modules)
+        return
     path = ak.merge_checkpoint(base, list(adapters), out, weights=weight_list, dtype=dtype, method=method,
                                force=force, progress=not quiet, **method_params)
     click.echo(f"wrote {path}")
@@ -155,6 +165,48 @@ def _merge_recipe(path, force: bool, quiet: bool) -> None:
         _echo_merge_energy(result)
 
 
+def _merge_qlora(base, adapters, out, weights, method, dtype, verify, force, quiet, requantize, **quantize_options):
+    """``merge --quantize nf4``: dequantize path (16/32-bit output), or ``--requantize`` (NF4 output)."""
+    import adaptkit as ak
+    from adaptkit.errors import InvalidArgumentError
+
+    if method != "linear":
+        raise InvalidArgumentError(f"--quantize merges with --method linear only (got {method!r})")
+    if requantize and dtype is not None:
+        raise InvalidArgumentError("--requantize writes NF4; drop --dtype (it sets a 16/32-bit output dtype)")
+    path = ak.merge_qlora_checkpoint(base, adapters, out, weights=weights, dtype=dtype, requantize=requantize,
+                                     force=force, progress=not quiet, **quantize_options)
+    click.echo(f"wrote {path}" + (" (NF4)" if requantize else ""))
+    if requantize or verify:
+        from adaptkit.qlora import qlora_merge_error
+
+        error = qlora_merge_error(base, adapters, path, weights=weights, **quantize_options)
+        what = "added by re-quantizing" if requantize else "merged vs unmerged QLoRA"
+        click.echo(f"relative logit error {what}: {error:.3e} (||merged - unmerged|| / ||unmerged|| on a probe)")
+
+
+@main.command()
+@click.argument("base", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output folder (transformers' 4-bit format).")
+@click.option("--compute-dtype", default="bfloat16", show_default=True, help="dtype of matmuls and unquantized modules.")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="QLoRA double quantization.")
+@click.option("--skip-modules", default=None, help="Comma-separated modules kept unquantized (besides the LM head).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def quantize(base, out, compute_dtype, double_quant, skip_modules, force):
+    """Save BASE with its linear layers in 4-bit NF4 (bitsandbytes), to ship the QLoRA base."""
+    import adaptkit as ak
+    from adaptkit.qlora import base_memory
+
+    path = ak.quantize_base(base, out, compute_dtype=compute_dtype, force=force, double_quant=double_quant,
+                            skip_modules=skip_modules)
+    sizes = base_memory(base, double_quant=double_quant, skip_modules=skip_modules)
+    click.echo(f"wrote {path}: NF4 {_mib(sizes['nf4'])} MiB vs 16-bit {_mib(sizes['16-bit'])} MiB")
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f}"
+
+
 @main.command()
 @click.argument("finetuned", type=click.Path())
 @click.option("--base", required=True, type=click.Path(), help="The base model FINETUNED was fine-tuned from.")
@@ -185,11 +237,15 @@ def extract(finetuned, base, rank, out, targets, force, quiet):
 @main.command()
 @click.argument("adapter", type=click.Path())
 @click.option("--base", default=None, type=click.Path(), help="Check compatibility with this base model folder.")
-def inspect(adapter, base):
+@click.option("--load", type=click.Choice(["nf4", "bfloat16", "float32"]), default=None,
+              help="With --base: load it this way with ADAPTER; print bytes held and peak RSS.")
+def inspect(adapter, base, load):
     """Kind, ranks, targets, parameter count and size of ADAPTER (and whether it fits BASE)."""
     from adaptkit.describe import describe_adapter
 
-    lines, compatible = describe_adapter(adapter, base)
+    if load is not None and base is None:
+        raise click.UsageError("--load needs --base")
+    lines, compatible = describe_adapter(adapter, base, load=load)
     for line in lines:
         click.echo(line)
     if not compatible:
