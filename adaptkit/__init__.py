@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "AdaptkitError": "adaptkit.errors",
     "AdapterInfo": "adaptkit.engine",
+    "Average": "adaptkit.routing",
     "Engine": "adaptkit.engine",
     "Fuse": "adaptkit.routing",
     "Mix": "adaptkit.routing",
@@ -52,4 +53,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from adaptkit.errors import AdaptkitError
     from adaptkit.merge import merge_checkpoint
     from adaptkit.qlora import merge_qlora_checkpoint, quantize_base
-    from adaptkit.routing import Fuse, Mix, Stack
+    from adaptkit.routing import Average, Fuse, Mix, Stack

@@ -72,6 +72,34 @@ ARCH_SPECS: dict[str, ArchSpec] = {
 }
 
 
+# Bottleneck adapters (AdapterHub placement): "mh" after the attention sub-block, "output" after the FFN.
+# Model types whose blocks compute exactly ``x + attn(norm(x))`` then ``x + mlp(norm(x))`` (pre-LN) or
+# BERT's post-LN ``LN(h + r)`` inside SelfOutput/Output. Sandwich-norm blocks (gemma2, olmo2) and
+# scaled residuals (granite) would put an adapter elsewhere than AdapterHub does.
+BOTTLENECK_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "gpt2", "bert", "roberta"}
+
+
+@dataclass(frozen=True)
+class AdapterSite:
+    """Where a bottleneck site sits inside a block (paths relative to the block)."""
+
+    module: str  # the module wrapped: its output is the sub-block output h
+    residual_norm: str | None  # pre-LN: the norm whose input is the residual r; None: post-LN, r is an argument
+
+
+def adapter_site(facts: ModelFacts, site: str) -> AdapterSite:
+    """The placement of bottleneck site ``"mh"`` or ``"output"`` in this model's blocks."""
+    if facts.model_type not in BOTTLENECK_MODEL_TYPES:
+        known = ", ".join(sorted(BOTTLENECK_MODEL_TYPES))
+        raise BaseModelError(f"bottleneck adapters are not supported on {facts.model_type!r} models; supported: {known}")
+    spec = facts.spec
+    if site == "mh":
+        return AdapterSite(spec.attention, spec.attention_norm)
+    if site == "output":
+        return AdapterSite(spec.mlp, spec.mlp_norm)
+    raise BaseModelError(f"unknown bottleneck site {site!r}; known: mh, output")
+
+
 def family_of(model_type: str) -> str:
     """The layout family of a transformers ``model_type``; raises for unknown ones."""
     if model_type in _LLAMA_FAMILY:

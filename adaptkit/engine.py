@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from adaptkit import inject
+from adaptkit import inject, sites
+from adaptkit.adapters.bottleneck import bottleneck_details
+from adaptkit.adapters.compose import check_row_entries
+from adaptkit.adapters.fusion import fusion_details
 from adaptkit.adapters.lora import LoraAdapter
 from adaptkit.base import LoadedBase, check_made_for, load_base
 from adaptkit.errors import (
@@ -63,6 +66,8 @@ def _lora_details(adapter: LoraAdapter) -> dict:
 # kind -> (attach, detach, details). A new kind adds one entry here.
 _KIND_HANDLERS = {
     "lora": (inject.attach_lora, inject.detach_lora, _lora_details),
+    "bottleneck": (sites.attach_bottleneck, sites.detach_bottleneck, bottleneck_details),
+    "fusion": (sites.attach_fusion, sites.detach_fusion, fusion_details),
 }
 
 
@@ -193,6 +198,7 @@ class Engine:
         for entry in entries:
             for name in members_of(entry):
                 self._require(name)
+        check_row_entries(entries, self._adapters)
         if self._merged is not None:
             entries = [self._strip_merged(e) for e in entries]
         return route_rows(entries, device=self.device)
@@ -323,7 +329,7 @@ class Engine:
             raise UnsupportedAdapterError(f"{name!r} is a {adapter.kind} adapter; only LoRA-family adapters can be merged")
         writes = []  # (module, param name, new value)
         for module_name in adapter.layers:
-            layer = self.model.get_submodule(module_name)
+            layer = inject.locate(self.model, module_name)
             base_layer, factors = layer.base, layer.lora[name]
             new = merged_weight(inject.weight_out_in(base_layer), [(factors, 1.0)])
             writes.append((base_layer, "weight", new.T if inject.is_conv1d(base_layer) else new))
@@ -334,7 +340,7 @@ class Engine:
                     )
                 writes.append((base_layer, "bias", merged_bias(base_layer.bias, [(factors, 1.0)])))
         for module_name in adapter.saved_modules:
-            switched = self.model.get_submodule(module_name)
+            switched = inject.locate(self.model, module_name)
             for param_name, value in switched.replacements[name].named_parameters():
                 writes.append((switched.base, param_name, value))
         for module, param_name, value in writes:

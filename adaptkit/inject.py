@@ -20,10 +20,32 @@ from adaptkit.errors import EngineStateError
 from adaptkit.routing import AdapterGroup, current_plan
 
 
+class ModuleWrapper(nn.Module):
+    """Base of every adaptkit module that stands where a base module was; the original is ``self.base``.
+
+    Names below a wrapper stay the base model's names (``transformer.h.0.mlp.c_fc`` under a wrapped
+    ``mlp``): :func:`locate` and :func:`swap_module` look through wrappers.
+    """
+
+    base: nn.Module
+
+
+def locate(model: nn.Module, name: str) -> nn.Module:
+    """The module at the base-model name ``name`` (the outermost wrapper there, if any)."""
+    module = model
+    for part in name.split(".") if name else ():
+        while isinstance(module, ModuleWrapper):
+            module = module.base
+        module = module.get_submodule(part)
+    return module
+
+
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at the qualified ``name`` inside ``model``; return the module it replaces."""
+    """Put ``new`` at the base-model name ``name`` inside ``model``; return the module it replaces."""
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent = locate(model, parent_name)
+    while isinstance(parent, ModuleWrapper):
+        parent = parent.base
     old = getattr(parent, child)
     setattr(parent, child, new)
     return old
@@ -58,14 +80,14 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 
 def _scatter_rows(y: torch.Tensor, group: AdapterGroup, delta: torch.Tensor) -> torch.Tensor:
     """y + delta on the group's rows (delta already has only those rows)."""
-    if group.row_weights is not None:
-        delta = delta * group.row_weights.to(delta.dtype)
+    if group.row_weights is not None:  # [n, 1, 1] -> [n, 1, ..., 1] to fit 2-D inputs too (BERT's pooler)
+        delta = delta * group.row_weights.to(delta.dtype).view(-1, *([1] * (delta.ndim - 1)))
     if group.rows is None:
         return y + delta
     return y.index_add(0, group.rows, delta)
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(ModuleWrapper):
     """A linear layer with any number of named LoRAs, each applied to its own batch rows.
 
     ``y = base(x)`` for every row, then for each adapter group ``g`` of the plan:
@@ -123,7 +145,7 @@ class LoraLinear(nn.Module):
         return (scale - 1) * y_no_bias + scale * low_rank.to(y.dtype)
 
 
-class SwitchedModule(nn.Module):
+class SwitchedModule(ModuleWrapper):
     """A module that some adapters replace by their own stored copy (``modules_to_save``)."""
 
     def __init__(self, base: nn.Module):
@@ -163,30 +185,28 @@ class SwitchedModule(nn.Module):
         return y
 
 
-WRAPPERS = (LoraLinear, SwitchedModule)
+WRAPPERS = (ModuleWrapper,)
 
 
 def base_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every module of the base model by its original name, looking through adaptkit's wrappers."""
+    """Every module of the base model by its original name, looking through adaptkit's wrappers
+    (nested ones too: a LoRA layer inside a wrapped MLP)."""
     found: dict[str, nn.Module] = {}
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(p) for p in skip):
-            continue
-        if isinstance(module, WRAPPERS):
-            found[name] = module.base
-            skip.append(name + ".")
-            for sub, m in module.base.named_modules():
-                if sub:
-                    found[f"{name}.{sub}"] = m
-        else:
-            found[name] = module
+
+    def visit(module: nn.Module, name: str) -> None:
+        while isinstance(module, ModuleWrapper):
+            module = module.base
+        found[name] = module
+        for child_name, child in module.named_children():
+            visit(child, f"{name}.{child_name}" if name else child_name)
+
+    visit(model, "")
     return found
 
 
 def wrap_once(model: nn.Module, name: str, wrapper_cls: type[nn.Module]) -> nn.Module:
     """The wrapper of type ``wrapper_cls`` at ``name``, swapping one in on first use."""
-    module = model.get_submodule(name)
+    module = locate(model, name)
     if isinstance(module, wrapper_cls):
         return module
     wrapper = wrapper_cls(module)
@@ -196,7 +216,7 @@ def wrap_once(model: nn.Module, name: str, wrapper_cls: type[nn.Module]) -> nn.M
 
 def unwrap_if_empty(model: nn.Module, name: str) -> None:
     """Put the original module back where a wrapper holds no adapter any more."""
-    module = model.get_submodule(name)
+    module = locate(model, name)
     if isinstance(module, LoraLinear) and not module.lora:
         swap_module(model, name, module.base)
     elif isinstance(module, SwitchedModule) and not module.replacements:
@@ -259,12 +279,12 @@ def attach_lora(model: nn.Module, name: str, adapter, dtype: torch.dtype, device
 def detach_lora(model: nn.Module, name: str, adapter) -> None:
     """Remove the adapter ``name`` from every wrapper; unwrap wrappers left empty."""
     for module_name in adapter.layers:
-        module = model.get_submodule(module_name)
+        module = locate(model, module_name)
         if isinstance(module, LoraLinear) and name in module.lora:
             module.remove(name)
             unwrap_if_empty(model, module_name)
     for module_name in adapter.saved_modules:
-        module = model.get_submodule(module_name)
+        module = locate(model, module_name)
         if isinstance(module, SwitchedModule) and name in module.replacements:
             module.remove(name)
             unwrap_if_empty(model, module_name)

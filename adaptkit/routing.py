@@ -9,6 +9,7 @@ A row entry is ``None`` (the bare base), an adapter name, or a composition:
 - ``Stack("a", "b")``: apply a then b (for LoRA: both deltas; for bottleneck adapters: in sequence)
 - ``Fuse("a", "b")``: AdapterFusion over the named bottleneck adapters
 - ``Mix({"a": 0.7, "b": -0.3})``: base + sum_i w_i * delta_i
+- ``Average("a", "b", weights=[0.25, 0.75])``: AdapterHub's Average of bottleneck adapters
 """
 
 from __future__ import annotations
@@ -79,7 +80,37 @@ class Mix:
         return dict(self.weights)
 
 
-RowEntry = str | Stack | Fuse | Mix | None
+@dataclass(frozen=True)
+class Average:
+    """AdapterHub's ``Average`` of bottleneck adapters: ``ak.Average("a", "b", weights=[0.25, 0.75])``.
+
+    Reproduced as ``adapters`` 1.3.0 computes it, at each site: ``(1/n) * sum_i w_i * a_i`` with the
+    weights normalised to sum 1 (so they are divided by n twice), see ``adapters/compose.py``. For
+    the textbook weighted average of adapter effects use :class:`Mix`.
+    """
+
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+
+    def __init__(self, *names: str, weights=None, normalize: bool = True):
+        if len(names) < 1:
+            raise InvalidArgumentError("Average needs at least one adapter name")
+        values = [1.0 / len(names)] * len(names) if weights is None else [float(w) for w in weights]
+        if len(values) != len(names):
+            raise InvalidArgumentError(f"Average has {len(names)} adapters but {len(values)} weights")
+        if weights is not None and normalize:
+            total = sum(values)
+            if total == 0:
+                raise InvalidArgumentError("Average weights sum to zero and cannot be normalised")
+            values = [v / total for v in values]
+        object.__setattr__(self, "names", tuple(names))
+        object.__setattr__(self, "weights", tuple(values))
+
+    def members(self) -> dict[str, float]:
+        return dict.fromkeys(self.names, 1.0)
+
+
+RowEntry = str | Stack | Fuse | Mix | Average | None
 
 
 def members_of(entry: RowEntry) -> dict[str, float]:
@@ -88,10 +119,11 @@ def members_of(entry: RowEntry) -> dict[str, float]:
         return {}
     if isinstance(entry, str):
         return {entry: 1.0}
-    if isinstance(entry, (Stack, Fuse, Mix)):
+    if isinstance(entry, (Stack, Fuse, Mix, Average)):
         return entry.members()
     raise InvalidArgumentError(
-        f"a row's adapter must be None, a name, ak.Stack, ak.Fuse or ak.Mix; got {entry!r} ({type(entry).__name__})"
+        f"a row's adapter must be None, a name, ak.Stack, ak.Fuse, ak.Mix or ak.Average; got {entry!r} "
+        f"({type(entry).__name__})"
     )
 
 

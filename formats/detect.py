@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from adaptkit.formats import peft
+from adaptkit.formats import adapterhub, peft
 
 from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
 
@@ -13,6 +13,10 @@ from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
 def read_adapter(path: str | os.PathLike):
     """Read any supported adapter (PEFT folder, AdapterHub folder, adaptkit file) from ``path``."""
     path = Path(path)
+    if (path / adapterhub.FUSION_CONFIG_NAME).is_file():
+        return adapterhub.read_fusion(path)
+    if (path / adapterhub.SETUP_NAME).is_file() and not (path / peft.CONFIG_NAME).is_file():
+        raise adapterhub.setup_error(path)
     config = peft.read_config(path)
     if peft.is_peft_config(config):
         peft_type = str(config["peft_type"])
@@ -26,6 +30,8 @@ def read_adapter(path: str | os.PathLike):
         if kind not in readers:
             raise UnsupportedAdapterError(f"{path}: {peft_type} adapters cannot be loaded by this version")
         return readers[kind](path, config)
+    if adapterhub.is_adapterhub_config(config):
+        return adapterhub.read_bottleneck(path, config)
     raise AdapterFormatError(
         f"{path / peft.CONFIG_NAME}: neither a PEFT config (no 'peft_type') nor an AdapterHub config (no 'config')"
     )
