@@ -292,5 +292,27 @@ def demo(workdir, quiet):
         click.echo(line)
 
 
+@main.group()
+def export():
+    """Standalone artifacts built from an adapter and its base."""
+
+
+@export.command("onnx")
+@click.argument("base", type=click.Path())
+@click.option("--adapter", default=None, type=click.Path(), help="Adapter baked in: LoRA merged, prefix/prompt K/V as constants.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output file, e.g. model.onnx.")
+@click.option("--verify", is_flag=True, help="Run prefill + 3 decode steps in onnxruntime vs torch; print the max difference.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def onnx_command(base, adapter, out, verify, force):
+    """Write BASE (+ ADAPTER) as one ONNX graph for prefill and decode, with KV-cache inputs and outputs."""
+    from adaptkit.export import export_onnx, verify_onnx
+
+    path = export_onnx(base, out, adapter=adapter, force=force)
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    if verify:
+        diff = verify_onnx(path, base, adapter)
+        click.echo(f"verify: max abs logit difference onnxruntime vs torch (prefill + 3 decode steps) = {diff:.3e}")
+
+
 if __name__ == "__main__":
     main()
