@@ -176,3 +176,17 @@ def test_mix_of_one_bottleneck_with_weight_one_is_that_adapter():
     half = eng.logits(exp["input_ids"][:1], adapters=ak.Mix({"double_seq_bn": 0.5}))
     assert (half - got).abs().max() > 1e-2 and (half - exp["out.base"][:1]).abs().max() > 1e-2
 
+
+
+@needs_fixtures
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generation_with_a_kv_cache_follows_the_full_forward(arch):
+    """Decoding one token at a time (sites see only the new token, the residual recorder its stream)
+    picks the argmax of the full-sequence forward at every step, per row, in one batch."""
+    eng = load_engine(arch)
+    prompt = expected(arch)["input_ids"][0, :5].tolist()
+    rows = ["double_seq_bn", ak.Fuse("seq_bn", "custom"), None]
+    generated = eng.generate_ids([prompt] * len(rows), adapters=rows, max_new_tokens=4, eos_token_id=-1)
+    for row, new in zip(rows, generated):
+        full = eng.logits(torch.tensor([prompt + new]), adapters=[row])[0]
+        assert full[len(prompt) - 1 : -1].argmax(-1).tolist() == new, row
