@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from adaptkit import inject, sites
+from adaptkit import inject, prefix_cache, sites
 from adaptkit.adapters.bottleneck import bottleneck_details
 from adaptkit.adapters.compose import check_row_entries
 from adaptkit.adapters.fusion import fusion_details
 from adaptkit.adapters.lora import LoraAdapter
+from adaptkit.adapters.prefix import prefix_details
+from adaptkit.adapters.prompt import prompt_details
 from adaptkit.base import LoadedBase, check_made_for, load_base
 from adaptkit.errors import (
     EngineStateError,
@@ -68,6 +70,8 @@ _KIND_HANDLERS = {
     "lora": (inject.attach_lora, inject.detach_lora, _lora_details),
     "bottleneck": (sites.attach_bottleneck, sites.detach_bottleneck, bottleneck_details),
     "fusion": (sites.attach_fusion, sites.detach_fusion, fusion_details),
+    "prefix": (prefix_cache.attach_prefix, prefix_cache.detach_prefix, prefix_details),
+    "prompt": (prefix_cache.attach_prompt, prefix_cache.detach_prompt, prompt_details),
 }
 
 
@@ -86,6 +90,8 @@ class Engine:
         self._default: object = None
         self._merged: str | None = None
         self._merge_backup: list[tuple[torch.nn.Module, str, object]] = []  # (module, param, original)
+        # prompt adapters on causal LMs: served as K/V computed once (False: embeddings prepended per request)
+        self.prompt_as_cache = True
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -229,9 +235,12 @@ class Engine:
         if self.base.facts.spec.is_causal:
             kwargs["position_ids"] = positions_from_mask(attention_mask)
             kwargs["use_cache"] = False
+        # prefix / prompt rows: their K/V as the cache (or embeddings in front), mask and positions extended
+        virtual = prefix_cache.add_virtual_inputs(self.model, plan, self._adapters, kwargs, self.prompt_as_cache)
         with use_plan(plan):
             out = self.model(**kwargs)
-        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        out = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        return out[:, virtual:]
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         if self.tokenizer is None:
@@ -291,13 +300,13 @@ class Engine:
         eos = torch.tensor(sorted(eos_ids), device=self.device) if eos_ids else None
         cache = DynamicCache(config=config)
         cache_kw = cache_argument(self.model)
-        positions = positions_from_mask(mask)
-        step_ids = ids
+        step = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask), "use_cache": True,
+                cache_kw: cache}
+        prefix_cache.add_virtual_inputs(self.model, plan, self._adapters, step, self.prompt_as_cache)
+        mask, positions = step["attention_mask"], step["position_ids"]
         with use_plan(plan):
             for _ in range(max_new_tokens):
-                out = self.model(
-                    input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache}
-                )
+                out = self.model(**step)
                 token = sample_next(out.logits[:, -1, :], temperature, top_p, top_k, generator)
                 token = torch.where(finished, torch.full_like(token, pad_id), token)
                 for row in (~finished).nonzero().flatten().tolist():
@@ -306,9 +315,10 @@ class Engine:
                     finished |= torch.isin(token, eos)
                 if bool(finished.all()):
                     break
-                step_ids = token.unsqueeze(1)
                 mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=self.device)], dim=1)
                 positions = positions[:, -1:] + 1
+                step = {"input_ids": token.unsqueeze(1), "attention_mask": mask, "position_ids": positions,
+                        "use_cache": True, cache_kw: cache}
         return new_tokens
 
     # ----------------------------------------------------------------- merging

@@ -42,6 +42,34 @@ def verify_merged_checkpoint(
     return float((got.float() - expected.float()).abs().max())
 
 
+def export_prefix_cache(
+    adapter, base: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32", force: bool = False
+) -> Path:
+    """Write the K/V a prefix or prompt ``adapter`` puts in every layer of ``base`` to one safetensors file.
+
+    A prompt's K/V are computed by running the base once on its virtual tokens. The file records
+    the base fingerprint, layers, KV heads, head_dim and virtual tokens, and loads directly as an
+    adapter on that base: ``Engine.add_adapter("name", "cache.safetensors")``. Written atomically.
+
+    Example:
+        >>> export_prefix_cache("adapters/prompt", "tiny-llama", "prompt.safetensors")
+    """
+    from adaptkit.errors import InvalidArgumentError, OutputExistsError
+    from adaptkit.formats.detect import read_adapter
+    from adaptkit.formats.prefix_file import write_prefix_file
+    from adaptkit.prefix_cache import prefix_cache_for
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise InvalidArgumentError(f"{out}: a prefix cache is one .safetensors file; name it {out.stem}.safetensors")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass force=True (CLI: --force) to replace it")
+    loaded = read_adapter(adapter) if isinstance(adapter, (str, os.PathLike)) else adapter
+    engine = Engine.from_pretrained(base, dtype=dtype)
+    engine.add_adapter("export", loaded)
+    return write_prefix_file(prefix_cache_for(loaded, engine.model, engine.base.fingerprint), out, force=force)
+
+
 def _onnx_ready_engine(base: str | os.PathLike, adapter):
     """An fp32 engine with ``adapter`` in its exportable form: (engine, prefix K/V or None, routed name or None).
 

@@ -292,9 +292,24 @@ def demo(workdir, quiet):
         click.echo(line)
 
 
+
 @main.group()
 def export():
     """Standalone artifacts built from an adapter and its base."""
+
+
+@export.command("prefix-cache")
+@click.argument("adapter", type=click.Path())
+@click.option("--base", required=True, type=click.Path(), help="Base model folder the K/V are computed on.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output file, FILE.safetensors.")
+@click.option("--dtype", default="float32", show_default=True, help="float32, float16 or bfloat16.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def prefix_cache(adapter, base, out, dtype, force):
+    """Write the per-layer K/V of a prefix or prompt ADAPTER on BASE to one file that loads as an adapter."""
+    from adaptkit.export import export_prefix_cache
+
+    path = export_prefix_cache(adapter, base, out, dtype=dtype, force=force)
+    click.echo(f"wrote {path}")
 
 
 @export.command("onnx")

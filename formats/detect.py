@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from adaptkit.formats import adapterhub, peft
+from adaptkit.formats import adapterhub, peft, prefix_file
 
 from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
 
@@ -13,6 +13,8 @@ from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
 def read_adapter(path: str | os.PathLike):
     """Read any supported adapter (PEFT folder, AdapterHub folder, adaptkit file) from ``path``."""
     path = Path(path)
+    if prefix_file.is_prefix_file(path):
+        return prefix_file.read_prefix_file(path)
     if (path / adapterhub.FUSION_CONFIG_NAME).is_file():
         return adapterhub.read_fusion(path)
     if (path / adapterhub.SETUP_NAME).is_file() and not (path / peft.CONFIG_NAME).is_file():
@@ -26,7 +28,8 @@ def read_adapter(path: str | os.PathLike):
             raise UnsupportedAdapterError(
                 f"{path / peft.CONFIG_NAME}: peft_type {peft_type!r} is not supported; supported: {known}"
             )
-        readers = {"lora": peft.read_lora}
+        readers = {"lora": peft.read_lora, "prefix": peft.read_prefix, "ptuning": peft.read_prompt,
+                   "prompt": peft.read_prompt}
         if kind not in readers:
             raise UnsupportedAdapterError(f"{path}: {peft_type} adapters cannot be loaded by this version")
         return readers[kind](path, config)
