@@ -25,6 +25,7 @@ _PUBLIC = {
     "Fuse": "adaptkit.routing",
     "Mix": "adaptkit.routing",
     "Stack": "adaptkit.routing",
+    "bench": "adaptkit.bench_run",
     "combine_adapters": "adaptkit.combine",
     "merge_checkpoint": "adaptkit.merge",
     "merge_qlora_checkpoint": "adaptkit.qlora",
@@ -32,6 +33,13 @@ _PUBLIC = {
 }
 
 __all__ = sorted(_PUBLIC)
+
+# ``adaptkit.bench`` is also a submodule (the timing harness). Importing a submodule sets the package
+# attribute of its name to the module, which would hide the function ``ak.bench`` whenever the
+# harness was imported first. So it is imported now (it is light: no torch at import) and that
+# attribute dropped; ``__getattr__`` below then resolves ``ak.bench`` to the function every time.
+importlib.import_module("adaptkit.bench")
+del globals()["bench"]
 
 
 def __getattr__(name: str):
@@ -48,6 +56,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
+    from adaptkit.bench_run import bench
     from adaptkit.combine import combine_adapters
     from adaptkit.engine import AdapterInfo, Engine
     from adaptkit.errors import AdaptkitError

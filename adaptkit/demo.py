@@ -111,6 +111,107 @@ def random_lora(
     return LoraAdapter(config=lora_config, layers=layers, base_class=type(model).__name__, fingerprint=fingerprint)
 
 
+def _base_facts(base_dir):
+    """(sizes, transformers class name, fingerprint) of a saved base, read without loading weights."""
+    from adaptkit.arch import facts_from_config
+    from adaptkit.base import model_class_for, read_config
+    from adaptkit.formats.checkpoint import open_checkpoint
+    from adaptkit.merge import checkpoint_fingerprint
+
+    config = read_config(base_dir)
+    return (facts_from_config(config), model_class_for(config).__name__,
+            checkpoint_fingerprint(open_checkpoint(base_dir), config))
+
+
+def random_prefix(base_dir: str | os.PathLike, num_virtual_tokens: int = 8, seed: int = 0, std: float = 0.5):
+    """A prefix (P-tuning v2 form) with random keys and values [L, H_kv, P, D] for the base."""
+    from adaptkit.adapters.prefix import PrefixAdapter, PrefixConfig
+
+    facts, base_class, fingerprint = _base_facts(base_dir)
+    config = PrefixConfig(num_virtual_tokens, facts.num_layers, facts.num_kv_heads, facts.head_dim)
+    shape = (facts.num_layers, facts.num_kv_heads, num_virtual_tokens, facts.head_dim)
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = (torch.randn(shape, generator=gen) * std for _ in range(2))
+    return PrefixAdapter(config, keys, values, fingerprint=fingerprint, base_class=base_class)
+
+
+def random_prompt(base_dir: str | os.PathLike, num_virtual_tokens: int = 8, seed: int = 0, std: float = 0.5):
+    """A soft prompt with random embeddings [P, hidden] for the base."""
+    from adaptkit.adapters.prompt import PromptAdapter, PromptConfig
+
+    facts, base_class, fingerprint = _base_facts(base_dir)
+    gen = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(num_virtual_tokens, facts.hidden_size, generator=gen) * std
+    return PromptAdapter(PromptConfig(num_virtual_tokens, facts.hidden_size), embeddings, fingerprint=fingerprint,
+                         base_class=base_class)
+
+
+def random_bottleneck(base_dir: str | os.PathLike, name: str, parallel: bool = False, seed: int = 0, std: float = 0.05):
+    """A bottleneck adapter after every FFN with random weights, as AdapterHub's defaults place it.
+
+    Series: ``SeqBnConfig`` (Pfeiffer, reduction factor 16). Parallel: ``ParBnConfig`` (reduction
+    factor 2, scaling 4, the adapter reading the sub-block's input).
+    """
+    from adaptkit.adapters.bottleneck import BottleneckAdapter, BottleneckConfig, BottleneckLayer
+
+    facts, base_class, _ = _base_facts(base_dir)
+    config = BottleneckConfig(reduction_factor=16)
+    if parallel:
+        config = BottleneckConfig(reduction_factor=2, is_parallel=True, scaling=4.0, original_ln_before=False,
+                                  residual_before_ln=False)
+    gen = torch.Generator().manual_seed(seed)
+    hidden, sites = facts.hidden_size, {}
+    for layer in range(facts.num_layers):
+        d = config.bottleneck_size(hidden, layer)
+        tensors = {"down.weight": torch.randn(d, hidden, generator=gen) * std, "down.bias": torch.zeros(d),
+                   "up.weight": torch.randn(hidden, d, generator=gen) * std, "up.bias": torch.zeros(hidden)}
+        sites[(layer, "output")] = BottleneckLayer(config, tensors)
+    return BottleneckAdapter(config, sites, hub_name=name, base_class=base_class)
+
+
+def random_fusion(base_dir: str | os.PathLike, adapter_names: tuple[str, ...], seed: int = 0, std: float = 0.05):
+    """An AdapterFusion over bottleneck adapters after every FFN (as :func:`random_bottleneck` places them)."""
+    from adaptkit.adapters.fusion import FusionAdapter, FusionConfig, FusionLayer
+
+    facts, base_class, _ = _base_facts(base_dir)
+    hidden = facts.hidden_size
+    gen = torch.Generator().manual_seed(seed)
+
+    def square(eye: bool = False):
+        noise = torch.randn(hidden, hidden, generator=gen) * std
+        return noise + torch.eye(hidden) if eye else noise
+
+    sites = {(layer, "output"): FusionLayer(FusionConfig(), {
+        "query.weight": square(), "query.bias": torch.zeros(hidden), "key.weight": square(),
+        "key.bias": torch.zeros(hidden), "value.weight": square(eye=True)}) for layer in range(facts.num_layers)}
+    return FusionAdapter(FusionConfig(), tuple(adapter_names), sites, hub_name=",".join(adapter_names),
+                         base_class=base_class)
+
+
+def write_demo_adapters(base_dir: str | os.PathLike, out_dir: str | os.PathLike, lora_rank: int = 8) -> dict[str, Path]:
+    """One random adapter of every kind for ``base_dir`` (two LoRAs, two series bottlenecks for the
+    fusion), written in their formats under ``out_dir``; returns {engine name: folder}."""
+    from adaptkit.formats.adapterhub import write_bottleneck, write_fusion
+    from adaptkit.formats.peft import write_lora, write_prefix, write_prompt
+
+    out = Path(out_dir)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if _base_facts(base_dir)[0].family == "gpt2":
+        targets = ("c_attn", "c_proj")
+    paths = {
+        "lora_a": write_lora(random_lora(base_dir, targets, r=lora_rank, alpha=2 * lora_rank, seed=1, std=0.02),
+                             out / "lora_a"),
+        "lora_b": write_lora(random_lora(base_dir, targets, r=lora_rank, alpha=2 * lora_rank, seed=2, std=0.02),
+                             out / "lora_b"),
+        "prefix": write_prefix(random_prefix(base_dir, seed=3), out / "prefix"),
+        "prompt": write_prompt(random_prompt(base_dir, seed=4), out / "prompt"),
+    }
+    for name, parallel, seed in (("bn_series", False, 5), ("bn_series_b", False, 6), ("bn_parallel", True, 7)):
+        paths[name] = write_bottleneck(random_bottleneck(base_dir, name, parallel=parallel, seed=seed), out / name)
+    paths["fusion"] = write_fusion(random_fusion(base_dir, ("bn_series", "bn_series_b"), seed=8), out / "fusion")
+    return paths
+
+
 def run_demo(workdir: str | os.PathLike | None = None, progress: bool = True) -> list[str]:
     """Build a tiny Llama and two LoRAs, route a mixed batch, generate, merge and verify.
 

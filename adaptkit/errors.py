@@ -41,3 +41,7 @@ class OutputExistsError(AdaptkitError):
 
 class InvalidArgumentError(AdaptkitError):
     """An argument value is out of range or of the wrong form."""
+
+
+class MissingDependencyError(AdaptkitError):
+    """An optional package a feature needs is not installed (the message names the pip command)."""
