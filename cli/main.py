@@ -93,14 +93,19 @@ def merge(base, adapters, out, weights, method, density, seed, rank, into_adapte
 
     weight_list = _float_list(weights)
     method_params = dict(density=density, seed=seed, rank=rank)
+    checkpoint_only = {"-o": out, "--dtype": dtype, "--verify": verify, "--quantize": quantize, "--requantize": requantize}
     if recipe is not None:
-        if base or adapters or into_adapter or out:
-            raise click.UsageError("--recipe describes the whole merge; give no BASE/ADAPTERS, -o or --into-adapter")
+        given = {"BASE/ADAPTERS": base or adapters, "--into-adapter": into_adapter, "--weights": weights,
+                 "--method": method != "linear", **{f"--{k}": v is not None for k, v in method_params.items()},
+                 **checkpoint_only}
+        if any(given.values()):
+            raise click.UsageError(f"--recipe describes the whole merge; drop {', '.join(k for k, v in given.items() if v)}")
         _merge_recipe(recipe, force, quiet)
         return
     if into_adapter is not None:
-        if out is not None or dtype is not None or verify:
-            raise click.UsageError("--into-adapter writes a LoRA: -o, --dtype and --verify apply to checkpoints")
+        if any(checkpoint_only.values()):
+            used = ", ".join(k for k, v in checkpoint_only.items() if v)
+            raise click.UsageError(f"--into-adapter writes a LoRA; drop {used} (options for checkpoints)")
         paths = [p for p in (base, *adapters) if p]
         if len(paths) < 2:
             raise click.UsageError("--into-adapter needs at least two adapters: adaptkit merge A B --into-adapter OUT")
@@ -111,6 +116,8 @@ def merge(base, adapters, out, weights, method, density, seed, rank, into_adapte
     if not base or not adapters or out is None:
         raise click.UsageError("give BASE, at least one ADAPTER and -o OUT (or --into-adapter OUT, or --recipe FILE)")
     if quantize or requantize:
+        if any(v is not None for v in method_params.values()):
+            raise click.UsageError("--quantize merges with --method linear, which takes no --density/--seed/--rank")
         _merge_qlora(base, list(adapters), out, weight_list, method, dtype, verify, force, quiet, requantize,
                      double_quant=double_quant, skip_modules=skip_modules)
         return

@@ -309,3 +309,6 @@ def test_cli_into_adapter(three, deltas, tmp_path):
     result = CliRunner().invoke(main, ["merge", *map(str, three), "--into-adapter", str(tmp_path / "bad"),
                                        "--method", "nope"])
     assert result.exit_code == 1 and "known methods" in result.output and not (tmp_path / "bad").exists()
+    result = CliRunner().invoke(main, ["merge", *map(str, three), "--into-adapter", str(tmp_path / "bad"),
+                                       "--dtype", "bfloat16"])
+    assert result.exit_code == 2 and "drop --dtype" in result.output and not (tmp_path / "bad").exists()
