@@ -1,4 +1,6 @@
-"""Standalone artifacts: merged checkpoints (checked against the unmerged engine)."""
+"""Standalone artifacts, each checked against the unmerged engine: merged checkpoints, ONNX graphs
+with a KV cache (:func:`export_onnx`, :func:`verify_onnx`; the graph itself is built in
+``formats/onnx.py``), and prefix-cache files."""
 
 from __future__ import annotations
 
