@@ -192,6 +192,11 @@ def check_fits_checkpoint(adapters: Sequence, base: str | os.PathLike) -> None:
         check_made_for(adapter, facts, fingerprint)
         if isinstance(adapter, LoraAdapter):
             check_lora_fits(modules, adapter, where=str(base))
+        elif adapter.kind in ("prefix", "prompt"):
+            from adaptkit.adapters.prefix import check_prefix_fits
+            from adaptkit.adapters.prompt import check_prompt_fits
+
+            (check_prefix_fits if adapter.kind == "prefix" else check_prompt_fits)(adapter, facts)
 
 
 def load_lora_adapters(adapters: Sequence) -> list[LoraAdapter]:

@@ -170,3 +170,17 @@ def test_prefix_cache_file_refused_on_another_base(tiny_llama, tiny_gpt2, tmp_pa
     with pytest.raises(AdapterMismatchError, match="llama.safetensors: made for base llama-"):
         eng.add_adapter("x", out)
     assert eng.adapters == {}
+
+
+def test_inspect_says_whether_a_prefix_fits(tiny_llama, tiny_gpt2, tmp_path):
+    """The tiny Llama has 2 KV heads, the tiny GPT-2 has 4: ``adaptkit inspect --base`` says so."""
+    from click.testing import CliRunner
+
+    from adaptkit.cli.main import main
+
+    source = make_peft_virtual(tiny_llama, tmp_path / "p", "prefix", seed=3, num_virtual_tokens=2)
+    fits = CliRunner().invoke(main, ["inspect", str(source), "--base", str(tiny_llama)])
+    assert fits.exit_code == 0 and "kind: prefix" in fits.output and "virtual_tokens: 2" in fits.output
+    other = CliRunner().invoke(main, ["inspect", str(source), "--base", str(tiny_gpt2)])
+    assert other.exit_code == 1
+    assert "2 layers x 2 KV heads x head_dim 16, but the base (gpt2) has 2 layers x 4 KV heads" in other.output
