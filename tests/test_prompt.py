@@ -93,6 +93,21 @@ def test_prompt_with_lora_gets_its_own_cache(engine):
     assert (bare.values - with_lora.values).abs().max() > 1e-2
 
 
+def test_replaced_lora_never_serves_a_stale_prompt_cache(causal_base, prompts, tmp_path):
+    """The per-combination K/V remember which LoRA object they were computed with."""
+    eng = ak.Engine.from_pretrained(causal_base)
+    eng.add_adapter("prompt", prompts["prompt"])
+    eng.add_adapter("lora", prompts["lora"])
+    ids, row = random_ids(seed=14), ak.Stack("lora", "prompt")
+    first = eng.logits(ids, adapters=row)
+    eng.remove_adapter("lora")
+    eng.add_adapter("lora", make_peft_lora(causal_base, tmp_path / "other", seed=9))
+    second = eng.logits(ids, adapters=row)
+    eng.prompt_as_cache = False
+    torch.testing.assert_close(second, eng.logits(ids, adapters=row), atol=1e-4, rtol=0)
+    assert (second - first).abs().max() > 1e-2
+
+
 def test_ppt_is_a_prompt_with_the_same_runtime(engine, causal_base, prompts, tmp_path):
     """PPT: a pre-trained soft prompt, saved by adaptkit in the PEFT layout, marked as such; served like prompt tuning."""
     adapter = read_adapter(prompts["prompt"])
