@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from adaptkit.formats import adapterhub, peft, prefix_file
-
 from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
+from adaptkit.formats import adapterhub, peft, prefix_file
 
 
 def read_adapter(path: str | os.PathLike):
