@@ -27,6 +27,7 @@ from adaptkit.adapters.lora import LoraAdapter
 from adaptkit.adapters.prefix import prefix_details
 from adaptkit.adapters.prompt import prompt_details
 from adaptkit.base import LoadedBase, check_made_for, load_base
+from adaptkit.batch_state import DecodeState
 from adaptkit.errors import (
     EngineStateError,
     InvalidArgumentError,
@@ -281,6 +282,29 @@ class Engine:
         if not self.base.facts.spec.is_causal:
             raise EngineStateError(f"{self.base.facts.model_type} is an encoder; generate needs a causal LM")
         check_sampling(temperature, top_p, top_k, max_new_tokens)
+        eos_ids, pad_id = self.stop_and_pad_ids(eos_token_id)
+        batch = len(prompt_ids)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        new_tokens: list[list[int]] = [[] for _ in range(batch)]
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        eos = torch.tensor(sorted(eos_ids), device=self.device) if eos_ids else None
+        logits, state = self.prefill(prompt_ids, adapters, pad_id)
+        for step in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_p, top_k, generator)
+            token = torch.where(finished, torch.full_like(token, pad_id), token)
+            for row in (~finished).nonzero().flatten().tolist():
+                new_tokens[row].append(int(token[row]))
+            if eos is not None:
+                finished |= torch.isin(token, eos)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            logits = self.decode_step(state, token)
+        return new_tokens
+
+    def stop_and_pad_ids(self, eos_token_id: int | list[int] | None = None) -> tuple[set[int], int]:
+        """(token ids that end a row, the id padding is filled with): the tokenizer's, else the config's."""
         config = self.model.config
         if eos_token_id is None:
             eos_token_id = getattr(self.tokenizer, "eos_token_id", None) or getattr(config, "eos_token_id", None)
@@ -289,37 +313,46 @@ class Engine:
             getattr(self.tokenizer, "pad_token_id", None), getattr(config, "pad_token_id", None),
             *sorted(i for i in eos_ids if i >= 0), 0,
         )
+        return eos_ids, pad_id
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: Sequence[Sequence[int]], adapters=None, pad_id: int = 0) -> tuple[torch.Tensor, DecodeState]:
+        """Run the prompts, left-padded, with each row's adapter; the first step of generation.
+
+        Prefix and prompt rows get their K/V in the cache first (mask and positions extended).
+        Returns the next-token logits [B, vocab] and the :class:`DecodeState` to continue from
+        with :meth:`decode_step`.
+        """
+        if not self.base.facts.spec.is_causal:
+            raise EngineStateError(f"{self.base.facts.model_type} is an encoder; generate needs a causal LM")
         ids, mask = left_pad([list(r) for r in prompt_ids], pad_id, self.device)
-        batch = ids.shape[0]
-        plan = self.plan(adapters, batch)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        new_tokens: list[list[int]] = [[] for _ in range(batch)]
-        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        eos = torch.tensor(sorted(eos_ids), device=self.device) if eos_ids else None
-        cache = DynamicCache(config=config)
-        cache_kw = cache_argument(self.model)
+        plan = self.plan(adapters, ids.shape[0])
+        cache = DynamicCache(config=self.model.config)
         step = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask), "use_cache": True,
-                cache_kw: cache}
+                cache_argument(self.model): cache}
         prefix_cache.add_virtual_inputs(self.model, plan, self._adapters, step, self.prompt_as_cache)
-        mask, positions = step["attention_mask"], step["position_ids"]
         with use_plan(plan):
-            for _ in range(max_new_tokens):
-                out = self.model(**step)
-                token = sample_next(out.logits[:, -1, :], temperature, top_p, top_k, generator)
-                token = torch.where(finished, torch.full_like(token, pad_id), token)
-                for row in (~finished).nonzero().flatten().tolist():
-                    new_tokens[row].append(int(token[row]))
-                if eos is not None:
-                    finished |= torch.isin(token, eos)
-                if bool(finished.all()):
-                    break
-                mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=self.device)], dim=1)
-                positions = positions[:, -1:] + 1
-                step = {"input_ids": token.unsqueeze(1), "attention_mask": mask, "position_ids": positions,
-                        "use_cache": True, cache_kw: cache}
-        return new_tokens
+            out = self.model(**step)
+        state = DecodeState(cache, step["attention_mask"], step["position_ids"][:, -1:], plan.entries, plan)
+        return out.logits[:, -1, :], state
+
+    @torch.inference_mode()
+    def decode_step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (``tokens`` [B]) and return the next-token logits [B, vocab].
+
+        ``state`` is advanced in place (cache, mask and positions grow by one); its routing plan is
+        rebuilt here when its rows changed.
+        """
+        if state.plan is None:
+            state.plan = self.plan(list(state.entries), state.batch_size)
+        ones = torch.ones((state.batch_size, 1), dtype=state.mask.dtype, device=state.mask.device)
+        state.mask = torch.cat([state.mask, ones], dim=1)
+        state.positions = state.positions + 1
+        step = {"input_ids": tokens.view(-1, 1), "attention_mask": state.mask, "position_ids": state.positions,
+                "use_cache": True, cache_argument(self.model): state.cache}
+        with use_plan(state.plan):
+            out = self.model(**step)
+        return out.logits[:, -1, :]
 
     # ----------------------------------------------------------------- merging
     def merge(self, name: str) -> None:

@@ -45,3 +45,17 @@ class InvalidArgumentError(AdaptkitError):
 
 class MissingDependencyError(AdaptkitError):
     """An optional package a feature needs is not installed (the message names the pip command)."""
+
+
+class QueueFullError(AdaptkitError):
+    """The server's request queue is full; the client should retry later (HTTP 429)."""
+
+
+class RequestError(AdaptkitError):
+    """An HTTP request cannot be served as sent; names the field at fault and the HTTP status to answer."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.status = status
+        self.code = code

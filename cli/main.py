@@ -352,6 +352,43 @@ def bench(base, adapter_values, batch, prompt_len, new_tokens, quantize, dtype, 
             click.echo(f"wrote {label} {path}")
 
 
+@main.command()
+@click.argument("base", type=click.Path())
+@click.option("--adapters", "adapter_values", multiple=True,
+              help="Adapters served from the start: comma-separated NAME=PATH or PATH (name = folder name).")
+@click.option("--adapter-dir", default=None, type=click.Path(file_okay=False),
+              help="The only folder runtime loading may read adapters from.")
+@click.option("--allow-runtime-loading", is_flag=True,
+              help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (paths inside --adapter-dir).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--max-batch", default=8, show_default=True, help="Rows decoded together (continuous batching).")
+@click.option("--max-queue", default=64, show_default=True, help="Requests waiting beyond --max-batch; more get 429.")
+@click.option("--max-resident", default=None, type=int, help="Adapters in memory at once (default: all).")
+@click.option("--request-timeout", default=None, type=float, help="Seconds a request may take (default: no limit).")
+@click.option("--default-max-tokens", default=16, show_default=True, help="max_tokens when a request gives none.")
+@click.option("--served-model-name", default=None, help="The base's model name (default: BASE's folder name).")
+@click.option("--quantize", type=click.Choice(["nf4"]), default=None, help="Load BASE in 4-bit NF4 (QLoRA).")
+@click.option("--dtype", default="float32", show_default=True)
+def serve(base, adapter_values, adapter_dir, allow_runtime_loading, host, port, max_batch, max_queue, max_resident,
+          request_timeout, default_max_tokens, served_model_name, quantize, dtype):
+    """Serve BASE and its adapters over an OpenAI-compatible HTTP API; the request's model names the adapter.
+
+    \b
+    adaptkit serve BASE --adapters sql=adapters/sql,adapters/tone --port 8000
+    curl 127.0.0.1:8000/v1/completions -d '{"model": "sql", "prompt": "SELECT", "max_tokens": 16}'
+    """
+    from adaptkit.serve import serve as run_server
+
+    pairs = _named_paths(adapter_values)
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise click.UsageError(f"adapter names must be unique (got {', '.join(names)}); use NAME=PATH")
+    run_server(base, dict(pairs), host=host, port=port, quantize=quantize, dtype=dtype, base_name=served_model_name,
+               adapter_dir=adapter_dir, allow_runtime_loading=allow_runtime_loading, max_batch=max_batch,
+               max_queue=max_queue, max_resident=max_resident, request_timeout=request_timeout,
+               default_max_tokens=default_max_tokens)
+
 
 @main.group()
 def export():

@@ -1,0 +1,191 @@
+"""``adaptkit serve``: many adapters of any kind over one base, behind an OpenAI-compatible HTTP API.
+
+    adaptkit serve path/to/base --adapters sql=adapters/sql,adapters/tone --port 8000
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.completions.create(model="sql", prompt="SELECT", max_tokens=16, temperature=0)
+
+The request's ``model`` names the adapter (the base's name: no adapter). Concurrent requests for
+different adapters, of any kinds (LoRA, prefix, prompt, bottleneck, ...), are decoded in one batch
+by the scheduler (``scheduler.py``: continuous batching, one thread owning the Engine); at most
+``max_resident`` adapters are in memory (``residency.py``). Endpoints are in ``serve_app.py``,
+request checks and the error shape in ``serve_api.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from adaptkit.errors import InvalidArgumentError, MissingDependencyError, RequestError
+from adaptkit.residency import AdapterPool
+from adaptkit.routing import Mix
+from adaptkit.scheduler import Scheduler
+from adaptkit.serve_api import ADAPTER_NAME
+from adaptkit.serve_metrics import ServeMetrics
+
+
+class Server:
+    """One Engine behind the OpenAI API: the adapters it serves, its scheduler and its counters.
+
+    Args:
+        engine: an ``ak.Engine`` over a causal LM with a tokenizer; the server's scheduler thread owns it.
+        adapters: ``{name: path}`` served from the start (each read now, so a bad path fails here).
+        base_name: the ``model`` that means "no adapter" (default: the base folder's name).
+        adapter_dir: the only folder runtime loading may read from.
+        allow_runtime_loading: enable ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``.
+        max_batch: rows decoded together; max_queue: requests waiting beyond that (more: HTTP 429).
+        max_resident: adapters in memory at once (None: all); idle ones are evicted least recently used.
+        request_timeout: default per-request limit in seconds (a request's ``timeout`` overrides it).
+        default_max_tokens: ``max_tokens`` when a request gives none.
+    """
+
+    def __init__(self, engine, adapters: dict[str, str | os.PathLike] | None = None, base_name: str | None = None,
+                 adapter_dir: str | os.PathLike | None = None, allow_runtime_loading: bool = False, max_batch: int = 8,
+                 max_queue: int = 64, max_resident: int | None = None, request_timeout: float | None = None,
+                 default_max_tokens: int = 16):
+        from adaptkit.formats.detect import read_adapter
+
+        if engine.tokenizer is None:
+            raise InvalidArgumentError(f"{engine.base.path} has no tokenizer files; the server needs one")
+        if allow_runtime_loading and adapter_dir is None:
+            raise InvalidArgumentError("runtime loading needs --adapter-dir (the only folder it may read from)")
+        if adapter_dir is not None and not Path(adapter_dir).is_dir():
+            raise InvalidArgumentError(f"--adapter-dir {adapter_dir}: not a folder")
+        self.engine = engine
+        self.base_name = base_name or Path(engine.base.path).name
+        self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+        self.allow_runtime_loading = allow_runtime_loading
+        self.request_timeout = request_timeout
+        self.default_max_tokens = default_max_tokens
+        self.pool = AdapterPool(engine, max_resident)
+        for name, path in (adapters or {}).items():
+            if not ADAPTER_NAME.match(name) or name == self.base_name:
+                raise InvalidArgumentError(f"adapter name {name!r} must be 1-64 letters, digits, '_' or '-' and not "
+                                           f"the base model's name {self.base_name!r}")
+            self.pool.register(name, path, read_adapter(path), evict=False)  # the first K stay loaded
+        config = engine.model.config
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.scheduler = Scheduler(engine, self.pool, max_batch=max_batch, max_queue=max_queue, context_length=context)
+        self.metrics = ServeMetrics()
+
+    def start(self) -> Server:
+        self.scheduler.start()
+        return self
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    def healthy(self) -> bool:
+        return self.scheduler.alive
+
+    def app(self):
+        """The FastAPI application (``pip install adaptkit[serve]``)."""
+        try:
+            from adaptkit.serve_app import create_app
+        except ImportError as exc:
+            raise MissingDependencyError(f"serving needs fastapi and uvicorn ({exc}); pip install 'adaptkit[serve]'") from exc
+        return create_app(self)
+
+    # ----------------------------------------------------------------- request helpers (event loop thread)
+    def known_models(self) -> list[str]:
+        return [self.base_name, *self.pool.names]
+
+    def resolve_model(self, model: str, adapters: dict[str, float] | None):
+        """(the row entry, the metrics label) of a request's ``model`` and optional ``adapters`` mix."""
+        if adapters is not None:
+            if model != self.base_name:
+                raise RequestError(f"adapters: a weighted mix is applied to the base; set model to {self.base_name!r}",
+                                   param="adapters")
+            if not adapters:
+                raise RequestError("adapters: give at least one {name: weight}", param="adapters")
+            for name in adapters:
+                if name not in self.pool.names:
+                    raise self._unknown(name, "adapters")
+            return Mix(adapters), "mix"
+        if model == self.base_name:
+            return None, self.base_name
+        if model in self.pool.names:
+            return model, model
+        raise self._unknown(model, "model")
+
+    def _unknown(self, name: str, param: str) -> RequestError:
+        known = ", ".join(self.known_models())
+        return RequestError(f"the model {name!r} does not exist; known models: {known}", param=param, status=404,
+                            code="model_not_found")
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a completion prompt (text: with the tokenizer's special tokens, as ``Engine.generate``)."""
+        if isinstance(prompt, str):
+            return self.engine.encode([prompt])[0]
+        vocab = self.engine.base.facts.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise RequestError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    def require_runtime_loading(self) -> None:
+        if not self.allow_runtime_loading:
+            raise RequestError("runtime adapter loading is off; start the server with --allow-runtime-loading and "
+                               "--adapter-dir", status=403, code="runtime_loading_disabled")
+
+    def model_cards(self) -> list[dict]:
+        """``/v1/models``: the base, then every servable adapter with ``parent`` = the base."""
+        created = int(Path(self.engine.base.path).stat().st_mtime) if Path(self.engine.base.path).exists() else 0
+        cards = [{"id": self.base_name, "object": "model", "created": created, "owned_by": "adaptkit",
+                  "root": self.base_name, "parent": None}]
+        for name in self.pool.names:
+            cards.append({"id": name, "object": "model", "created": created, "owned_by": "adaptkit", "root": name,
+                          "parent": self.base_name, "kind": self.pool.kind_of(name)})
+        return cards
+
+
+class BackgroundServer:
+    """A :class:`Server` with uvicorn in a thread on ``host:port`` (port 0: any free one); for tests and benchmarks.
+
+        with BackgroundServer(server) as running:
+            OpenAI(base_url=running.url + "/v1", api_key="unused")
+    """
+
+    def __init__(self, server: Server, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.server = server
+        config = uvicorn.Config(server.app(), host=host, port=port, log_level="warning", lifespan="off")
+        self._uvicorn = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._uvicorn.run, name="adaptkit-http", daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self.server.start()
+        self._thread.start()
+        while not self._uvicorn.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("uvicorn stopped before it started listening")
+            self._thread.join(0.01)
+        host, port = self._uvicorn.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._uvicorn.should_exit = True
+        self._thread.join()
+        self.server.stop()
+
+
+def serve(base: str | os.PathLike, adapters: dict[str, str | os.PathLike] | None = None, host: str = "127.0.0.1",
+          port: int = 8000, quantize: str | None = None, dtype: str = "float32", **options) -> None:
+    """Load ``base`` and ``adapters`` and serve them until interrupted (``options``: see :class:`Server`)."""
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise MissingDependencyError("serving needs uvicorn; pip install 'adaptkit[serve]'") from exc
+    from adaptkit.engine import Engine
+
+    engine = Engine.from_pretrained(base, dtype=dtype, quantize=quantize)
+    server = Server(engine, adapters, **options).start()
+    try:
+        uvicorn.run(server.app(), host=host, port=port, log_level="info")
+    finally:
+        server.stop()
+

@@ -1,0 +1,228 @@
+"""What the OpenAI-compatible endpoints accept, and the OpenAI error shape of what they refuse.
+
+Requests are checked with pydantic; a malformed field answers 400 naming the field. Fields of the
+OpenAI API that adaptkit does not implement are refused when set to anything but their default
+(never silently ignored); unknown fields are ignored, as other OpenAI-compatible servers do.
+Extensions: ``adapters`` (a weighted mix ``{name: weight}`` for this request, ``ak.Mix``),
+``top_k``, ``ignore_eos`` (vLLM's names) and ``timeout`` (seconds).
+
+Errors use OpenAI's shape::
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adaptkit.errors import (
+    AdapterFormatError,
+    AdapterMismatchError,
+    AdaptkitError,
+    EngineStateError,
+    InvalidArgumentError,
+    QueueFullError,
+    RequestError,
+    UnknownAdapterError,
+    UnsupportedAdapterError,
+)
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields common to completions and chat completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)  # vLLM: -1 or 0 = off
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+    adapters: dict[str, float] | None = None
+    timeout: float | None = Field(default=None, gt=0.0)
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise RequestError("stop: at most 4 non-empty strings", param="stop")
+        return stops
+
+    def check_supported(self) -> None:
+        refused = {"n": self.n != 1, "presence_penalty": self.presence_penalty != 0,
+                   "frequency_penalty": self.frequency_penalty != 0, "logit_bias": bool(self.logit_bias)}
+        refused.update(self._refused())
+        for name, is_set in refused.items():
+            if is_set:
+                raise RequestError(f"{name} is not supported by adaptkit serve; leave it at its default", param=name)
+
+    def _refused(self) -> dict[str, bool]:
+        return {}
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """One prompt (text or token ids) per choice."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompts = [prompt]
+        else:
+            prompts = list(prompt)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise RequestError("prompt: must not be empty", param="prompt")
+        return prompts
+
+    def _refused(self) -> dict[str, bool]:
+        return {"echo": self.echo, "logprobs": self.logprobs is not None, "best_of": self.best_of not in (None, 1),
+                "suffix": bool(self.suffix)}
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _refused(self) -> dict[str, bool]:
+        return {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs is not None, "tools": bool(self.tools),
+                "tool_choice": self.tool_choice not in (None, "none"),
+                "response_format": self.response_format not in (None, {"type": "text"})}
+
+
+class LoadAdapterRequest(BaseModel):
+    """``POST /v1/load_lora_adapter`` (vLLM's names; any adapter kind)."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadAdapterRequest(BaseModel):
+    """``POST /v1/unload_lora_adapter``."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
+def parse(model: type[BaseModel], body: bytes):
+    """Validate a JSON body; RequestError (400) naming the first bad field."""
+    try:
+        return model.model_validate_json(body or b"")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        if first.get("type") == "json_invalid" or not where:
+            raise RequestError(f"the body is not valid JSON: {first.get('msg')}", param=None) from None
+        raise RequestError(f"{where}: {first.get('msg')}", param=where) from None
+
+
+def check_adapter_name(name: str, taken: str) -> None:
+    """A runtime-loaded adapter's name: 1-64 letters, digits, '_' or '-', not the base model's name."""
+    if not ADAPTER_NAME.match(name) or name == taken:
+        raise RequestError(f"lora_name {name!r} must be 1-64 letters, digits, '_' or '-' and not the base "
+                           f"model's name {taken!r}", param="lora_name")
+
+
+def contained_adapter_path(adapter_dir: str | os.PathLike, lora_path: str) -> Path:
+    """The real path of ``lora_path`` (relative to ``adapter_dir``, or absolute inside it), checked to stay inside.
+
+    Refused: any ``..`` component, absolute paths elsewhere, and symlinks (the folder itself or any
+    file in it) whose target is outside ``adapter_dir``.
+    """
+    root = Path(adapter_dir).resolve(strict=True)
+    given = Path(lora_path)
+    if ".." in given.parts:
+        raise RequestError(f"lora_path {lora_path!r}: '..' is not allowed", param="lora_path", status=400)
+    candidate = given if given.is_absolute() else root / given
+    try:
+        real = candidate.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise RequestError(f"lora_path {lora_path!r} does not exist under the adapter directory",
+                           param="lora_path", status=404, code="adapter_not_found") from None
+    inside = [real] + ([p.resolve() for p in real.rglob("*")] if real.is_dir() else [])
+    if any(not p.is_relative_to(root) for p in inside):
+        raise RequestError(f"lora_path {lora_path!r} leads outside the adapter directory; only paths inside "
+                           "--adapter-dir can be loaded", param="lora_path", status=400)
+    return real
+
+
+# adaptkit error -> (HTTP status, OpenAI error type, code)
+_STATUS = [
+    (QueueFullError, 429, "rate_limit_exceeded", "queue_full"),
+    (UnknownAdapterError, 404, "invalid_request_error", "model_not_found"),
+    (EngineStateError, 409, "invalid_request_error", None),
+    ((InvalidArgumentError, UnsupportedAdapterError, AdapterFormatError, AdapterMismatchError), 400,
+     "invalid_request_error", None),
+]
+
+
+def error_body(exc: BaseException) -> tuple[int, dict]:
+    """(HTTP status, OpenAI error JSON) for an exception raised while serving a request."""
+    if isinstance(exc, RequestError):
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        if exc.status == 429:
+            kind = "rate_limit_exceeded"
+        return exc.status, _body(str(exc), kind, exc.param, exc.code)
+    for classes, status, kind, code in _STATUS:
+        if isinstance(exc, classes):
+            return status, _body(str(exc), kind, None, code)
+    if isinstance(exc, AdaptkitError):
+        return 400, _body(str(exc), "invalid_request_error", None, None)
+    return 500, _body(f"internal error: {type(exc).__name__}: {exc}", "server_error", None, None)
+
+
+def _body(message: str, kind: str, param: str | None, code: str | None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

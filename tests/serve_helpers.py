@@ -1,0 +1,42 @@
+"""Adapters of four kinds for the serving tests, and small waits for server state."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+KINDS = ("lora", "prefix", "prompt", "bottleneck")
+
+
+def write_adapters(base: Path, root: Path, names=KINDS, seed: int = 0) -> dict[str, Path]:
+    """One random adapter per name (its kind: the name up to a digit suffix) for ``base``, in its own format."""
+    from adaptkit.demo import random_bottleneck, random_lora, random_prefix, random_prompt
+    from adaptkit.formats.adapterhub import write_bottleneck
+    from adaptkit.formats.peft import write_lora, write_prefix, write_prompt
+
+    paths = {}
+    for i, name in enumerate(names):
+        kind, s = name.rstrip("0123456789"), seed + 10 * i + 1
+        if kind == "lora":
+            adapter = random_lora(base, ("q_proj", "v_proj", "down_proj"), r=4, alpha=8, seed=s, std=0.2)
+            paths[name] = write_lora(adapter, root / name)
+        elif kind == "prefix":
+            paths[name] = write_prefix(random_prefix(base, num_virtual_tokens=4, seed=s), root / name)
+        elif kind == "prompt":
+            paths[name] = write_prompt(random_prompt(base, num_virtual_tokens=3, seed=s), root / name)
+        elif kind == "bottleneck":
+            paths[name] = write_bottleneck(random_bottleneck(base, name, seed=s, std=0.3), root / name)
+        else:
+            raise ValueError(name)
+    return paths
+
+
+def wait_until(condition, what: str, limit: float = 60.0, every: float = 0.01):
+    """Poll ``condition()`` until it is truthy (a guard against hangs, not a timing assertion)."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"gave up waiting for {what}")
