@@ -211,6 +211,7 @@ def machine_info() -> dict:
         "cpu_model": _lscpu_model() or _cpu_model(),
         "cpus": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # how busy the machine was
     }
     for package in ("peft", "bitsandbytes"):  # the version only: importing them costs seconds
         try:
@@ -279,9 +280,20 @@ def peak_memory_bytes(device: torch.device | str | None = None) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux/macOS)."""
+    """Peak resident set size of this process so far (Linux/macOS).
+
+    Linux: ``VmHWM`` of /proc/self/status. ``getrusage``'s ``ru_maxrss`` is not used there: a
+    process started with fork + exec inherits its parent's peak (the kernel carries the pre-exec
+    high-water mark over), so a benchmark worker would report the parent's RSS.
+    """
     import resource
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if platform.system() == "Darwin" else peak * 1024
 

@@ -58,7 +58,7 @@ def case_rows(record: dict) -> list[dict]:
             "prefill x base": _ratio(case["prefill_s"]),
             "decode ms/token (med / p90)": _ms(case["decode_token_s"]),
             "decode x base": _ratio(case["decode_token_s"]),
-            "tokens/s": f"{case['tokens_per_s']:.4g}",
+            "tokens/s": f"{case['tokens_per_s']['median']:.4g}",
             "peak MiB (+ vs base)": f"{case['peak_memory_bytes'] / _MIB:.0f} ({case['added_memory_bytes'] / _MIB:+.1f})",
             "theory decode": _percent(case["theory"]["added_fraction_decode"]),
         }

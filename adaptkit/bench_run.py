@@ -177,13 +177,19 @@ def _peak_memory(cases: Mapping[str, Case], device) -> dict[str, tuple[int, str]
     return peaks
 
 
+def _tokens_per_s(batch: int, decode: Timing) -> dict:
+    """Decode throughput: at the median step, at the p90 step (the slow end), and vs the base (1 / ratio)."""
+    return {"median": batch / decode.median, "p90": batch / decode.p90,
+            "ratio": None if decode.ratio is None else 1 / decode.ratio}
+
+
 def _case_record(label, engine_name, matches, spec: CaseSpec, timing: Timing, peak, base_peak, prompt_len, new_tokens):
     decode = timing.parts["decode_token"]
     record = {
         "case": label, "engine": engine_name, "matches": matches, "kind": spec.kind, "mode": spec.mode,
         "adapters": list(spec.adapters), "batch": spec.batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "request_s": _figure(timing), "prefill_s": _figure(timing.parts["prefill"]), "decode_token_s": _figure(decode),
-        "decode_steps_s": timing.extra["decode_steps"], "tokens_per_s": spec.batch / decode.median,
+        "decode_steps_s": timing.extra["decode_steps"], "tokens_per_s": _tokens_per_s(spec.batch, decode),
         "peak_memory_bytes": peak[0], "added_memory_bytes": peak[0] - base_peak, "memory_source": peak[1],
         "theory": spec.theory,
     }

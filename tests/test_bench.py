@@ -80,7 +80,9 @@ def test_record_has_every_field_with_sane_values(run):
             assert all(case[f]["ratio"] == 1.0 for f in FIGURES)
         steps = case["decode_steps_s"]
         assert len(steps) == REPEATS and all(len(s) == NEW_TOKENS - 1 and min(s) > 0 for s in steps), where
-        assert case["tokens_per_s"] == pytest.approx(case["batch"] / case["decode_token_s"]["median_s"])
+        tokens = case["tokens_per_s"]
+        assert tokens["median"] == pytest.approx(case["batch"] / case["decode_token_s"]["median_s"])
+        assert 0 < tokens["p90"] <= tokens["median"] and tokens["ratio"] == pytest.approx(1 / case["decode_token_s"]["ratio"])
         assert case["peak_memory_bytes"] > 0 and case["memory_source"] in ("rss", "rss-lifetime", "cuda")
         theory = case["theory"]
         assert all(math.isfinite(v) and v >= 0 for v in theory.values()), where
