@@ -159,6 +159,28 @@ def test_errors_have_the_openai_shape(client, running):
     assert httpx.get(running.url + "/health").json() == {"status": "ok"}
 
 
+def test_timeouts_and_a_client_that_gives_up(client, running):
+    """A request past its ``timeout`` answers 408; a non-streaming client that disconnects cancels its request."""
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(model="lora", prompt="x", max_tokens=4, extra_body={"timeout": 1e-9})
+    assert err.value.status_code == 408 and err.value.body["code"] == "timeout"
+    scheduler = running.server.scheduler
+    cancelled = scheduler.stats["finished_cancelled"]
+    entered, gate = threading.Event(), threading.Event()
+    scheduler.call(lambda: (entered.set(), gate.wait()))  # hold the batch: the request stays queued
+    entered.wait()
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(running.url + "/v1/completions", json={"model": "bottleneck", "prompt": "x", "max_tokens": 50},
+                       timeout=0.5)
+        wait_until(lambda: metric(running.url, "adaptkit_requests_total", model="bottleneck", outcome="cancelled"),
+                   "the server to see the disconnect")
+    finally:
+        gate.set()
+    wait_until(lambda: scheduler.stats["finished_cancelled"] == cancelled + 1, "the cancelled request to leave")
+    assert scheduler.snapshot()["waiting"] == 0
+
+
 def test_runtime_load_and_unload(client, ref, running, adapter_dir):
     url = running.url
     response = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "extra", "lora_path": "spare/lora2"})
@@ -218,15 +240,17 @@ def test_queue_full_answers_429_and_a_closed_stream_leaves_the_batch(tiny_llama,
         result = {}
         waiting = threading.Thread(target=lambda: result.update(text=client.completions.create(
             model="lora", prompt=PROMPTS[1], max_tokens=5, temperature=0).choices[0].text))
-        waiting.start()
-        wait_until(lambda: scheduler.snapshot()["waiting"] == 1, "the second request to queue")
-        with pytest.raises(openai.RateLimitError) as err:
-            client.completions.create(model="base", prompt="x", max_tokens=2)
-        assert err.value.status_code == 429 and err.value.body["code"] == "queue_full"
-        stream.close()
-        wait_until(lambda: metric(bg.url, "adaptkit_requests_total", model="prefix", outcome="cancelled") == 1,
-                   "the server to see the disconnect")
-        gate.set()
+        try:
+            waiting.start()
+            wait_until(lambda: scheduler.snapshot()["waiting"] == 1, "the second request to queue")
+            with pytest.raises(openai.RateLimitError) as err:
+                client.completions.create(model="base", prompt="x", max_tokens=2)
+            assert err.value.status_code == 429 and err.value.body["code"] == "queue_full"
+            stream.close()
+            wait_until(lambda: metric(bg.url, "adaptkit_requests_total", model="prefix", outcome="cancelled") == 1,
+                       "the server to see the disconnect")
+        finally:
+            gate.set()
         waiting.join()
         assert result["text"] == expected(ref, PROMPTS[1], "lora", 5)
         assert scheduler.stats["finished_cancelled"] == 1 and scheduler.snapshot()["running"] == 0

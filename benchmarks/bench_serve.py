@@ -1,0 +1,165 @@
+"""Load test of ``adaptkit serve`` on 127.0.0.1: requests/s and latency vs concurrency.
+
+The server runs in its own process (``adaptkit serve``, the CLI) over a small random Llama with
+four adapters of different kinds (LoRA, prefix, prompt, bottleneck). A closed-loop client with C
+threads (C = 1, 4, 16) sends a fixed number of completion requests (greedy, ``ignore_eos``, so
+every request generates exactly ``--max-tokens`` tokens) and measures each request's latency:
+
+- mixed:        requests cycle over the base and the four adapters (one batch across adapter kinds)
+- one adapter:  every request uses the LoRA
+- one at a time: the mixed requests against a server started with ``--max-batch 1`` (no batching)
+
+Concurrency 1 is the same requests sent one after the other. The server's mean batch size comes
+from its ``/metrics`` (decoded rows / decode steps).
+
+    python benchmarks/bench_serve.py [--out bench-results/serve.json] [--requests 32] [--max-tokens 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from adaptkit.bench import format_table, percentile, write_results
+from adaptkit.demo import build_tiny_model, random_bottleneck, random_lora, random_prefix, random_prompt
+
+MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=4, max_position_embeddings=512)
+PROMPTS = ["SELECT name FROM users WHERE", "the quick brown fox jumps over the lazy", "Prefix tuning adds keys and",
+           "adaptkit serves many adapters over one base", "LoRA adds a low-rank update to"]
+KINDS = ("lora", "prefix", "prompt", "bottleneck")
+
+
+def build(root: Path) -> tuple[Path, dict[str, Path]]:
+    from adaptkit.formats.adapterhub import write_bottleneck
+    from adaptkit.formats.peft import write_lora, write_prefix, write_prompt
+
+    base = build_tiny_model(root / "base", "llama", **MODEL)
+    adapters = {
+        "lora": write_lora(random_lora(base, ("q_proj", "k_proj", "v_proj", "o_proj"), r=16, alpha=32, seed=1),
+                           root / "lora"),
+        "prefix": write_prefix(random_prefix(base, num_virtual_tokens=16, seed=2), root / "prefix"),
+        "prompt": write_prompt(random_prompt(base, num_virtual_tokens=16, seed=3), root / "prompt"),
+        "bottleneck": write_bottleneck(random_bottleneck(base, "bottleneck", seed=4), root / "bottleneck"),
+    }
+    return base, adapters
+
+
+class ServerProcess:
+    """``adaptkit serve`` in a subprocess on 127.0.0.1 with a free port."""
+
+    def __init__(self, base: Path, adapters: dict[str, Path], max_batch: int, max_queue: int):
+        spec = ",".join(f"{name}={path}" for name, path in adapters.items())
+        command = [sys.executable, "-c", "from adaptkit.cli.main import main; main()", "serve", str(base),
+                   "--adapters", spec, "--port", "0", "--host", "127.0.0.1", "--max-batch", str(max_batch),
+                   "--max-queue", str(max_queue)]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        for line in self.process.stderr:
+            found = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)
+            if found:
+                self.url = found.group(1)
+                break
+        else:
+            raise RuntimeError("adaptkit serve did not start")
+        # keep draining stderr so the server never blocks on a full pipe
+        threading.Thread(target=lambda: [None for _ in self.process.stderr], daemon=True).start()
+
+    def metric(self, name: str) -> float:
+        found = re.search(rf"^{name} (\S+)$", httpx.get(self.url + "/metrics").text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
+def run_load(server: ServerProcess, jobs: list[dict], concurrency: int) -> dict:
+    """Send ``jobs`` from ``concurrency`` threads (each takes the next job when its last one is answered)."""
+    latencies: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+    queue = list(reversed(jobs))
+
+    def worker() -> None:
+        with httpx.Client(base_url=server.url, timeout=600) as client:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    job = queue.pop()
+                start = time.perf_counter()
+                response = client.post("/v1/completions", json=job)
+                elapsed = time.perf_counter() - start
+                with lock:
+                    if response.status_code == 200:
+                        latencies.append(elapsed)
+                    else:
+                        failures.append(response.text[:200])
+
+    steps, rows = server.metric("adaptkit_decode_steps_total"), server.metric("adaptkit_decoded_rows_total")
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    steps = server.metric("adaptkit_decode_steps_total") - steps
+    rows = server.metric("adaptkit_decoded_rows_total") - rows
+    if failures:
+        raise RuntimeError(f"{len(failures)} requests failed, e.g. {failures[0]}")
+    tokens = sum(job["max_tokens"] for job in jobs)
+    return {"requests": len(jobs), "wall_s": wall, "req_per_s": len(jobs) / wall, "tokens_per_s": tokens / wall,
+            "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
+            "mean_batch": rows / steps if steps else None, "latencies_s": latencies}
+
+
+def make_jobs(models: list[str], count: int, max_tokens: int) -> list[dict]:
+    return [{"model": models[i % len(models)], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+             "temperature": 0, "ignore_eos": True} for i in range(count)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench-results/serve.json")
+    parser.add_argument("--requests", type=int, default=32, help="Requests per cell (bounded load).")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--concurrency", default="1,4,16")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    mixed_models = ["base", *KINDS]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base, adapters = build(Path(tmp))
+        for scenario, max_batch, models in (("mixed", 16, mixed_models), ("one adapter", 16, ["lora"]),
+                                            ("one at a time", 1, mixed_models)):
+            server = ServerProcess(base, adapters, max_batch=max_batch, max_queue=4 * args.requests)
+            try:
+                run_load(server, make_jobs(models, 8, args.max_tokens), 4)  # warm-up
+                for concurrency in levels:
+                    if scenario == "one at a time" and concurrency == 1:
+                        continue  # identical to mixed at concurrency 1
+                    result = run_load(server, make_jobs(models, args.requests, args.max_tokens), concurrency)
+                    rows.append({"scenario": scenario, "max_batch": max_batch, "concurrency": concurrency, **result})
+            finally:
+                server.close()
+    sequential = next(r["req_per_s"] for r in rows if r["scenario"] == "mixed" and r["concurrency"] == 1)
+    for row in rows:
+        row["speedup_vs_sequential"] = row["req_per_s"] / sequential
+    print(format_table(rows, ["scenario", "max_batch", "concurrency", "requests", "req_per_s", "tokens_per_s",
+                              "p50_ms", "p99_ms", "mean_batch", "speedup_vs_sequential"]))
+    write_results(args.out, rows, model=MODEL, max_tokens=args.max_tokens, adapters=list(KINDS),
+                  note="server in its own process; closed-loop client threads in this process; same machine")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
