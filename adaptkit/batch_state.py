@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from adaptkit.errors import EngineStateError
 from adaptkit.routing import RoutingPlan, RowEntry
@@ -49,10 +50,12 @@ class DecodeState:
         return self.mask.shape[1]
 
 
-def _full_attention_layers(cache: DynamicCache) -> list:
+def check_joinable(cache: DynamicCache) -> list:
+    """The cache's layers, if every one is a full-attention ``DynamicLayer`` (sliding-window layers
+    keep a moving window whose bookkeeping padding would break); else EngineStateError."""
     layers = list(cache.layers)
     for index, layer in enumerate(layers):
-        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+        if not isinstance(layer, DynamicLayer) or getattr(layer, "is_sliding", False):
             raise EngineStateError(
                 f"cache layer {index} is a {type(layer).__name__}; continuous batching joins full-attention "
                 "caches (DynamicLayer) only; serve this model with --max-batch 1"
@@ -75,7 +78,7 @@ def join_states(running: DecodeState | None, joining: DecodeState) -> DecodeStat
     """
     if running is None or running.batch_size == 0:
         return joining
-    ours, theirs = _full_attention_layers(running.cache), _full_attention_layers(joining.cache)
+    ours, theirs = check_joinable(running.cache), check_joinable(joining.cache)
     if len(ours) != len(theirs):
         raise EngineStateError(f"cannot join caches of {len(ours)} and {len(theirs)} layers")
     length = max(running.length, joining.length)
@@ -97,7 +100,7 @@ def select_rows(state: DecodeState, keep: Sequence[int]) -> DecodeState:
     if keep == list(range(state.batch_size)):
         return state
     index = torch.tensor(keep, dtype=torch.long, device=state.mask.device)
-    for layer in _full_attention_layers(state.cache):
+    for layer in check_joinable(state.cache):
         layer.keys = layer.keys.index_select(0, index)
         layer.values = layer.values.index_select(0, index)
     state.mask = state.mask.index_select(0, index)
@@ -115,7 +118,7 @@ def crop_unused_columns(state: DecodeState) -> int:
     start = int(used[0]) if len(used) else state.length
     if start == 0:
         return 0
-    for layer in _full_attention_layers(state.cache):
+    for layer in check_joinable(state.cache):
         layer.keys = layer.keys[:, :, start:]
         layer.values = layer.values[:, :, start:]
     state.mask = state.mask[:, start:]

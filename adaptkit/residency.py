@@ -29,11 +29,15 @@ class AdapterPool:
             raise InvalidArgumentError(f"max_resident must be >= 1 (or None for no limit), got {max_resident}")
         self.engine = engine
         self.max_resident = max_resident
-        self._paths: dict[str, Path] = {}
+        self._paths: dict[str, Path | None] = {}  # None: added as an object, cannot be reloaded, never evicted
         self._kinds: dict[str, str] = {}  # known once read
         self._recent: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
         self.loads: Counter[str] = Counter()
         self.evictions: Counter[str] = Counter()
+        for name, info in engine.adapters.items():  # adapters the engine already holds are served too
+            self._paths[name] = Path(info.source) if info.source else None
+            self._kinds[name] = info.kind
+            self._recent[name] = None
 
     @property
     def names(self) -> list[str]:
@@ -115,7 +119,7 @@ class AdapterPool:
         excess = len(self._recent) + needed - self.max_resident
         if excess <= 0:
             return True
-        idle = [n for n in self._recent if n not in pinned]
+        idle = [n for n in self._recent if n not in pinned and self._paths[n] is not None]
         if len(idle) < excess:
             return False
         for name in idle[:excess]:

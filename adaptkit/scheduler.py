@@ -30,8 +30,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
-from adaptkit.batch_state import DecodeState, join_states, select_rows
+from adaptkit.batch_state import DecodeState, check_joinable, join_states, select_rows
 from adaptkit.errors import (
     AdaptkitError,
     EngineStateError,
@@ -116,6 +117,8 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.context_length = context_length
+        if max_batch > 1:
+            check_joinable(DynamicCache(config=engine.model.config))  # refuse sliding-window caches now, not mid-run
         self.eos_ids, self.pad_id = engine.stop_and_pad_ids()
         self.stats: Counter[str] = Counter()  # steps, rows_decoded, prefills, finished_<reason>
         self._waiting: deque[Request] = deque()

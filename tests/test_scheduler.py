@@ -12,8 +12,8 @@ import torch
 from serve_helpers import wait_until, write_adapters
 
 import adaptkit as ak
-from adaptkit.batch_state import join_states, select_rows
-from adaptkit.errors import QueueFullError, UnsupportedAdapterError
+from adaptkit.batch_state import check_joinable, join_states, select_rows
+from adaptkit.errors import EngineStateError, QueueFullError, UnsupportedAdapterError
 from adaptkit.residency import AdapterPool
 from adaptkit.scheduler import Finished, Request, Scheduler, Token
 
@@ -225,10 +225,32 @@ def test_an_adapter_in_use_is_never_evicted(tiny_llama, paths, ref):
         seen = len(running.tokens)
         wait_until(lambda: len(running.tokens) >= seen + 5, "five more steps")
         assert scheduler.snapshot()["waiting"] == 1 and scheduler.pool.resident == ["lora"]
+        unload = scheduler.call(lambda: scheduler.pool.unregister("lora", scheduler.in_use()))
+        with pytest.raises(EngineStateError, match="in use by running requests"):
+            unload.result()
         req.cancel()
         waiting.done.wait()
         assert waiting.tokens == alone(ref, "prefix", 5)
         assert scheduler.pool.resident == ["prefix"] and scheduler.pool.evictions == {"lora": 1}
         assert running.tokens == alone(ref, "lora", len(running.tokens))
+    finally:
+        scheduler.stop()
+
+
+def test_sliding_window_caches_are_refused_for_batching():
+    from transformers import DynamicCache, LlamaConfig, MistralConfig
+
+    assert len(check_joinable(DynamicCache(config=LlamaConfig(num_hidden_layers=2)))) == 2
+    with pytest.raises(EngineStateError, match="DynamicSlidingWindowLayer.*--max-batch 1"):
+        check_joinable(DynamicCache(config=MistralConfig(num_hidden_layers=2, sliding_window=64)))
+
+
+def test_a_scheduler_serves_the_adapters_its_engine_holds(tiny_llama, paths, ref):
+    engine = ak.Engine.from_pretrained(tiny_llama)
+    engine.add_adapter("lora", paths["lora"])
+    scheduler = Scheduler(engine).start()
+    try:
+        assert scheduler.pool.names == ["lora"] and scheduler.pool.kind_of("lora") == "lora"
+        assert scheduler.generate(request("lora", 5))[0] == alone(ref, "lora", 5)
     finally:
         scheduler.stop()

@@ -21,7 +21,7 @@ from serve_helpers import KINDS, wait_until, write_adapters
 import adaptkit as ak
 from adaptkit.cli.main import main
 from adaptkit.serve import BackgroundServer, Server
-from adaptkit.serve_text import chat_prompt_ids, fallback_chat_text
+from adaptkit.serve_text import TextStream, chat_prompt_ids, fallback_chat_text
 
 PROMPTS = ["SELECT name FROM", "the quick brown", "Prefix tuning adds", "adaptkit serves many", "0123"]
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "LoRA adds what?"}]
@@ -99,6 +99,29 @@ def test_completion_chat_and_streams_equal_the_engine(client, ref, model):
                                                  stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want_chat
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+
+def test_text_stream_holds_back_a_possible_stop_string(ref):
+    ids = ref.tokenizer("SELECT name FROM users", add_special_tokens=False)["input_ids"]
+    stream = TextStream(ref.tokenizer, ["FROM"])
+    pieces = [stream.add(token) for token in ids]
+    assert "".join(pieces) + stream.finish() == stream.text == "SELECT name " and stream.stopped
+    plain = TextStream(ref.tokenizer)
+    assert "".join(plain.add(token) for token in ids) + plain.finish() == "SELECT name FROM users"
+
+
+def test_stop_strings_end_the_request(client, ref):
+    full = expected(ref, PROMPTS[0], "prefix", 12)
+    start = next(i for i in range(3, len(full) - 1) if full[i : i + 2].isascii() and full[i : i + 2].isalnum()
+                 and full.find(full[i : i + 2]) == i)
+    stop = full[start : start + 2]
+    got = client.completions.create(model="prefix", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop])
+    assert got.choices[0].text == full[:start] and got.choices[0].finish_reason == "stop"
+    assert got.usage.completion_tokens < 12
+    stream = client.completions.create(model="prefix", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=stop,
+                                       stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == full[:start] and chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_adapters_change_outputs_and_the_fallback_chat_format(ref):
