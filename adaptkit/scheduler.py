@@ -83,6 +83,7 @@ class Request:
     prompt_param: str = "prompt"  # the request field a too-long prompt is reported on
     submitted: float = field(default_factory=time.monotonic)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    _finished: bool = field(default=False, repr=False)  # its Finished event was sent; nothing more is
 
     def cancel(self) -> None:
         """Stop this request at the next token boundary (its row leaves the batch)."""
@@ -127,6 +128,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._rows: list[_Row] = []
         self._state: DecodeState | None = None
+        self._admitted: list[Request] = []  # admitted this step, until they join the batch
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -209,20 +211,32 @@ class Scheduler:
                 except Exception as exc:  # a failed forward ends every running row, never the thread
                     log.exception("decode step failed")
                     self._finish_rows(range(len(self._rows)), "error", exc)
+                    self._finish_admitted(exc)
         error = EngineStateError("the server is shutting down")
         self._finish_rows(range(len(self._rows)), "error", error)
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
+            commands, self._commands = list(self._commands), deque()
         for request in waiting:
             self._emit(request, Finished("error", 0, error))
+        for _, future in commands:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+
+    def _finish_admitted(self, error: Exception) -> None:
+        """Requests admitted this step that have not ended (their step failed) end with ``error``."""
+        for request in self._admitted:
+            self._emit(request, Finished("error", 0, error))
+        self._admitted = []
 
     def _step(self) -> None:
         self._run_commands()
         now = time.monotonic()
         self._drop_left(now)
-        admitted = self._admit(now)
+        self._admitted = admitted = self._admit(now)
         if admitted:
             self._prefill(admitted)
+        self._admitted = []
         if self._rows:
             self._decode()
 
@@ -292,12 +306,12 @@ class Scheduler:
         try:
             groups = [(requests, self.engine.prefill([r.prompt_ids for r in requests], [r.entry for r in requests],
                                                      self.pad_id))]
-        except AdaptkitError:
+        except Exception:  # find the faulty one: each alone
             groups = []
             for request in requests:
                 try:
                     groups.append(([request], self.engine.prefill([request.prompt_ids], [request.entry], self.pad_id)))
-                except AdaptkitError as exc:
+                except Exception as exc:
                     self._emit(request, Finished("error", 0, exc))
         for group, (logits, state) in groups:
             self.stats["prefills"] += 1
@@ -375,7 +389,10 @@ class Scheduler:
             self._state = select_rows(self._state, keep)
 
     def _emit(self, request: Request, event: Event) -> None:
+        if request._finished:
+            return
         if isinstance(event, Finished):
+            request._finished = True
             self.stats[f"finished_{event.reason}"] += 1
         try:
             request.on_event(event)

@@ -134,10 +134,14 @@ def test_a_faulty_request_fails_alone(tiny_llama, paths, ref):
     for kind, recorder in good.items():
         scheduler.submit(request(kind, 4, on_event=recorder))
     scheduler.submit(Request(PROMPTS["prefix"], ak.Mix({"prefix": 0.5}), max_tokens=4, on_event=bad))
+    broken = Recorder()  # a token id outside the vocabulary: the forward itself raises
+    scheduler.submit(Request([5, 10**6], "lora", max_tokens=4, on_event=broken))
     scheduler.start()
     try:
         bad.done.wait()
         assert bad.end.reason == "error" and isinstance(bad.end.error, UnsupportedAdapterError) and not bad.tokens
+        broken.done.wait()
+        assert broken.end.reason == "error" and isinstance(broken.end.error, IndexError) and not broken.tokens
         for kind, recorder in good.items():
             recorder.done.wait()
             assert recorder.tokens == alone(ref, kind, 4)
