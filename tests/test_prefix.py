@@ -76,11 +76,11 @@ def test_mlp_reparameterisation_folded_at_load(causal_base, prefixes, tmp_path):
     torch.testing.assert_close(eng.logits(ids, adapters="p"), expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["prefix", "prefix_mlp"])
-def test_greedy_tokens_equal_peft(engine, causal_base, prefixes, method):
+def test_greedy_tokens_equal_peft(engine, causal_base, prefixes):
+    """20 greedy tokens (P-tuning v2 shares this runtime: only how the K/V were trained differs)."""
     prompt = random_ids(batch=1, length=6, seed=11)[0].tolist()
-    expected = peft_greedy(load_peft(causal_base, prefixes[method]), prompt, 20)
-    got = engine.generate_ids([prompt], adapters=method, max_new_tokens=20, eos_token_id=-1)[0]
+    expected = peft_greedy(load_peft(causal_base, prefixes["prefix_mlp"]), prompt, 20)
+    got = engine.generate_ids([prompt], adapters="prefix_mlp", max_new_tokens=20, eos_token_id=-1)[0]
     assert got == expected
     assert got != engine.generate_ids([prompt], max_new_tokens=20, eos_token_id=-1)[0]
 
