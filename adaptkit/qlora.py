@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from adaptkit import quant
-from adaptkit.base import LoadedBase, load_base, meta_model, parse_dtype, read_config
+from adaptkit.base import LoadedBase, check_made_for, load_base, meta_model, parse_dtype, read_config
 from adaptkit.errors import AdapterMismatchError, InvalidArgumentError
 from adaptkit.inject import base_modules, check_lora_fits
 from adaptkit.merge import (
@@ -102,7 +102,8 @@ def merge_qlora_checkpoint(
         dtype: output dtype (default: each tensor's own; a 4-bit weight takes ``compute_dtype``
             when the base has no full-precision copy of it).
         requantize: keep NF4: ``Q(W + dW)`` saved with transformers' 4-bit serialization.
-        loaded: an NF4 base already in memory (e.g. ``engine.base`` after serving); read as loaded.
+        loaded: an NF4 base already in memory (e.g. ``engine.base`` after serving, with no LoRA
+            merged into it in place); its layers are read as loaded, whatever forwards did since.
 
     Example:
         >>> merge_qlora_checkpoint("llama-7b", ["qlora-sql"], "merged-sql", dtype="bfloat16")
@@ -117,6 +118,7 @@ def merge_qlora_checkpoint(
             "is given): pass the base path instead"
         )
     for adapter in adapters:
+        check_made_for(adapter, loaded.facts, loaded.fingerprint)
         check_lora_fits(base_modules(loaded.model), adapter, where=str(base))
     if requantize:
         return _merge_requantized(loaded, adapters, weights, out, force)
@@ -184,30 +186,31 @@ def _merge_dequantized(base: Path, loaded: LoadedBase, adapters, weights, out, d
 
 def _merge_requantized(loaded: LoadedBase, adapters, weights, out, force) -> Path:
     """``Q(deq(Q(W)) + dW)`` into every adapted 4-bit layer of ``loaded`` (a fresh copy), then save NF4."""
+    from adaptkit.inject import is_conv1d, weight_out_in
+
     modules = base_modules(loaded.model)
     per_module: dict[str, list] = {}
     for adapter, w in zip(adapters, weights):
         for name, factors in adapter.layers.items():
             per_module.setdefault(name, []).append((factors, w))
-    writes = []  # computed before any layer changes: a failure leaves the model as loaded
+    # every new tensor is computed before any is written: a failure leaves the model as loaded
+    new_weights = {name: merged_weight(weight_out_in(modules[name]), c) for name, c in per_module.items()}
+    new_params = []  # (parameter, value): lora_bias, modules_to_save
     for name, contributions in per_module.items():
-        module = modules[name]
-        new = merged_weight(quant.dequantize_weight(module) if quant.is_quantized(module) else
-                            module.weight.detach().float(), contributions)
-        writes.append((module, new))
         if any(f.lora_B_bias is not None for f, _ in contributions):
-            writes.append((module.bias, merged_bias(module.bias, contributions)))
+            new_params.append((modules[name].bias, merged_bias(modules[name].bias, contributions)))
     for adapter in adapters:
         for name, params in adapter.saved_modules.items():
             owned = dict(modules[name].named_parameters())
-            writes += [(owned[p], t.float()) for p, t in params.items()]
-    for target, value in writes:
-        if isinstance(target, torch.nn.Module) and quant.is_quantized(target):
-            quant.replace_weight(target, value)
-        elif isinstance(target, torch.nn.Module):
-            target.weight.data.copy_(value.to(target.weight.dtype))
-        else:
-            target.data.copy_(value.to(target.dtype))
+            new_params += [(owned[p], t.float()) for p, t in params.items()]
+    for name, value in new_weights.items():
+        module = modules[name]
+        if quant.is_quantized(module):
+            quant.replace_weight(module, value)
+        else:  # a layer kept dense (skip_modules)
+            module.weight.data.copy_((value.T if is_conv1d(module) else value).to(module.weight.dtype))
+    for param, value in new_params:
+        param.data.copy_(value.to(param.dtype))
     return _save_nf4(loaded, out, force, record=lambda tmp: _write_record(
         tmp, loaded.path, loaded, adapters, weights, "requantize", "nf4"))
 

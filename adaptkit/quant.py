@@ -13,6 +13,8 @@ were still in the loaded layout gives garbage; reading its bf16 absmax gives wei
 from the ones loaded. So this module keeps, per layer, a shallow copy of the QuantState as it was
 loaded (no tensor is copied: bitsandbytes replaces the tensors rather than writing into them) and
 :func:`dequantize_weight` always returns the weights as loaded, whatever layout the layer is in now.
+On such CPUs bitsandbytes also computes repacked layers in bfloat16, whatever the compute dtype
+(adaptkit leaves its kernel choice alone: PEFT and transformers run the same one).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adaptkit.errors import InvalidArgumentError, UnsupportedAdapterError
+from adaptkit.errors import BaseModelError, InvalidArgumentError
 
 QUANT_TYPES = {"nf4": "4-bit NormalFloat (QLoRA), blocks of 64"}
 OPTIONS = ("double_quant", "skip_modules")  # what Engine.from_pretrained(..., quantize="nf4", **options) takes
@@ -116,7 +118,7 @@ def stored_quantization(config, where: str) -> str | None:
     stored = stored if isinstance(stored, dict) else stored.to_dict()
     method, quant_type = stored.get("quant_method"), stored.get("bnb_4bit_quant_type")
     if method != "bitsandbytes" or not stored.get("load_in_4bit") or quant_type not in QUANT_TYPES:
-        raise UnsupportedAdapterError(
+        raise BaseModelError(
             f"{where}: config.json quantization_config is {method} (4-bit: {stored.get('load_in_4bit')}, "
             f"type {quant_type}); adaptkit serves bitsandbytes NF4 bases only: save the base in 16/32-bit instead"
         )
@@ -351,3 +353,16 @@ def estimate_nbytes(
             seen.add(id(tensor))
             total += tensor.numel() * (element if tensor.is_floating_point() else tensor.element_size())
     return total + sum(b.numel() * b.element_size() for b in skeleton.buffers())
+
+
+# ------------------------------------------------------------------ training
+def training_optimizer(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """QLoRA's optimizer for the adapter parameters: bitsandbytes' paged 8-bit AdamW when they live on
+    CUDA (optimizer state in 8-bit blocks, paged to CPU memory under pressure), plain AdamW elsewhere
+    (bitsandbytes' paged optimizers need CUDA unified memory)."""
+    params = list(params)
+    if torch.cuda.is_available() and params and params[0].is_cuda:
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
