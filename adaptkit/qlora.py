@@ -112,10 +112,10 @@ def merge_qlora_checkpoint(
     weights = check_merge_weights(adapters, weights)
     if loaded is None:
         loaded = _load_nf4(base, compute_dtype, quantize_options)
-    elif loaded.quantize is None or requantize:
+    elif loaded.quantize is None or requantize or Path(base).resolve() != loaded.path.resolve():
         raise InvalidArgumentError(
-            f"{loaded.path}: loaded= takes an NF4 base, and not with requantize (which changes the layers it "
-            "is given): pass the base path instead"
+            f"{loaded.path}: loaded= takes the NF4 base loaded from {base}, and not with requantize (which "
+            "changes the layers it is given): pass the base path alone instead"
         )
     for adapter in adapters:
         check_made_for(adapter, loaded.facts, loaded.fingerprint)
