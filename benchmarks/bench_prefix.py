@@ -10,7 +10,7 @@ PEFT 0.21.2's ``generate`` under transformers 5.24 drops the prefix/prompt after
 (it injects ``past_key_values``, renamed ``cache``), so its tokens are wrong; it is timed as users
 get it, flagged, together with ``use_cache=False`` (re-runs the whole sequence per token).
 
-    python benchmarks/bench_prefix.py [--out bench-results/prefix.json] [--repeats 20]
+    python benchmarks/bench_prefix.py [--out bench-results/prefix.json] [--repeats 20] [--threads 1]
 """
 
 from __future__ import annotations
@@ -138,7 +138,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=16, help="decode: ms/token from 1 vs 1+N new tokens")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench(Path(tmp), args.seq, args.new_tokens, args.repeats)
     print(format_table(rows, ["phase", "case", "batch", "seq", "median_ms", "p90_ms", "ratio_vs_base", "ratio_vs_prefix"]))
