@@ -30,6 +30,7 @@ _PUBLIC = {
     "merge_checkpoint": "adaptkit.merge",
     "merge_qlora_checkpoint": "adaptkit.qlora",
     "quantize_base": "adaptkit.qlora",
+    "train": "adaptkit.trainer",
 }
 
 __all__ = sorted(_PUBLIC)
@@ -63,3 +64,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from adaptkit.merge import merge_checkpoint
     from adaptkit.qlora import merge_qlora_checkpoint, quantize_base
     from adaptkit.routing import Average, Fuse, Mix, Stack
+    from adaptkit.trainer import train

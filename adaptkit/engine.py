@@ -24,6 +24,7 @@ from adaptkit.adapters.bottleneck import bottleneck_details
 from adaptkit.adapters.compose import check_row_entries
 from adaptkit.adapters.fusion import fusion_details
 from adaptkit.adapters.lora import LoraAdapter
+from adaptkit.adapters.pet import pet_details
 from adaptkit.adapters.prefix import prefix_details
 from adaptkit.adapters.prompt import prompt_details
 from adaptkit.base import LoadedBase, check_made_for, load_base
@@ -73,6 +74,7 @@ _KIND_HANDLERS = {
     "fusion": (sites.attach_fusion, sites.detach_fusion, fusion_details),
     "prefix": (prefix_cache.attach_prefix, prefix_cache.detach_prefix, prefix_details),
     "prompt": (prefix_cache.attach_prompt, prefix_cache.detach_prompt, prompt_details),
+    "pet": (inject.attach_pet, inject.detach_pet, pet_details),
 }
 
 
@@ -242,6 +244,35 @@ class Engine:
             out = self.model(**kwargs)
         out = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
         return out[:, virtual:]
+
+    @torch.inference_mode()
+    def classify(self, texts: Sequence[str] | str, adapter: str) -> list[dict[str, float]]:
+        """Label probabilities of each text under the PET adapter ``adapter`` (pattern, verbalizer, its LoRA).
+
+        ``p(l | x) = softmax_l(logits[slot, id(v(l))])`` (``adapters/pet.py``); one ``{label: p}`` per text.
+
+        Example:
+            >>> eng.classify(["the movie was dull"], adapter="sentiment")  # [{"pos": 0.1, "neg": 0.9}]
+        """
+        from adaptkit.adapters.pet import KIND, encode_pattern, label_log_probs, label_word_ids
+
+        self._require(adapter)
+        pet = self._adapters[adapter]
+        if pet.kind != KIND:
+            raise UnsupportedAdapterError(f"{adapter!r} is a {pet.kind} adapter; classify needs a PET adapter")
+        if self.tokenizer is None:
+            raise EngineStateError(f"{self.base.path} has no tokenizer files; classify reads text")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        encoded = [encode_pattern(self.tokenizer, pet.config, text, pet.scoring) for text in texts]
+        width = max(len(ids) for ids, _ in encoded)  # right padding: encoders count positions from 0
+        input_ids = torch.full((len(texts), width), self.stop_and_pad_ids()[1], dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, (ids, _) in enumerate(encoded):
+            input_ids[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids), 1
+        logits = self.logits(input_ids, mask, adapters=adapter)
+        slots = torch.tensor([slot for _, slot in encoded])
+        probs = label_log_probs(logits, slots, label_word_ids(self.tokenizer, pet.config)).exp()
+        return [dict(zip(pet.config.labels, row.tolist())) for row in probs]
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         if self.tokenizer is None:

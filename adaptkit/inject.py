@@ -288,3 +288,19 @@ def detach_lora(model: nn.Module, name: str, adapter) -> None:
         if isinstance(module, SwitchedModule) and name in module.replacements:
             module.remove(name)
             unwrap_if_empty(model, module_name)
+
+
+def attach_pet(model: nn.Module, name: str, adapter, dtype: torch.dtype, device: torch.device) -> None:
+    """Check the base scores a PET slot as the adapter was trained to; attach its LoRA, if it carries one
+    (the pattern and verbalizer act in ``Engine.classify``, not in the model)."""
+    from adaptkit.adapters.pet import check_pet_fits
+    from adaptkit.arch import facts_from_config
+
+    check_pet_fits(adapter, facts_from_config(model.config), model)
+    if adapter.lora is not None:
+        attach_lora(model, name, adapter.lora, dtype, device)
+
+
+def detach_pet(model: nn.Module, name: str, adapter) -> None:
+    if adapter.lora is not None:
+        detach_lora(model, name, adapter.lora)

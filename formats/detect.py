@@ -6,14 +6,16 @@ import os
 from pathlib import Path
 
 from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
-from adaptkit.formats import adapterhub, peft, prefix_file
+from adaptkit.formats import adapterhub, peft, pet, prefix_file
 
 
 def read_adapter(path: str | os.PathLike):
-    """Read any supported adapter (PEFT folder, AdapterHub folder, adaptkit file) from ``path``."""
+    """Read any supported adapter (PEFT folder, AdapterHub folder, adaptkit file or PET folder) from ``path``."""
     path = Path(path)
     if prefix_file.is_prefix_file(path):
         return prefix_file.read_prefix_file(path)
+    if pet.is_pet_folder(path):  # before PEFT: a PET folder also holds its LoRA's adapter_config.json
+        return pet.read_pet(path)
     if (path / adapterhub.FUSION_CONFIG_NAME).is_file():
         return adapterhub.read_fusion(path)
     if (path / adapterhub.SETUP_NAME).is_file() and not (path / peft.CONFIG_NAME).is_file():

@@ -456,3 +456,18 @@ def write_prompt(adapter: PromptAdapter, folder: str | os.PathLike) -> Path:
         config = {"peft_type": "P_TUNING", "num_virtual_tokens": cfg.num_virtual_tokens, "token_dim": cfg.token_dim,
                   "encoder_reparameterization_type": (cfg.encoder or "mlp").upper()}
     return _write_prompt_learning(folder, config, adapter.embeddings, adapter)
+
+
+def write_prompt_encoder(adapter, encoder: dict[str, torch.Tensor], folder: str | os.PathLike, **config_fields) -> Path:
+    """adaptkit's training form of a prefix or P-tuning adapter: its PEFT config (updated with
+    ``config_fields``, e.g. ``prefix_projection``) and the *unfolded* encoder, keys ``prompt_encoder.<name>``
+    (``PROMPT_KEY_TABLE``), instead of the folded tensor. :func:`read_prefix` / :func:`read_prompt` fold
+    it at load; PEFT itself reads the folded form that :func:`write_prefix` / :func:`write_prompt` write.
+    """
+    folder = write_prefix(adapter, folder) if isinstance(adapter, PrefixAdapter) else write_prompt(adapter, folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config.update(config_fields)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    state = {f"prompt_encoder.{name}": tensor.detach().contiguous().cpu() for name, tensor in encoder.items()}
+    save_file(state, str(folder / WEIGHT_NAMES[0]), metadata={"format": "pt"})
+    return folder

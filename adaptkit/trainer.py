@@ -1,0 +1,378 @@
+"""Training: a thin loop over the adapter modules the engine runs (``train_methods.py`` builds them).
+
+    result = ak.train("lora", "path/to/base", "data.jsonl", "out/sql", epochs=3, r=8)
+
+The base is loaded by the engine, frozen (``requires_grad=False``) and in eval mode (no dropout);
+only the method's parameters train, with AdamW. Loss of one micro-batch::
+
+    lm / completion   mean over labelled tokens t of  -log p(x_t | x_<t)      (labels -100 excluded)
+    classification    mean over rows of  -log softmax_l(s_l)[gold]            (adapters/pet.py)
+
+With ``grad_accum = n`` the gradient of an optimizer step is that of the mean of ``n`` micro-batch
+losses. After each epoch the held-out rows (``eval_split``) are scored: loss and accuracy (label
+accuracy for classification, next-token accuracy on labelled tokens otherwise).
+
+Checkpoints go to ``<out>.checkpoints/step-NNNNNN`` (each written atomically, the last two kept)
+after every epoch, every ``save_every`` steps and at the end: the trainable parameters, the
+optimizer state, the torch RNG state and the position (epoch, batch). An epoch's order depends only
+on (seed, epoch), so ``resume=`` continues to exactly the result of an uninterrupted run. The output
+folder is written atomically at the end, in the layout of the method's kind (``MethodSetup.save``)
+with ``adaptkit_train.json`` (settings, losses, evaluations) beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from adaptkit.adapters.pet import label_log_probs
+from adaptkit.errors import InvalidArgumentError, OutputExistsError
+from adaptkit.formats.checkpoint import atomic_output_dir
+from adaptkit.generation import positions_from_mask
+from adaptkit.prefix_cache import add_virtual_inputs
+from adaptkit.routing import route_rows, use_plan
+from adaptkit.train_data import (
+    IGNORE,
+    Batch,
+    batches,
+    epoch_order,
+    make_objective,
+    read_jsonl,
+    split_eval,
+    tokenize,
+)
+from adaptkit.train_methods import method_named, setup_method
+from adaptkit.train_setup import MethodSetup, SetupContext, adamw
+
+ADAPTER_NAME = "trained"  # the engine name the trained adapter is attached under
+RECORD_NAME = "adaptkit_train.json"
+KEEP_CHECKPOINTS = 2
+# settings that change the result: a checkpoint only resumes a run that has the same ones
+_SIGNATURE_KEYS = ("method", "options", "base_fingerprint", "data_sha256", "lr", "batch_size", "grad_accum",
+                   "eval_split", "seed", "max_length", "weight_decay", "pattern", "verbalizer")
+
+
+@dataclass
+class RunState:
+    """Where a run is: optimizer steps done, the epoch and how many of its micro-batches are done."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)  # training loss of every optimizer step
+    evals: list[dict] = field(default_factory=list)  # held-out scores after every epoch
+    initial_eval: dict | None = None  # held-out scores before the first step
+    pretrain_losses: list[float] = field(default_factory=list)  # PPT's unlabeled stage
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: the output folder, losses per step, evaluations, throughput."""
+
+    path: Path
+    method: str
+    steps: int
+    losses: list[float]
+    evals: list[dict]
+    initial_eval: dict | None
+    final_eval: dict | None
+    tokens: int
+    seconds: float
+    checkpoint: Path | None
+    pretrain_losses: list[float] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- forward and loss
+def forward_logits(engine, setup: MethodSetup, batch: Batch) -> torch.Tensor:
+    """Logits [B, S, V] at the batch's own positions, every row routed to ``setup.entry``.
+
+    Prefix/prompt methods put their current (unfolded, differentiable) K/V or embeddings into the
+    model's inputs as the engine does; prompts are always prepended here, never served from a cache.
+    """
+    model = engine.model
+    plan = route_rows([setup.entry] * batch.input_ids.shape[0], device=engine.device)
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    if engine.base.facts.spec.is_causal:
+        kwargs.update(position_ids=positions_from_mask(batch.attention_mask), use_cache=False)
+    virtual = 0
+    if setup.virtual is not None:
+        virtual = add_virtual_inputs(model, plan, {ADAPTER_NAME: setup.virtual()}, kwargs, prompt_as_cache=False)
+    with use_plan(plan):
+        out = model(**kwargs)
+    return out.logits[:, virtual:]
+
+
+def batch_loss(logits: torch.Tensor, batch: Batch, objective) -> tuple[torch.Tensor, int, int]:
+    """(mean loss, correct predictions, predictions counted) of one batch."""
+    if objective.kind == "classification":
+        scores = label_log_probs(logits, batch.slots, objective.word_ids)  # [B, K]
+        loss = F.nll_loss(scores, batch.targets)
+        return loss, int((scores.argmax(-1) == batch.targets).sum()), len(batch.targets)
+    predicted, wanted = logits[:, :-1].float(), batch.labels[:, 1:]  # position t predicts token t+1
+    loss = F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), wanted.reshape(-1), ignore_index=IGNORE)
+    labelled = wanted != IGNORE
+    return loss, int(((predicted.argmax(-1) == wanted) & labelled).sum()), int(labelled.sum())
+
+
+@torch.no_grad()
+def evaluate(engine, setup: MethodSetup, examples, objective, batch_size: int, pad_id: int) -> dict | None:
+    """Loss and accuracy on ``examples`` (None when there are none); ``chance`` is 1/labels or 1/vocab."""
+    if not examples:
+        return None
+    total, correct, counted = 0.0, 0, 0
+    for batch in batches(examples, batch_size, list(range(len(examples))), pad_id):
+        batch = batch.to(engine.device)
+        loss, right, count = batch_loss(forward_logits(engine, setup, batch), batch, objective)
+        total, correct, counted = total + float(loss) * count, correct + right, counted + count
+    chance = 1 / (objective.num_labels or engine.base.facts.vocab_size)
+    return {"loss": total / max(counted, 1), "accuracy": correct / max(counted, 1), "chance": chance, "count": counted}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _checkpoint_dir(out: Path, checkpoint_dir) -> Path:
+    return Path(checkpoint_dir) if checkpoint_dir else out.parent / f"{out.name}.checkpoints"
+
+
+def save_checkpoint(folder: Path, setup: MethodSetup, optimizer, state: RunState, signature: dict) -> Path:
+    """Write one checkpoint atomically; keep the last ``KEEP_CHECKPOINTS`` beside it."""
+    path = folder / f"step-{state.step:06d}"
+    with atomic_output_dir(path, force=True) as tmp:
+        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in setup.trainable.state_dict().items()}
+        save_file(tensors, str(tmp / "trainable.safetensors"))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"signature": signature, "state": asdict(state)}, indent=2))
+    for old in sorted(folder.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def latest_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` itself when it is a checkpoint, else the newest ``step-*`` inside it."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    found = sorted(p for p in path.glob("step-*") if (p / "trainer_state.json").is_file()) if path.is_dir() else []
+    if not found:
+        raise InvalidArgumentError(f"{path}: no checkpoint here (expected trainer_state.json, or step-* folders)")
+    return found[-1]
+
+
+def load_checkpoint(path: Path, setup: MethodSetup, optimizer, signature: dict) -> RunState:
+    """Restore parameters, optimizer and RNG from ``path``; the run's settings must match its own."""
+    record = json.loads((path / "trainer_state.json").read_text())
+    for key in _SIGNATURE_KEYS:
+        theirs, ours = record["signature"].get(key), signature.get(key)
+        if theirs != ours:
+            raise InvalidArgumentError(
+                f"{path}: the checkpoint was made with {key}={theirs!r}, this run has {key}={ours!r}; resume with "
+                "the same settings (only epochs, max_steps and save_every may change)"
+            )
+    setup.trainable.load_state_dict(load_file(str(path / "trainable.safetensors")), strict=True)
+    saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    return RunState(**record["state"])
+
+
+# ----------------------------------------------------------------------------- the loop
+@dataclass
+class _Run:
+    """One fit: the data, objective and optimizer of a stage (PPT has two stages)."""
+
+    engine: object
+    setup: MethodSetup
+    objective: object
+    examples: list
+    optimizer: torch.optim.Optimizer
+    batch_size: int
+    grad_accum: int
+    seed: int
+    pad_id: int
+
+    def groups(self, epoch: int) -> list[list[Batch]]:
+        """The micro-batches of ``epoch``, ``grad_accum`` per optimizer step."""
+        order = epoch_order(len(self.examples), epoch, self.seed)
+        micro = batches(self.examples, self.batch_size, order, self.pad_id)
+        return [micro[i : i + self.grad_accum] for i in range(0, len(micro), self.grad_accum)]
+
+    def step(self, group: list[Batch]) -> tuple[float, int]:
+        """One optimizer step over a group of micro-batches; (mean loss, tokens)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total, tokens = 0.0, 0
+        for batch in group:
+            batch = batch.to(self.engine.device)
+            loss = batch_loss(forward_logits(self.engine, self.setup, batch), batch, self.objective)[0]
+            (loss / len(group)).backward()
+            total, tokens = total + float(loss.detach()), tokens + batch.tokens
+        self.optimizer.step()
+        return total / len(group), tokens
+
+
+def _steps_per_epoch(count: int, batch_size: int, grad_accum: int) -> int:
+    micro = -(-count // batch_size)
+    return -(-micro // grad_accum)
+
+
+def _check_settings(epochs, lr, batch_size, grad_accum, max_steps, save_every, max_length) -> None:
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum),
+                        ("max_length", max_length)):
+        if not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("max_steps", max_steps), ("save_every", save_every)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise InvalidArgumentError(f"{name} must be a positive integer or None, got {value!r}")
+    if lr is not None and not lr > 0:
+        raise InvalidArgumentError(f"lr must be positive, got {lr!r}")
+
+
+def _pretrain(engine, setup: MethodSetup, state: RunState, weight_decay: float, lr: float, settings: dict,
+              progress: bool) -> None:
+    """PPT's first stage: the prompt trained on unlabeled ``{"text"}`` rows with the LM loss (own optimizer)."""
+    dataset = read_jsonl(setup.pretrain["data"])
+    objective = make_objective(dataset, engine.tokenizer, engine.base.facts.spec.is_causal)
+    if objective.kind != "lm":
+        raise InvalidArgumentError(f"{dataset.path}: PPT pre-trains on unlabeled {{\"text\"}} rows, not {dataset.kind} rows")
+    examples = tokenize(dataset, engine.tokenizer, objective, settings["max_length"])
+    params = [p for p in setup.trainable.parameters() if p.requires_grad]
+    run = _Run(engine, setup, objective, examples, adamw(params, lr, weight_decay), settings["batch_size"],
+               settings["grad_accum"], settings["seed"], settings["pad_id"])
+    epochs = setup.pretrain["epochs"]
+    bar = tqdm(total=epochs * len(run.groups(0)), desc="ppt pre-training", unit="step", disable=not progress)
+    for epoch in range(epochs):
+        for group in run.groups(epoch):
+            loss, _ = run.step(group)
+            state.pretrain_losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+    bar.close()
+
+
+def train(method: str, base: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+          epochs: int = 1, lr: float | None = None, batch_size: int = 8, grad_accum: int = 1, eval_split: float = 0.1,
+          seed: int = 0, resume: str | os.PathLike | None = None, max_steps: int | None = None,
+          save_every: int | None = None, checkpoint_dir: str | os.PathLike | None = None, max_length: int = 512,
+          weight_decay: float = 0.0, pattern: str | None = None, verbalizer: dict | None = None,
+          dtype: str = "float32", device: str | None = None, progress: bool = True, force: bool = False,
+          **method_options) -> TrainResult:
+    """Train an adapter of ``method`` on ``base`` with the rows of ``data``; write it to ``out``.
+
+    Args:
+        method: ``lora``, ``qlora``, ``prefix``, ``ptuning2``, ``prompt``, ``ptuning``, ``ppt``,
+            ``bottleneck``, ``fusion`` or ``pet`` (``train_methods.METHODS``).
+        base: a Hugging Face model folder. data: a jsonl file (see ``train_data.py``).
+        out: output folder, in the layout of the method's kind (PEFT, AdapterHub, PET).
+        lr: AdamW learning rate (default: the method's). eval_split: share of rows held out.
+        resume: a checkpoint folder, or the checkpoints folder (the newest is taken).
+        max_steps: stop after this many optimizer steps in all. save_every: checkpoint period (steps).
+        pattern, verbalizer: how ``{"text", "label"}`` rows are scored (``adapters/pet.py``).
+        method_options: the method's own options (e.g. ``r=8``, ``virtual_tokens=20``).
+
+    Example:
+        >>> ak.train("prompt", "tiny-llama", "data.jsonl", "out/prompt", epochs=3, virtual_tokens=8)
+    """
+    from adaptkit.engine import Engine
+
+    _check_settings(epochs, lr, batch_size, grad_accum, max_steps, save_every, max_length)
+    spec = method_named(method)
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; choose another output folder or pass force=True (--force)")
+    checkpoints = _checkpoint_dir(out, checkpoint_dir)
+    if resume is None and checkpoints.exists() and any(checkpoints.glob("step-*")):
+        if not force:
+            raise OutputExistsError(f"{checkpoints} holds checkpoints of an earlier run; resume from it "
+                                    f"(--resume {checkpoints}) or pass --force to start over")
+        shutil.rmtree(checkpoints)
+    resume_path = latest_checkpoint(resume) if resume is not None else None
+    dataset = read_jsonl(data)  # before the base: bad rows fail fast
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = Engine.from_pretrained(base, dtype=dtype, quantize=spec.quantize, device=device)
+    causal = engine.base.facts.spec.is_causal
+    scoring = None
+    if dataset.kind == "classification":
+        from adaptkit.adapters.pet import scoring_for
+
+        scoring = scoring_for(engine.base.facts, engine.model)
+    objective = make_objective(dataset, engine.tokenizer, causal, scoring, pattern, verbalizer)
+    examples = tokenize(dataset, engine.tokenizer, objective, max_length)
+    train_rows, eval_rows = split_eval(len(examples), eval_split, seed)
+    train_examples, eval_examples = [examples[i] for i in train_rows], [examples[i] for i in eval_rows]
+
+    torch.manual_seed(seed)
+    hub_name = re.sub(r"[^A-Za-z0-9_\-]", "_", out.name) or "adapter"
+    ctx = SetupContext(engine, ADAPTER_NAME, objective, hub_name)
+    setup = setup_method(method, ctx, method_options)
+    lr = spec.lr if lr is None else float(lr)
+    params = [p for p in setup.trainable.parameters() if p.requires_grad]
+    optimizer = (setup.make_optimizer or adamw)(params, lr, weight_decay)
+    signature = {"method": method, "options": setup.options, "base_fingerprint": engine.base.fingerprint,
+                 "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(), "lr": lr,
+                 "batch_size": batch_size, "grad_accum": grad_accum, "eval_split": eval_split, "seed": seed,
+                 "max_length": max_length, "weight_decay": weight_decay, "pattern": objective.pet and objective.pet.pattern,
+                 "verbalizer": objective.pet and objective.pet.verbalizer}
+    signature = json.loads(json.dumps(signature))  # as a checkpoint stores it (tuples become lists)
+    pad_id = engine.stop_and_pad_ids()[1]
+    settings = {"batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "max_length": max_length,
+                "pad_id": pad_id}
+    state = RunState()
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, setup, optimizer, signature)
+    else:
+        if setup.pretrain is not None:
+            _pretrain(engine, setup, state, weight_decay, lr, settings, progress)
+        state.initial_eval = evaluate(engine, setup, eval_examples, objective, batch_size, pad_id)
+
+    run = _Run(engine, setup, objective, train_examples, optimizer, batch_size, grad_accum, seed, pad_id)
+    per_epoch = _steps_per_epoch(len(train_examples), batch_size, grad_accum)
+    total = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
+    started, checkpoint = time.perf_counter(), resume_path
+    saved_step = state.step if resume_path is not None else None
+    bar = tqdm(total=total, initial=min(state.step, total), desc=f"train {method}", unit="step", disable=not progress)
+    while state.epoch < epochs and state.step < total:
+        groups = run.groups(state.epoch)
+        for group in groups[state.batch // grad_accum :]:
+            loss, tokens = run.step(group)
+            state.step, state.batch, state.tokens = state.step + 1, state.batch + len(group), state.tokens + tokens
+            state.losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if save_every and state.step % save_every == 0:
+                checkpoint, saved_step = save_checkpoint(checkpoints, setup, optimizer, state, signature), state.step
+            if state.step >= total:
+                break
+        if state.batch >= sum(len(g) for g in groups):
+            state.epoch, state.batch = state.epoch + 1, 0
+            state.evals.append({"epoch": state.epoch, "step": state.step,
+                                **(evaluate(engine, setup, eval_examples, objective, batch_size, pad_id) or {})})
+            checkpoint, saved_step = save_checkpoint(checkpoints, setup, optimizer, state, signature), state.step
+    bar.close()
+    if saved_step != state.step:
+        checkpoint = save_checkpoint(checkpoints, setup, optimizer, state, signature)
+    final_eval = evaluate(engine, setup, eval_examples, objective, batch_size, pad_id)
+    seconds = time.perf_counter() - started
+    result = TrainResult(out, method, state.step, state.losses, state.evals, state.initial_eval, final_eval,
+                         state.tokens, seconds, checkpoint, state.pretrain_losses)
+    with atomic_output_dir(out, force=force) as tmp:
+        setup.save(tmp)
+        record = {**signature, "base": str(base), "data": str(data), "epochs": epochs, "steps": state.step,
+                  "losses": state.losses, "initial_eval": state.initial_eval, "evals": state.evals, "final_eval": final_eval,
+                  "pretrain_losses": state.pretrain_losses, "tokens": state.tokens, "seconds": seconds}
+        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2))
+    return result
