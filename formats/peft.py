@@ -24,6 +24,7 @@ from adaptkit.adapters.prefix import (
     prefix_from_flat,
 )
 from adaptkit.adapters.prompt import PromptAdapter, PromptConfig, fold_lstm_encoder, fold_mlp_encoder
+from adaptkit.base import family_of_class
 from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
 from adaptkit.formats.tensors import first_existing, load_tensor_file
 
@@ -210,9 +211,10 @@ def read_adaptkit_meta(folder: Path) -> dict:
 def lora_config_to_peft(config: LoraConfig, base_class: str | None = None) -> dict:
     """The PEFT ``adapter_config.json`` dict of a :class:`LoraConfig`."""
     targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
+    encoder = base_class is not None and family_of_class(base_class) == "bert"
     out = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": None if encoder else "CAUSAL_LM",  # PEFT's causal-LM wrapper refuses encoders (no generate)
         "r": config.r,
         "lora_alpha": config.alpha,
         "target_modules": targets,
