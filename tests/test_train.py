@@ -111,6 +111,19 @@ def test_method_learns_and_saves_what_it_trained(method, request, task, engines,
     engine.remove_adapter(method)
 
 
+def test_completion_rows_train_on_the_completion(tiny_llama, tmp_path):
+    """``{"prompt", "completion"}`` rows: loss on the completion's tokens (and end-of-sequence) only.
+    Margins: held-out next-token accuracy on those tokens >= 0.9 (chance 1/320), loss <= 0.6 x its start."""
+    rows = [{"prompt": " ".join(c * (2 + i % 3)), "completion": "=" + ("1" if c == "x" else "0")}
+            for i, c in enumerate("xy" * 24)]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = ak.train("lora", tiny_llama, tmp_path / "c.jsonl", tmp_path / "out", epochs=3, lr=2e-2,
+                      eval_split=EVAL_SPLIT, progress=False)
+    assert result.final_eval["count"] == 12 * 3  # "=", the digit, end-of-sequence: prompt tokens carry no loss
+    assert result.final_eval["accuracy"] >= 0.9 > 50 * result.final_eval["chance"]
+    assert result.final_eval["loss"] <= 0.6 * result.initial_eval["loss"]
+
+
 def test_encoders_saved_beside_folded_prefix_and_ptuning(tiny_llama, task, tmp_path):
     """Prefix tuning / P-tuning also write their unfolded encoder (``encoder/``): it folds to the saved result."""
     from adaptkit.formats.detect import read_adapter
