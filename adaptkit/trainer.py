@@ -205,6 +205,14 @@ class _Run:
     grad_accum: int
     seed: int
     pad_id: int
+    eval_examples: list = field(default_factory=list)
+
+    def steps_per_epoch(self) -> int:
+        micro = -(-len(self.examples) // self.batch_size)
+        return -(-micro // self.grad_accum)
+
+    def evaluate(self) -> dict | None:
+        return evaluate(self.engine, self.setup, self.eval_examples, self.objective, self.batch_size, self.pad_id)
 
     def groups(self, epoch: int) -> list[list[Batch]]:
         """The micro-batches of ``epoch``, ``grad_accum`` per optimizer step."""
@@ -225,11 +233,6 @@ class _Run:
         return total / len(group), tokens
 
 
-def _steps_per_epoch(count: int, batch_size: int, grad_accum: int) -> int:
-    micro = -(-count // batch_size)
-    return -(-micro // grad_accum)
-
-
 def _check_settings(epochs, lr, batch_size, grad_accum, max_steps, save_every, max_length) -> None:
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum),
                         ("max_length", max_length)):
@@ -242,26 +245,74 @@ def _check_settings(epochs, lr, batch_size, grad_accum, max_steps, save_every, m
         raise InvalidArgumentError(f"lr must be positive, got {lr!r}")
 
 
-def _pretrain(engine, setup: MethodSetup, state: RunState, weight_decay: float, lr: float, settings: dict,
-              progress: bool) -> None:
+def _pretrain(run: _Run, state: RunState, lr: float, weight_decay: float, max_length: int, progress: bool) -> None:
     """PPT's first stage: the prompt trained on unlabeled ``{"text"}`` rows with the LM loss (own optimizer)."""
+    engine, setup = run.engine, run.setup
     dataset = read_jsonl(setup.pretrain["data"])
     objective = make_objective(dataset, engine.tokenizer, engine.base.facts.spec.is_causal)
     if objective.kind != "lm":
         raise InvalidArgumentError(f"{dataset.path}: PPT pre-trains on unlabeled {{\"text\"}} rows, not {dataset.kind} rows")
-    examples = tokenize(dataset, engine.tokenizer, objective, settings["max_length"])
     params = [p for p in setup.trainable.parameters() if p.requires_grad]
-    run = _Run(engine, setup, objective, examples, adamw(params, lr, weight_decay), settings["batch_size"],
-               settings["grad_accum"], settings["seed"], settings["pad_id"])
+    stage = _Run(engine, setup, objective, tokenize(dataset, engine.tokenizer, objective, max_length),
+                 adamw(params, lr, weight_decay), run.batch_size, run.grad_accum, run.seed, run.pad_id)
     epochs = setup.pretrain["epochs"]
-    bar = tqdm(total=epochs * len(run.groups(0)), desc="ppt pre-training", unit="step", disable=not progress)
+    bar = tqdm(total=epochs * stage.steps_per_epoch(), desc="ppt pre-training", unit="step", disable=not progress)
     for epoch in range(epochs):
-        for group in run.groups(epoch):
-            loss, _ = run.step(group)
+        for group in stage.groups(epoch):
+            loss, _ = stage.step(group)
             state.pretrain_losses.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
     bar.close()
+
+
+def _fit(run: _Run, state: RunState, epochs: int, total: int, save_every: int | None, save, progress: bool,
+         label: str) -> Path | None:
+    """Optimizer steps from ``state`` on until ``epochs`` or ``total`` steps; held-out scores and a
+    checkpoint (``save()``) after every epoch, checkpoints every ``save_every`` steps. Returns the
+    last checkpoint written (None if none)."""
+    saved = None
+    bar = tqdm(total=total, initial=min(state.step, total), desc=label, unit="step", disable=not progress)
+    while state.epoch < epochs and state.step < total:
+        groups = run.groups(state.epoch)
+        for group in groups[state.batch // run.grad_accum :]:
+            loss, tokens = run.step(group)
+            state.step, state.batch, state.tokens = state.step + 1, state.batch + len(group), state.tokens + tokens
+            state.losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if save_every and state.step % save_every == 0:
+                saved = save()
+            if state.step >= total:
+                break
+        if state.batch >= sum(len(g) for g in groups):  # the epoch is complete
+            state.epoch, state.batch = state.epoch + 1, 0
+            state.evals.append({"epoch": state.epoch, "step": state.step, **(run.evaluate() or {})})
+            saved = save()
+    bar.close()
+    return saved
+
+
+def _prepare_output(out: Path, checkpoint_dir, resume, force: bool) -> Path:
+    """The checkpoints folder; refuses an existing ``out`` or an earlier run's checkpoints unless ``force``."""
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; choose another output folder or pass force=True (--force)")
+    checkpoints = _checkpoint_dir(out, checkpoint_dir)
+    if resume is None and checkpoints.exists() and any(checkpoints.glob("step-*")):
+        if not force:
+            raise OutputExistsError(f"{checkpoints} holds checkpoints of an earlier run; resume from it "
+                                    f"(--resume {checkpoints}) or pass --force to start over")
+        shutil.rmtree(checkpoints)
+    return checkpoints
+
+
+def _scoring(engine, dataset) -> str | None:
+    """How classification rows score their slot on this base (None for other rows)."""
+    if dataset.kind != "classification":
+        return None
+    from adaptkit.adapters.pet import scoring_for
+
+    return scoring_for(engine.base.facts, engine.model)
 
 
 def train(method: str, base: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
@@ -292,33 +343,19 @@ def train(method: str, base: str | os.PathLike, data: str | os.PathLike, out: st
     _check_settings(epochs, lr, batch_size, grad_accum, max_steps, save_every, max_length)
     spec = method_named(method)
     out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; choose another output folder or pass force=True (--force)")
-    checkpoints = _checkpoint_dir(out, checkpoint_dir)
-    if resume is None and checkpoints.exists() and any(checkpoints.glob("step-*")):
-        if not force:
-            raise OutputExistsError(f"{checkpoints} holds checkpoints of an earlier run; resume from it "
-                                    f"(--resume {checkpoints}) or pass --force to start over")
-        shutil.rmtree(checkpoints)
+    checkpoints = _prepare_output(out, checkpoint_dir, resume, force)
     resume_path = latest_checkpoint(resume) if resume is not None else None
     dataset = read_jsonl(data)  # before the base: bad rows fail fast
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = Engine.from_pretrained(base, dtype=dtype, quantize=spec.quantize, device=device)
-    causal = engine.base.facts.spec.is_causal
-    scoring = None
-    if dataset.kind == "classification":
-        from adaptkit.adapters.pet import scoring_for
-
-        scoring = scoring_for(engine.base.facts, engine.model)
-    objective = make_objective(dataset, engine.tokenizer, causal, scoring, pattern, verbalizer)
+    objective = make_objective(dataset, engine.tokenizer, engine.base.facts.spec.is_causal,
+                               _scoring(engine, dataset), pattern, verbalizer)
     examples = tokenize(dataset, engine.tokenizer, objective, max_length)
     train_rows, eval_rows = split_eval(len(examples), eval_split, seed)
-    train_examples, eval_examples = [examples[i] for i in train_rows], [examples[i] for i in eval_rows]
 
     torch.manual_seed(seed)
     hub_name = re.sub(r"[^A-Za-z0-9_\-]", "_", out.name) or "adapter"
-    ctx = SetupContext(engine, ADAPTER_NAME, objective, hub_name)
-    setup = setup_method(method, ctx, method_options)
+    setup = setup_method(method, SetupContext(engine, ADAPTER_NAME, objective, hub_name), method_options)
     lr = spec.lr if lr is None else float(lr)
     params = [p for p in setup.trainable.parameters() if p.requires_grad]
     optimizer = (setup.make_optimizer or adamw)(params, lr, weight_decay)
@@ -328,51 +365,29 @@ def train(method: str, base: str | os.PathLike, data: str | os.PathLike, out: st
                  "max_length": max_length, "weight_decay": weight_decay, "pattern": objective.pet and objective.pet.pattern,
                  "verbalizer": objective.pet and objective.pet.verbalizer}
     signature = json.loads(json.dumps(signature))  # as a checkpoint stores it (tuples become lists)
-    pad_id = engine.stop_and_pad_ids()[1]
-    settings = {"batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "max_length": max_length,
-                "pad_id": pad_id}
-    state = RunState()
+    run = _Run(engine, setup, objective, [examples[i] for i in train_rows], optimizer, batch_size, grad_accum, seed,
+               engine.stop_and_pad_ids()[1], [examples[i] for i in eval_rows])
     if resume_path is not None:
         state = load_checkpoint(resume_path, setup, optimizer, signature)
     else:
+        state = RunState()
         if setup.pretrain is not None:
-            _pretrain(engine, setup, state, weight_decay, lr, settings, progress)
-        state.initial_eval = evaluate(engine, setup, eval_examples, objective, batch_size, pad_id)
+            _pretrain(run, state, lr, weight_decay, max_length, progress)
+        state.initial_eval = run.evaluate()
 
-    run = _Run(engine, setup, objective, train_examples, optimizer, batch_size, grad_accum, seed, pad_id)
-    per_epoch = _steps_per_epoch(len(train_examples), batch_size, grad_accum)
-    total = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
-    started, checkpoint = time.perf_counter(), resume_path
-    saved_step = state.step if resume_path is not None else None
-    bar = tqdm(total=total, initial=min(state.step, total), desc=f"train {method}", unit="step", disable=not progress)
-    while state.epoch < epochs and state.step < total:
-        groups = run.groups(state.epoch)
-        for group in groups[state.batch // grad_accum :]:
-            loss, tokens = run.step(group)
-            state.step, state.batch, state.tokens = state.step + 1, state.batch + len(group), state.tokens + tokens
-            state.losses.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if save_every and state.step % save_every == 0:
-                checkpoint, saved_step = save_checkpoint(checkpoints, setup, optimizer, state, signature), state.step
-            if state.step >= total:
-                break
-        if state.batch >= sum(len(g) for g in groups):
-            state.epoch, state.batch = state.epoch + 1, 0
-            state.evals.append({"epoch": state.epoch, "step": state.step,
-                                **(evaluate(engine, setup, eval_examples, objective, batch_size, pad_id) or {})})
-            checkpoint, saved_step = save_checkpoint(checkpoints, setup, optimizer, state, signature), state.step
-    bar.close()
-    if saved_step != state.step:
-        checkpoint = save_checkpoint(checkpoints, setup, optimizer, state, signature)
-    final_eval = evaluate(engine, setup, eval_examples, objective, batch_size, pad_id)
+    started = time.perf_counter()
+    total = epochs * run.steps_per_epoch() if max_steps is None else min(max_steps, epochs * run.steps_per_epoch())
+    saved = _fit(run, state, epochs, total, save_every,
+                 lambda: save_checkpoint(checkpoints, setup, optimizer, state, signature), progress, f"train {method}")
+    checkpoint = saved if saved is not None and saved.name == f"step-{state.step:06d}" else \
+        save_checkpoint(checkpoints, setup, optimizer, state, signature)
+    final_eval = run.evaluate()
     seconds = time.perf_counter() - started
-    result = TrainResult(out, method, state.step, state.losses, state.evals, state.initial_eval, final_eval,
-                         state.tokens, seconds, checkpoint, state.pretrain_losses)
     with atomic_output_dir(out, force=force) as tmp:
         setup.save(tmp)
         record = {**signature, "base": str(base), "data": str(data), "epochs": epochs, "steps": state.step,
                   "losses": state.losses, "initial_eval": state.initial_eval, "evals": state.evals, "final_eval": final_eval,
                   "pretrain_losses": state.pretrain_losses, "tokens": state.tokens, "seconds": seconds}
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2))
-    return result
+    return TrainResult(out, method, state.step, state.losses, state.evals, state.initial_eval, final_eval,
+                       state.tokens, seconds, checkpoint, state.pretrain_losses)
