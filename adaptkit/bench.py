@@ -19,9 +19,7 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -233,6 +231,9 @@ def _cpu_model() -> str:
 
 def _lscpu_model() -> str | None:
     """``lscpu``'s "Model name" (what the README's figures name), None where lscpu is missing."""
+    import shutil
+    import subprocess
+
     if shutil.which("lscpu") is None:
         return None
     try:

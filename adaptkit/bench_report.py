@@ -92,7 +92,7 @@ def format_bench(record: dict) -> str:
     lines = [
         f"adaptkit bench {s['base']}: {s['dtype']}{' NF4' if s['quantize'] else ''} on {s['device']}, prompt "
         f"{s['prompt_len']} tokens, {s['new_tokens']} new tokens, {s['repeats']} rounds after {s['warmup']} warm-up; "
-        f"{m['cpu_model']}, {m['threads']} threads, torch {m['torch']}",
+        f"{m['cpu_model']}, torch threads {m['threads']}, torch {m['torch']}",
         "",
     ]
     case_table = case_rows(record)
@@ -141,7 +141,7 @@ def plot_added_latency(record: dict, path: str | os.PathLike) -> Path:
     axes[1].set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     s, m = record["settings"], record["machine"]
     fig.suptitle(f"adaptkit bench: {s['dtype']}{' NF4' if s['quantize'] else ''}, prompt {s['prompt_len']}, "
-                 f"{s['new_tokens']} new tokens; {m['cpu_model']}, {m['threads']} threads", fontsize=9)
+                 f"{s['new_tokens']} new tokens; {m['cpu_model']}, torch threads {m['threads']}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
