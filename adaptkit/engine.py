@@ -140,6 +140,8 @@ class Engine:
 
         if not isinstance(name, str) or not _NAME.match(name):
             raise InvalidArgumentError(f"adapter name {name!r} must be 1-64 letters, digits, '_' or '-'")
+        if hasattr(torch.nn.Module, name):  # routed layers keep adapters in nn.ModuleDicts, keyed by name
+            raise InvalidArgumentError(f"adapter name {name!r} is reserved (a torch.nn.Module attribute); choose another")
         if name in self._adapters:
             raise InvalidArgumentError(f"an adapter named {name!r} is already loaded; remove_adapter({name!r}) first")
         if self._merged is not None:

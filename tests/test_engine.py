@@ -114,6 +114,9 @@ def test_bad_routing_arguments(engine):
         engine.logits(ids, adapters=["zzz", None])
     with pytest.raises(InvalidArgumentError):
         engine.add_adapter("bad.name", engine.adapters["a"].source)
+    with pytest.raises(InvalidArgumentError, match="reserved"):
+        engine.add_adapter("train", engine.adapters["a"].source)
+    assert list(engine.adapters) == ["a", "b"]
 
 
 def test_generate_matches_transformers_and_batches(engine, causal_base, adapters):
