@@ -244,8 +244,7 @@ def merge_checkpoint(
         atomic_output_dir,
         copy_side_files,
         open_checkpoint,
-        save_shard,
-        write_index,
+        write_shards,
     )
 
     merge_method = make_method(method, density=density, seed=seed, rank=rank)
@@ -268,26 +267,19 @@ def merge_checkpoint(
     check_fits_checkpoint(loaded, base)
     updates, added = plan_tensor_updates(loaded, weights, shapes, facts.spec, where=str(base))
 
-    weight_map: dict[str, str] = {}
-    total = 0
-    with atomic_output_dir(out, force=force) as tmp:
-        n_shards = len(checkpoint.shards)
-        names = _output_shard_names(n_shards)
-        shards = tqdm(checkpoint.iter_shards(), total=n_shards, desc="merging shards", unit="shard", disable=not progress)
-        for i, (_, tensors) in enumerate(shards):  # one input shard in memory at a time
+    def merged_shards():  # one input shard in memory at a time
+        for _, tensors in checkpoint.iter_shards():
             merged = {}
             for key, tensor in tensors.items():
                 new = apply_update(tensor, updates[key], merge_method) if key in updates else tensor
                 target = out_dtype if (out_dtype is not None and tensor.is_floating_point()) else tensor.dtype
                 merged[key] = new.to(target)
-            if i == n_shards - 1:
-                for key, tensor in added.items():
-                    merged[key] = tensor.to(out_dtype or tensor.dtype)
-            total += save_shard(merged, tmp / names[i])
-            weight_map.update(dict.fromkeys(merged, names[i]))
-            del merged, tensors
-        if len(names) > 1:
-            write_index(tmp, weight_map, total)
+            yield merged
+
+    n_shards = len(checkpoint.shards)
+    with atomic_output_dir(out, force=force) as tmp:
+        shards = tqdm(merged_shards(), total=n_shards, desc="merging shards", unit="shard", disable=not progress)
+        write_shards(tmp, shards, n_shards, {key: t.to(out_dtype or t.dtype) for key, t in added.items()})
         config_updates = {}
         if out_dtype is not None:
             config_updates["dtype"] = str(out_dtype).removeprefix("torch.")
@@ -309,9 +301,3 @@ def merge_checkpoint(
             record["adaptkit_merge"]["energy_kept"] = merge_method.energy
         (tmp / "adaptkit_merge.json").write_text(json.dumps(record, indent=2))
     return Path(out)
-
-
-def _output_shard_names(n: int) -> list[str]:
-    if n == 1:
-        return ["model.safetensors"]
-    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

@@ -133,10 +133,8 @@ def _merge_dequantized(base: Path, loaded: LoadedBase, adapters, weights, out, d
         atomic_output_dir,
         copy_side_files,
         open_checkpoint,
-        save_shard,
-        write_index,
+        write_shards,
     )
-    from adaptkit.merge import _output_shard_names
 
     checkpoint = open_checkpoint(base)
     spec = loaded.facts.spec
@@ -144,12 +142,9 @@ def _merge_dequantized(base: Path, loaded: LoadedBase, adapters, weights, out, d
     weight_keys, shapes, state_keys = _checkpoint_layout(checkpoint, layers, set(spec.conv1d_modules))
     updates, added = plan_tensor_updates(adapters, weights, shapes, spec, where=str(base))
     out_dtype = None if dtype is None else parse_dtype(dtype)
-    weight_map: dict[str, str] = {}
-    total = 0
-    with atomic_output_dir(out, force=force) as tmp:
-        names = _output_shard_names(len(checkpoint.shards))
-        shards = tqdm(checkpoint.iter_shards(), total=len(names), desc="merging shards", unit="shard", disable=not progress)
-        for i, (_, tensors) in enumerate(shards):
+
+    def merged_shards():  # one input shard in memory at a time
+        for _, tensors in checkpoint.iter_shards():
             merged = {}
             for key, tensor in tensors.items():
                 if key in state_keys:
@@ -164,14 +159,12 @@ def _merge_dequantized(base: Path, loaded: LoadedBase, adapters, weights, out, d
                     target = out_dtype if (out_dtype is not None and tensor.is_floating_point()) else tensor.dtype
                 new = apply_update(tensor, updates[key]) if key in updates else tensor
                 merged[key] = new.to(target).contiguous()
-            if i == len(names) - 1:
-                for key, tensor in added.items():
-                    merged[key] = tensor.to(out_dtype or tensor.dtype)
-            total += save_shard(merged, tmp / names[i])
-            weight_map.update(dict.fromkeys(merged, names[i]))
-            del merged, tensors
-        if len(names) > 1:
-            write_index(tmp, weight_map, total)
+            yield merged
+
+    n_shards = len(checkpoint.shards)
+    with atomic_output_dir(out, force=force) as tmp:
+        shards = tqdm(merged_shards(), total=n_shards, desc="merging shards", unit="shard", disable=not progress)
+        write_shards(tmp, shards, n_shards, {key: t.to(out_dtype or t.dtype) for key, t in added.items()})
         copy_side_files(base, tmp)
         config = json.loads((tmp / "config.json").read_text())
         config.pop("quantization_config", None)  # the output is a plain 16/32-bit model

@@ -128,6 +128,32 @@ def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def shard_names(n: int) -> list[str]:
+    """transformers' file names for ``n`` output shards."""
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def write_shards(folder: Path, shards: Iterator[dict[str, torch.Tensor]], n_shards: int,
+                 added: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``n_shards`` tensor dicts as safetensors shards (+ index when several), one in memory at a time.
+
+    ``added`` tensors (which the input lacked, e.g. an untied lm_head) go into the last shard.
+    """
+    names = shard_names(n_shards)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, tensors in enumerate(shards):
+        if i == n_shards - 1 and added:
+            tensors.update(added)
+        total += save_shard(tensors, folder / names[i])
+        weight_map.update(dict.fromkeys(tensors, names[i]))
+        del tensors
+    if n_shards > 1:
+        write_index(folder, weight_map, total)
+
+
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2))
