@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -95,6 +95,7 @@ class LoadedBase:
     dtype: torch.dtype
     fingerprint: str
     quantize: str | None = None
+    generic_kernel_layers: dict[str, str] = field(default_factory=dict)  # NF4 layers bitsandbytes' CPU kernel can't take
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -181,12 +182,14 @@ def load_base(
         model = cls.from_pretrained(str(path), **kwargs)
     except Exception as exc:
         raise BaseModelError(f"{path}: transformers could not load the weights ({type(exc).__name__}: {exc})") from exc
+    generic_kernel_layers = {}
     if quantize is None:
         model.to(device)
     else:
         from adaptkit import quant
 
         quant.remember_loaded_states(model)  # before any forward can change bitsandbytes' layout
+        generic_kernel_layers = quant.choose_cpu_kernels(model)
     model.eval()
     model.requires_grad_(False)
     embed = model.get_input_embeddings().weight
@@ -198,6 +201,7 @@ def load_base(
         dtype=torch_dtype,
         fingerprint=fingerprint_of(facts, embed),
         quantize=quantize,
+        generic_kernel_layers=generic_kernel_layers,
     )
 
 

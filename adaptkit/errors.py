@@ -43,6 +43,10 @@ class InvalidArgumentError(AdaptkitError):
     """An argument value is out of range or of the wrong form."""
 
 
+class TrainingError(AdaptkitError):
+    """A training step cannot do what it must (e.g. no gradient reaches a trainable tensor)."""
+
+
 class MissingDependencyError(AdaptkitError):
     """An optional package a feature needs is not installed (the message names the pip command)."""
 

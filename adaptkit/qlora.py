@@ -280,7 +280,9 @@ def qlora_merge_error(
     """Relative logit error of a merged checkpoint vs the unmerged QLoRA model, on a fixed probe.
 
     The reference is ``base`` loaded in NF4 with the adapters applied unmerged (what they were
-    trained as); ``merged`` is loaded as saved (16/32-bit, or NF4 when requantized).
+    trained as); ``merged`` is loaded as saved (16/32-bit, or NF4 when requantized). 4-bit layers
+    compute ``x @ deq(W)^T`` in ``compute_dtype`` on both sides (``quant.dequantizing_kernels``, the
+    kernel adapters are trained with), so the figure measures the merge, not the CPU's 4-bit kernel.
     """
     from adaptkit.engine import Engine
     from adaptkit.export import probe_ids
@@ -294,10 +296,12 @@ def qlora_merge_error(
         engine.add_adapter(name, adapter)
     ids = probe_ids(engine.base.facts.vocab_size)
     entry = Mix(dict(zip(names, weights))) if len(names) > 1 or weights != [1.0] else names[0]
-    reference = engine.logits(ids, adapters=entry)
+    with quant.dequantizing_kernels(engine.model):
+        reference = engine.logits(ids, adapters=entry)
     del engine
-    other = Engine.from_pretrained(merged, dtype=compute_dtype).logits(ids)
-    return relative_logit_error(reference, other)
+    other = Engine.from_pretrained(merged, dtype=compute_dtype)
+    with quant.dequantizing_kernels(other.model):
+        return relative_logit_error(reference, other.logits(ids))
 
 
 def base_memory(base: str | os.PathLike, double_quant: bool = True, skip_modules: Sequence[str] | None = None) -> dict:

@@ -13,15 +13,26 @@ were still in the loaded layout gives garbage; reading its bf16 absmax gives wei
 from the ones loaded. So this module keeps, per layer, a shallow copy of the QuantState as it was
 loaded (no tensor is copied: bitsandbytes replaces the tensors rather than writing into them) and
 :func:`dequantize_weight` always returns the weights as loaded, whatever layout the layer is in now.
-On such CPUs bitsandbytes also computes repacked layers in bfloat16, whatever the compute dtype
-(adaptkit leaves its kernel choice alone: PEFT and transformers run the same one).
+On such CPUs bitsandbytes also computes repacked layers in bfloat16, whatever the compute dtype.
+
+Two kernels, and adaptkit decides which one runs when:
+
+- the *inference* kernel: bitsandbytes' choice (on AVX512-BF16 CPUs the repacked bf16 ``gemv_4bit``,
+  the one PEFT and transformers run). It has no autograd, and takes only layers with
+  ``out_features % 32 == 0`` and ``in_features % 64 == 0``: :func:`choose_cpu_kernels` keeps the
+  others on the generic kernel at load (still 4-bit) and names them.
+- the *dequantizing* kernel, ``x @ deq(W)^T`` in the compute dtype, with autograd: training and exact
+  references run inside :func:`dequantizing_kernels`, which puts every layer back in its loaded
+  layout (exactly) and keeps it there until the block ends.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +45,7 @@ OPTIONS = ("double_quant", "skip_modules")  # what Engine.from_pretrained(..., q
 BLOCKSIZE = 64  # transformers' BitsAndBytesConfig default for 4-bit weights
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for double-quantized absmax
 _CPU_TILE = 32  # rows per tile in bitsandbytes' CPU layout (out_features must be a multiple)
+_LISTED = 6  # layers named in a warning before "and N more"
 
 # layer -> (the QuantState object it held when loaded, a shallow copy of that state's fields)
 _LOADED_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -265,25 +277,100 @@ def restore(module: nn.Module, snapshot: QuantSnapshot) -> None:
         _LOADED_STATES[module] = snapshot.loaded
 
 
-def restore_loaded_layout(model: nn.Module) -> int:
-    """Put every CPU-repacked layer back in its loaded layout (exactly), e.g. before saving.
+def restore_loaded_layout(model: nn.Module, lossy: bool = False) -> int:
+    """Put CPU-repacked layers back in the layout they were loaded in, e.g. before saving.
 
-    bitsandbytes' own inverse re-quantizes the bf16 absmax (lossy); this uses the recorded state.
-    Returns the number of layers converted back.
+    Exact for layers whose state was recorded at load. A layer loaded without adaptkit has only the
+    bf16 scales left: with ``lossy=True`` bitsandbytes' own inverse re-quantizes those, otherwise the
+    layer is left alone (``_save_to_state_dict`` converts it back itself). Returns the count converted.
     """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
     count = 0
     for module in model.modules():
-        if is_quantized(module) and is_cpu_packed(module):
-            loaded = _loaded_state(module)
-            if loaded is None:
-                continue  # bitsandbytes' _save_to_state_dict converts it back itself (lossy)
-            module.weight.data = _codes_from_cpu_layout(module.weight.data, module.weight.quant_state)
-            state = copy.copy(loaded)
-            module.weight.quant_state = state
-            module.quant_state = state
+        if not (is_quantized(module) and is_cpu_packed(module)):
+            continue
+        loaded = _loaded_state(module)
+        if loaded is not None:
+            data, state = _codes_from_cpu_layout(module.weight.data, module.weight.quant_state), copy.copy(loaded)
+        elif lossy:
+            data, state = _convert_weight_packed_for_cpu_inverse(module.weight.data, module.weight.quant_state)
+        else:
+            continue
+        module.weight.data = data
+        module.weight.quant_state = state
+        module.quant_state = state
+        if loaded is not None:
             _remember(module)
-            count += 1
+        count += 1
     return count
+
+
+# ------------------------------------------------------------------ which kernel computes a layer
+def _uses_cpu_repack(module: nn.Module) -> bool:
+    """Whether bitsandbytes will repack this layer for its AVX512-BF16 kernel on a no-grad CPU forward."""
+    return bool(getattr(module, "support_avx512bf16_for_cpu", False)) and module.weight.device.type == "cpu"
+
+
+def cpu_kernel_misfit(module: nn.Module) -> str | None:
+    """Why bitsandbytes' AVX512-BF16 kernel cannot take this layer (None when it can).
+
+    Its layout tiles rows by 32 and reshapes the scales to [out, in / blocksize]
+    (``functional._convert_weight_packed_for_cpu``).
+    """
+    out_features, in_features = module.weight.quant_state.shape
+    blocksize = module.weight.quant_state.blocksize
+    reasons = []
+    if out_features % _CPU_TILE:
+        reasons.append(f"out_features {out_features} is not a multiple of {_CPU_TILE}")
+    if in_features % blocksize:
+        reasons.append(f"in_features {in_features} is not a multiple of {blocksize}")
+    return ", ".join(reasons) or None
+
+
+def choose_cpu_kernels(model: nn.Module) -> dict[str, str]:
+    """Keep layers that bitsandbytes' repacked CPU kernel cannot take on its generic kernel (call at load).
+
+    Such a layer stays 4-bit and computes ``x @ deq(W)^T``; without this, its first inference forward
+    fails inside bitsandbytes. Returns {layer name: why} and logs one warning naming them.
+    """
+    generic = {}
+    for name, module in model.named_modules():
+        if is_quantized(module) and _uses_cpu_repack(module):
+            why = cpu_kernel_misfit(module)
+            if why is not None:
+                module.support_avx512bf16_for_cpu = False
+                generic[name] = why
+    if generic:
+        shown = [f"{name} ({why})" for name, why in list(generic.items())[:_LISTED]]
+        listed = "; ".join(shown) + (f"; and {len(generic) - _LISTED} more" if len(generic) > _LISTED else "")
+        logging.getLogger("adaptkit").warning(
+            "%d NF4 layer(s) compute with bitsandbytes' generic CPU kernel, not its AVX512-BF16 one: %s. "
+            "They stay 4-bit and exact; to keep them dense instead, pass skip_modules (--skip-modules).",
+            len(generic), listed)
+    return generic
+
+
+@contextmanager
+def dequantizing_kernels(model: nn.Module) -> Iterator[None]:
+    """Within the block every 4-bit layer computes ``x @ deq(W)^T`` with autograd, as loaded.
+
+    Layers repacked for the CPU inference kernel are put back in their loaded layout (exactly, from
+    the state recorded at load) and are not repacked while the block runs, so gradients reach the
+    inputs of every layer; afterwards bitsandbytes may repack them again on the next no-grad forward.
+    Training runs inside this block, and so do references that must not depend on the CPU
+    (:func:`adaptkit.qlora.qlora_merge_error`).
+    """
+    layers = [m for m in model.modules() if is_quantized(m) and hasattr(m, "support_avx512bf16_for_cpu")]
+    flags = [m.support_avx512bf16_for_cpu for m in layers]
+    restore_loaded_layout(model, lossy=True)
+    for module in layers:
+        module.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for module, flag in zip(layers, flags):
+            module.support_avx512bf16_for_cpu = flag
 
 
 # ------------------------------------------------------------------ memory accounting

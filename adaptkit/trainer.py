@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from adaptkit import quant
 from adaptkit.adapters.pet import label_log_probs
-from adaptkit.errors import InvalidArgumentError, OutputExistsError
+from adaptkit.errors import InvalidArgumentError, OutputExistsError, TrainingError
 from adaptkit.formats.checkpoint import atomic_output_dir
 from adaptkit.generation import positions_from_mask
 from adaptkit.prefix_cache import add_virtual_inputs
@@ -227,10 +228,28 @@ class _Run:
         for batch in group:
             batch = batch.to(self.engine.device)
             loss = batch_loss(forward_logits(self.engine, self.setup, batch), batch, self.objective)[0]
+            if not loss.requires_grad:
+                raise TrainingError(_no_gradient_message([n for n, p in self.setup.trainable.named_parameters()
+                                                          if p.requires_grad]))
             (loss / len(group)).backward()
             total, tokens = total + float(loss.detach()), tokens + batch.tokens
+        check_gradients(self.setup.trainable)
         self.optimizer.step()
         return total / len(group), tokens
+
+
+def check_gradients(trainable: torch.nn.Module) -> None:
+    """Raise when a trainable tensor got no gradient from the step's backward: its path to the loss is
+    cut somewhere (a kernel without autograd, a detached input), and the step would silently not train it."""
+    missing = [name for name, p in trainable.named_parameters() if p.requires_grad and p.grad is None]
+    if missing:
+        raise TrainingError(_no_gradient_message(missing))
+
+
+def _no_gradient_message(names: list[str]) -> str:
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return (f"no gradient reached {shown}: the forward cut their path to the loss (a layer computed without "
+            "autograd?); nothing was updated. Report this with the method and base.")
 
 
 def _check_settings(epochs, lr, batch_size, grad_accum, max_steps, save_every, max_length) -> None:
@@ -353,35 +372,37 @@ def train(method: str, base: str | os.PathLike, data: str | os.PathLike, out: st
     examples = tokenize(dataset, engine.tokenizer, objective, max_length)
     train_rows, eval_rows = split_eval(len(examples), eval_split, seed)
 
-    torch.manual_seed(seed)
-    hub_name = re.sub(r"[^A-Za-z0-9_\-]", "_", out.name) or "adapter"
-    setup = setup_method(method, SetupContext(engine, ADAPTER_NAME, objective, hub_name), method_options)
-    lr = spec.lr if lr is None else float(lr)
-    params = [p for p in setup.trainable.parameters() if p.requires_grad]
-    optimizer = (setup.make_optimizer or adamw)(params, lr, weight_decay)
-    signature = {"method": method, "options": setup.options, "base_fingerprint": engine.base.fingerprint,
-                 "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(), "lr": lr,
-                 "batch_size": batch_size, "grad_accum": grad_accum, "eval_split": eval_split, "seed": seed,
-                 "max_length": max_length, "weight_decay": weight_decay, "pattern": objective.pet and objective.pet.pattern,
-                 "verbalizer": objective.pet and objective.pet.verbalizer}
-    signature = json.loads(json.dumps(signature))  # as a checkpoint stores it (tuples become lists)
-    run = _Run(engine, setup, objective, [examples[i] for i in train_rows], optimizer, batch_size, grad_accum, seed,
-               engine.stop_and_pad_ids()[1], [examples[i] for i in eval_rows])
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, setup, optimizer, signature)
-    else:
-        state = RunState()
-        if setup.pretrain is not None:
-            _pretrain(run, state, lr, weight_decay, max_length, progress)
-        state.initial_eval = run.evaluate()
+    # 4-bit layers: the kernel with autograd throughout, also for evaluations (which run without grad)
+    with quant.dequantizing_kernels(engine.model):
+        torch.manual_seed(seed)
+        hub_name = re.sub(r"[^A-Za-z0-9_\-]", "_", out.name) or "adapter"
+        setup = setup_method(method, SetupContext(engine, ADAPTER_NAME, objective, hub_name), method_options)
+        lr = spec.lr if lr is None else float(lr)
+        params = [p for p in setup.trainable.parameters() if p.requires_grad]
+        optimizer = (setup.make_optimizer or adamw)(params, lr, weight_decay)
+        signature = {"method": method, "options": setup.options, "base_fingerprint": engine.base.fingerprint,
+                     "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(), "lr": lr,
+                     "batch_size": batch_size, "grad_accum": grad_accum, "eval_split": eval_split, "seed": seed,
+                     "max_length": max_length, "weight_decay": weight_decay, "pattern": objective.pet and objective.pet.pattern,
+                     "verbalizer": objective.pet and objective.pet.verbalizer}
+        signature = json.loads(json.dumps(signature))  # as a checkpoint stores it (tuples become lists)
+        run = _Run(engine, setup, objective, [examples[i] for i in train_rows], optimizer, batch_size, grad_accum, seed,
+                   engine.stop_and_pad_ids()[1], [examples[i] for i in eval_rows])
+        if resume_path is not None:
+            state = load_checkpoint(resume_path, setup, optimizer, signature)
+        else:
+            state = RunState()
+            if setup.pretrain is not None:
+                _pretrain(run, state, lr, weight_decay, max_length, progress)
+            state.initial_eval = run.evaluate()
 
-    started = time.perf_counter()
-    total = epochs * run.steps_per_epoch() if max_steps is None else min(max_steps, epochs * run.steps_per_epoch())
-    saved = _fit(run, state, epochs, total, save_every,
-                 lambda: save_checkpoint(checkpoints, setup, optimizer, state, signature), progress, f"train {method}")
-    checkpoint = saved if saved is not None and saved.name == f"step-{state.step:06d}" else \
-        save_checkpoint(checkpoints, setup, optimizer, state, signature)
-    final_eval = run.evaluate()
+        started = time.perf_counter()
+        total = epochs * run.steps_per_epoch() if max_steps is None else min(max_steps, epochs * run.steps_per_epoch())
+        saved = _fit(run, state, epochs, total, save_every,
+                     lambda: save_checkpoint(checkpoints, setup, optimizer, state, signature), progress, f"train {method}")
+        checkpoint = saved if saved is not None and saved.name == f"step-{state.step:06d}" else \
+            save_checkpoint(checkpoints, setup, optimizer, state, signature)
+        final_eval = run.evaluate()
     seconds = time.perf_counter() - started
     with atomic_output_dir(out, force=force) as tmp:
         setup.save(tmp)

@@ -40,6 +40,14 @@ def causal_base(request, tiny_llama, tiny_gpt2) -> Path:
     return {"llama": tiny_llama, "gpt2": tiny_gpt2}[request.param]
 
 
+@pytest.fixture(params=["generic", "avx512bf16"])
+def cpu_layout(request, monkeypatch) -> str:
+    """4-bit layers built in the test get this bitsandbytes CPU layout, whatever this CPU (nf4_layouts.py)."""
+    from nf4_layouts import force_layout
+
+    return force_layout(request.param, monkeypatch)
+
+
 def load_hf(base: Path):
     """The base as plain transformers loads it (fp32, eager attention, eval)."""
     from transformers import AutoModelForCausalLM
