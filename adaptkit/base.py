@@ -240,3 +240,13 @@ def meta_model(path: str | os.PathLike) -> nn.Module:
     cls = model_class_for(config)
     with torch.device("meta"):
         return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+
+
+def checkpoint_fingerprint(checkpoint, config) -> str | None:
+    """The base fingerprint computed from files (no model built); None if no embedding key is found."""
+    facts = facts_from_config(config)
+    shapes = checkpoint.keys_and_shapes()
+    key = next((k for k in facts.spec.embedding_keys if k in shapes), None)
+    if key is None:
+        return None
+    return fingerprint_of(facts, checkpoint.read_tensor(key))

@@ -17,37 +17,13 @@ long rows left) are cropped from the left.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from adaptkit.errors import EngineStateError
-from adaptkit.routing import RoutingPlan, RowEntry
-
-
-@dataclass
-class DecodeState:
-    """Cache, mask, positions and adapter entries of the rows being decoded (see the module docstring).
-
-    ``plan`` is None after a change of membership; :meth:`Engine.decode_step` rebuilds it once.
-    """
-
-    cache: DynamicCache
-    mask: torch.Tensor
-    positions: torch.Tensor
-    entries: tuple[RowEntry, ...]
-    plan: RoutingPlan | None = None
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.entries)
-
-    @property
-    def length(self) -> int:
-        """Cache entries per row, padding included (L)."""
-        return self.mask.shape[1]
+from adaptkit.generation import DecodeState
 
 
 def check_joinable(cache: DynamicCache) -> list:

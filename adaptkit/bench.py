@@ -277,26 +277,11 @@ def peak_memory_bytes(device: torch.device | str | None = None) -> int:
         found = re.search(r"^VmHWM:\s+(\d+) kB", _STATUS.read_text(), flags=re.MULTILINE)
     except OSError:
         found = None
-    return int(found.group(1)) * 1024 if found else peak_rss_bytes()
+    if found:
+        return int(found.group(1)) * 1024
+    from adaptkit.describe import peak_rss_bytes
 
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux/macOS).
-
-    Linux: ``VmHWM`` of /proc/self/status. ``getrusage``'s ``ru_maxrss`` is not used there: a
-    process started with fork + exec inherits its parent's peak (the kernel carries the pre-exec
-    high-water mark over), so a benchmark worker would report the parent's RSS.
-    """
-    import resource
-
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if platform.system() == "Darwin" else peak * 1024
+    return peak_rss_bytes()
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from adaptkit.adapters.lora import LoraAdapter, LoraConfig, LoraWeights
+from adaptkit.adapters.lora import LoraAdapter, LoraConfig, LoraWeights, check_merge_weights
 from adaptkit.base import family_of_class
 from adaptkit.errors import AdapterMismatchError, InvalidArgumentError, UnsupportedAdapterError
+from adaptkit.formats.detect import load_lora_adapters
 from adaptkit.lowrank import LowRank
-from adaptkit.merge import check_merge_weights, load_lora_adapters
 from adaptkit.merge_methods import MergeMethod, check_method, make_method
 
 

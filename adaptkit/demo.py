@@ -103,9 +103,8 @@ def random_lora(
         a = torch.randn(rank, in_f, generator=gen) * std
         b = torch.randn(out_f, rank, generator=gen) * std
         layers[name] = LoraWeights(a, b, lora_config.scale_for(name))
-    from adaptkit.base import read_config
+    from adaptkit.base import checkpoint_fingerprint, read_config
     from adaptkit.formats.checkpoint import open_checkpoint
-    from adaptkit.merge import checkpoint_fingerprint
 
     fingerprint = checkpoint_fingerprint(open_checkpoint(base_dir), read_config(base_dir))
     return LoraAdapter(config=lora_config, layers=layers, base_class=type(model).__name__, fingerprint=fingerprint)
@@ -114,9 +113,8 @@ def random_lora(
 def _base_facts(base_dir):
     """(sizes, transformers class name, fingerprint) of a saved base, read without loading weights."""
     from adaptkit.arch import facts_from_config
-    from adaptkit.base import model_class_for, read_config
+    from adaptkit.base import checkpoint_fingerprint, model_class_for, read_config
     from adaptkit.formats.checkpoint import open_checkpoint
-    from adaptkit.merge import checkpoint_fingerprint
 
     config = read_config(base_dir)
     return (facts_from_config(config), model_class_for(config).__name__,
@@ -221,8 +219,8 @@ def run_demo(workdir: str | os.PathLike | None = None, progress: bool = True) ->
     import time
 
     import adaptkit as ak
-    from adaptkit.export import probe_ids, verify_merged_checkpoint
     from adaptkit.formats.peft import write_lora
+    from adaptkit.merge import probe_ids, verify_merged_checkpoint
 
     start = time.perf_counter()
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="adaptkit-demo-"))

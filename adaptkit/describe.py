@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from pathlib import Path
 
 from adaptkit.errors import AdaptkitError
 
@@ -33,7 +35,7 @@ def describe_adapter(
     if base is None:
         return lines, True
     try:
-        check_fits_base(adapter, base)
+        check_fits_checkpoint([adapter], base)
     except AdaptkitError as exc:
         lines.append(f"compatible with {base}: no ({exc})")
         return lines, False
@@ -43,8 +45,6 @@ def describe_adapter(
 
 def base_memory_lines(base: str | os.PathLike, adapter: str | os.PathLike | None = None, load: str | None = None) -> list[str]:
     """The base's bytes in float32 / 16-bit / NF4 (QLoRA: LM head, embeddings, norms in 16-bit)."""
-    from adaptkit.qlora import base_memory, measure_load
-
     sizes = base_memory(base)
     lines = [f"base memory: float32 {_size(sizes['float32'])}, 16-bit {_size(sizes['16-bit'])}, "
              f"NF4 {_size(sizes['nf4'])} (double quant; from shapes)"]
@@ -63,8 +63,89 @@ def adapter_details(adapter) -> dict:
     return details_of(adapter)
 
 
-def check_fits_base(adapter, base: str | os.PathLike) -> None:
-    """Raise unless ``adapter`` fits the base folder (built on the meta device: no weights read)."""
-    from adaptkit.merge import check_fits_checkpoint
+def check_fits_checkpoint(adapters: Sequence, base: str | os.PathLike) -> None:
+    """Raise unless every adapter fits the base folder: recorded base, module names and shapes.
 
-    check_fits_checkpoint([adapter], base)
+    The base is built on the meta device, so no weight is read (except a few embedding rows when an
+    adapter records a base fingerprint).
+    """
+    from adaptkit.adapters.lora import LoraAdapter
+    from adaptkit.arch import facts_from_config
+    from adaptkit.base import check_made_for, checkpoint_fingerprint, meta_model, read_config
+    from adaptkit.formats.checkpoint import open_checkpoint
+    from adaptkit.inject import base_modules, check_lora_fits
+
+    config = read_config(base)
+    facts = facts_from_config(config)
+    fingerprint = None
+    if any(getattr(a, "fingerprint", None) for a in adapters):
+        fingerprint = checkpoint_fingerprint(open_checkpoint(base), config)
+    modules = base_modules(meta_model(base))
+    for adapter in adapters:
+        check_made_for(adapter, facts, fingerprint)
+        if isinstance(adapter, LoraAdapter):
+            check_lora_fits(modules, adapter, where=str(base))
+        elif adapter.kind in ("prefix", "prompt"):
+            from adaptkit.adapters.prefix import check_prefix_fits
+            from adaptkit.adapters.prompt import check_prompt_fits
+
+            (check_prefix_fits if adapter.kind == "prefix" else check_prompt_fits)(adapter, facts)
+
+
+# ----------------------------------------------------------------------------- memory
+def base_memory(base: str | os.PathLike, double_quant: bool = True, skip_modules: Sequence[str] | None = None) -> dict:
+    """Bytes of ``base`` in float32, 16-bit and NF4 (+ compute-dtype modules), from shapes alone."""
+    import torch
+
+    from adaptkit import quant
+    from adaptkit.base import meta_model, read_config
+
+    read_config(base)
+    skeleton = meta_model(base)
+    return {
+        "float32": quant.estimate_nbytes(skeleton, torch.float32),
+        "16-bit": quant.estimate_nbytes(skeleton, torch.bfloat16),
+        "nf4": quant.estimate_nbytes(skeleton, torch.bfloat16, "nf4", double_quant, skip_modules),
+        "nf4_fp32_compute": quant.estimate_nbytes(skeleton, torch.float32, "nf4", double_quant, skip_modules),
+    }
+
+
+def measure_load(base: str | os.PathLike, dtype: str = "bfloat16", quantize: str | None = None,
+                 adapter: str | os.PathLike | None = None, **quantize_options) -> dict:
+    """Load ``base`` (and ``adapter``) in this process: seconds, bytes held, peak RSS before and after.
+
+    Peak RSS is the process's high-water mark (``getrusage``), so a fresh process measures one load.
+    """
+    import time
+
+    from adaptkit import quant
+    from adaptkit.engine import Engine
+
+    before = peak_rss_bytes()
+    start = time.perf_counter()
+    engine = Engine.from_pretrained(base, dtype=dtype, quantize=quantize, **quantize_options)
+    if adapter is not None:
+        engine.add_adapter("adapter", adapter)
+    seconds = time.perf_counter() - start
+    return {"load_s": seconds, "model_bytes": quant.model_nbytes(engine.model),
+            "peak_rss_before": before, "peak_rss": peak_rss_bytes()}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux/macOS).
+
+    Linux: ``VmHWM`` of /proc/self/status. ``getrusage``'s ``ru_maxrss`` is not used there: a
+    process started with fork + exec inherits its parent's peak (the kernel carries the pre-exec
+    high-water mark over), so a benchmark worker would report the parent's RSS.
+    """
+    import platform
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024

@@ -23,20 +23,25 @@ from adaptkit import inject, prefix_cache, sites
 from adaptkit.adapters.bottleneck import bottleneck_details
 from adaptkit.adapters.compose import check_row_entries
 from adaptkit.adapters.fusion import fusion_details
-from adaptkit.adapters.lora import LoraAdapter
+from adaptkit.adapters.lora import LoraAdapter, merged_bias, merged_weight
 from adaptkit.adapters.pet import pet_details
 from adaptkit.adapters.prefix import prefix_details
 from adaptkit.adapters.prompt import prompt_details
 from adaptkit.base import LoadedBase, check_made_for, load_base
-from adaptkit.batch_state import DecodeState
 from adaptkit.errors import (
     EngineStateError,
     InvalidArgumentError,
     UnknownAdapterError,
     UnsupportedAdapterError,
 )
-from adaptkit.generation import cache_argument, check_sampling, left_pad, positions_from_mask, sample_next
-from adaptkit.merge import merged_bias, merged_weight
+from adaptkit.generation import (
+    DecodeState,
+    cache_argument,
+    check_sampling,
+    left_pad,
+    positions_from_mask,
+    sample_next,
+)
 from adaptkit.routing import RoutingPlan, members_of, route_rows, use_plan
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")

@@ -129,9 +129,9 @@ def extract_lora(
         >>> min(res.energy.values())
         0.93...
     """
+    from adaptkit.base import checkpoint_fingerprint
     from adaptkit.formats.checkpoint import atomic_output_dir, open_checkpoint
     from adaptkit.formats.peft import write_lora
-    from adaptkit.merge import checkpoint_fingerprint
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise InvalidArgumentError(f"rank must be an integer >= 1, got {rank!r}")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from adaptkit.errors import InvalidArgumentError
+from adaptkit.routing import RoutingPlan, RowEntry
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -71,3 +74,26 @@ def positions_from_mask(attention_mask: torch.Tensor, offset: torch.Tensor | int
     if isinstance(offset, torch.Tensor):
         offset = offset.view(-1, 1)
     return positions + offset
+
+
+@dataclass
+class DecodeState:
+    """Cache, mask, positions and adapter entries of the rows being decoded (see ``batch_state.py``).
+
+    ``plan`` is None after a change of membership; :meth:`Engine.decode_step` rebuilds it once.
+    """
+
+    cache: DynamicCache
+    mask: torch.Tensor
+    positions: torch.Tensor
+    entries: tuple[RowEntry, ...]
+    plan: RoutingPlan | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.entries)
+
+    @property
+    def length(self) -> int:
+        """Cache entries per row, padding included (L)."""
+        return self.mask.shape[1]

@@ -7,7 +7,6 @@ LoRA contributions; callers decide where it goes. All arithmetic is in float32 a
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,58 +15,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from adaptkit.adapters.lora import LoraAdapter, LoraWeights
+from adaptkit.adapters.lora import (
+    Contribution,
+    LoraAdapter,
+    check_merge_weights,
+    merged_bias,
+    merged_weight,
+)
 from adaptkit.arch import facts_from_config
-from adaptkit.base import check_made_for, fingerprint_of, meta_model, parse_dtype, read_config
-from adaptkit.errors import AdapterMismatchError, InvalidArgumentError, UnsupportedAdapterError
-from adaptkit.inject import base_modules, check_lora_fits
+from adaptkit.base import checkpoint_fingerprint, load_base, parse_dtype, read_config
+from adaptkit.describe import check_fits_checkpoint
+from adaptkit.engine import Engine
+from adaptkit.errors import AdapterMismatchError, UnsupportedAdapterError
+from adaptkit.formats.detect import load_lora_adapters
 from adaptkit.lowrank import LowRank
 from adaptkit.merge_methods import MERGE_METHODS, MergeMethod, check_method, make_method  # noqa: F401 (re-exported)
-
-Contribution = tuple[LoraWeights, float]  # factors of one layer, weight of its delta
-
-
-def merged_weight(weight: torch.Tensor, contributions: Sequence[Contribution]) -> torch.Tensor:
-    """``W + sum_i w_i * s_i B_i A_i`` in float32, [out, in] (DoRA: the row-normalised form).
-
-    DoRA (Liu et al., 2024): ``m * (W + sBA) / ||W + sBA||_row``; it is not linear in its
-    delta, so a DoRA layer merges alone and with weight 1.
-    """
-    weight = weight.float()
-    if any(w.magnitude is not None for w, _ in contributions):
-        if len(contributions) != 1 or contributions[0][1] != 1.0:
-            raise UnsupportedAdapterError("a DoRA adapter can only be merged alone and with weight 1 (it is not linear)")
-        factors = contributions[0][0]
-        direction = weight + factors.delta_weight().to(weight.device)
-        norm = torch.linalg.norm(direction, dim=1, keepdim=True)
-        return factors.magnitude.float().to(weight.device).view(-1, 1) * direction / norm
-    out = weight.clone()
-    for factors, w in contributions:
-        out += w * factors.delta_weight().to(weight.device)
-    return out
-
-
-def merged_bias(bias: torch.Tensor, contributions: Sequence[Contribution]) -> torch.Tensor:
-    """``b + sum_i w_i * s_i * bias_B_i`` (``lora_bias``) in float32."""
-    out = bias.float().clone()
-    for factors, w in contributions:
-        if factors.lora_B_bias is not None:
-            out += w * factors.scale * factors.lora_B_bias.float().to(out.device)
-    return out
-
-
-def check_merge_weights(adapters: Sequence, weights: Sequence[float] | None) -> list[float]:
-    """Weights for ``adapters``: ones by default; finite, one per adapter, not all zero."""
-    if weights is None:
-        return [1.0] * len(adapters)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise InvalidArgumentError(f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
-    if not all(math.isfinite(w) for w in weights):
-        raise InvalidArgumentError(f"weights must be finite numbers, got {weights}")
-    if all(w == 0 for w in weights):
-        raise InvalidArgumentError("all merge weights are zero: the merge would change nothing")
-    return weights
+from adaptkit.routing import Mix
 
 
 @dataclass
@@ -164,54 +127,6 @@ def _apply_method(tensor: torch.Tensor, update: _TensorUpdate, method: MergeMeth
     return tensor.float() + (combined.T if update.transposed else combined)
 
 
-def checkpoint_fingerprint(checkpoint, config) -> str | None:
-    """The base fingerprint computed from files (no model built); None if no embedding key is found."""
-    facts = facts_from_config(config)
-    shapes = checkpoint.keys_and_shapes()
-    key = next((k for k in facts.spec.embedding_keys if k in shapes), None)
-    if key is None:
-        return None
-    return fingerprint_of(facts, checkpoint.read_tensor(key))
-
-
-def check_fits_checkpoint(adapters: Sequence, base: str | os.PathLike) -> None:
-    """Raise unless every adapter fits the base folder: recorded base, module names and shapes.
-
-    The base is built on the meta device, so no weight is read (except a few embedding rows when an
-    adapter records a base fingerprint).
-    """
-    from adaptkit.formats.checkpoint import open_checkpoint
-
-    config = read_config(base)
-    facts = facts_from_config(config)
-    fingerprint = None
-    if any(getattr(a, "fingerprint", None) for a in adapters):
-        fingerprint = checkpoint_fingerprint(open_checkpoint(base), config)
-    modules = base_modules(meta_model(base))
-    for adapter in adapters:
-        check_made_for(adapter, facts, fingerprint)
-        if isinstance(adapter, LoraAdapter):
-            check_lora_fits(modules, adapter, where=str(base))
-        elif adapter.kind in ("prefix", "prompt"):
-            from adaptkit.adapters.prefix import check_prefix_fits
-            from adaptkit.adapters.prompt import check_prompt_fits
-
-            (check_prefix_fits if adapter.kind == "prefix" else check_prompt_fits)(adapter, facts)
-
-
-def load_lora_adapters(adapters: Sequence) -> list[LoraAdapter]:
-    """Read adapter paths (or take loaded adapters); only the LoRA family merges into weights."""
-    from adaptkit.formats.detect import read_adapter
-
-    loaded = [a if isinstance(a, LoraAdapter) else read_adapter(a) for a in adapters]
-    for adapter in loaded:
-        if not isinstance(adapter, LoraAdapter):
-            raise UnsupportedAdapterError(
-                f"{adapter.source}: a {adapter.kind} adapter cannot be merged into weights; only LoRA-family adapters can"
-            )
-    return loaded
-
-
 def merge_checkpoint(
     base: str | os.PathLike,
     adapters: Sequence,
@@ -301,3 +216,30 @@ def merge_checkpoint(
             record["adaptkit_merge"]["energy_kept"] = merge_method.energy
         (tmp / "adaptkit_merge.json").write_text(json.dumps(record, indent=2))
     return Path(out)
+
+
+def probe_ids(vocab_size: int, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+    """A fixed random batch of token ids used to compare two models."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch, length), generator=gen)
+
+
+def verify_merged_checkpoint(
+    base: str | os.PathLike, adapters: Sequence, merged: str | os.PathLike, weights: Sequence[float] | None = None
+) -> float:
+    """Max abs logit difference between ``merged`` (loaded as a plain model) and base + adapters unmerged."""
+    loaded = load_lora_adapters(adapters)
+    weights = check_merge_weights(loaded, weights)
+    engine = Engine.from_pretrained(base)
+    names = []
+    for i, adapter in enumerate(loaded):
+        names.append(f"a{i}")
+        engine.add_adapter(names[-1], adapter)
+    ids = probe_ids(engine.base.facts.vocab_size)
+    entry = Mix(dict(zip(names, weights))) if len(names) > 1 or weights != [1.0] else names[0]
+    expected = engine.logits(ids, adapters=entry)
+    plain = load_base(merged).model
+    with torch.inference_mode():
+        out = plain(input_ids=ids)
+    got = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+    return float((got.float() - expected.float()).abs().max())

@@ -23,17 +23,12 @@ from pathlib import Path
 import torch
 
 from adaptkit import quant
-from adaptkit.base import LoadedBase, check_made_for, load_base, meta_model, parse_dtype, read_config
+from adaptkit.adapters.lora import check_merge_weights, merged_bias, merged_weight
+from adaptkit.base import LoadedBase, check_made_for, load_base, parse_dtype
 from adaptkit.errors import AdapterMismatchError, InvalidArgumentError
+from adaptkit.formats.detect import load_lora_adapters
 from adaptkit.inject import base_modules, check_lora_fits
-from adaptkit.merge import (
-    apply_update,
-    check_merge_weights,
-    load_lora_adapters,
-    merged_bias,
-    merged_weight,
-    plan_tensor_updates,
-)
+from adaptkit.merge import apply_update, plan_tensor_updates
 
 # what transformers writes beside a 4-bit weight ``<module>.weight`` (bitsandbytes' QuantState.as_dict)
 _STATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
@@ -285,7 +280,7 @@ def qlora_merge_error(
     kernel adapters are trained with), so the figure measures the merge, not the CPU's 4-bit kernel.
     """
     from adaptkit.engine import Engine
-    from adaptkit.export import probe_ids
+    from adaptkit.merge import probe_ids
     from adaptkit.routing import Mix
 
     adapters = load_lora_adapters(adapters)
@@ -302,36 +297,3 @@ def qlora_merge_error(
     other = Engine.from_pretrained(merged, dtype=compute_dtype)
     with quant.dequantizing_kernels(other.model):
         return relative_logit_error(reference, other.logits(ids))
-
-
-def base_memory(base: str | os.PathLike, double_quant: bool = True, skip_modules: Sequence[str] | None = None) -> dict:
-    """Bytes of ``base`` in float32, 16-bit and NF4 (+ compute-dtype modules), from shapes alone."""
-    read_config(base)
-    skeleton = meta_model(base)
-    return {
-        "float32": quant.estimate_nbytes(skeleton, torch.float32),
-        "16-bit": quant.estimate_nbytes(skeleton, torch.bfloat16),
-        "nf4": quant.estimate_nbytes(skeleton, torch.bfloat16, "nf4", double_quant, skip_modules),
-        "nf4_fp32_compute": quant.estimate_nbytes(skeleton, torch.float32, "nf4", double_quant, skip_modules),
-    }
-
-
-def measure_load(base: str | os.PathLike, dtype: str = "bfloat16", quantize: str | None = None,
-                 adapter: str | os.PathLike | None = None, **quantize_options) -> dict:
-    """Load ``base`` (and ``adapter``) in this process: seconds, bytes held, peak RSS before and after.
-
-    Peak RSS is the process's high-water mark (``getrusage``), so a fresh process measures one load.
-    """
-    import time
-
-    from adaptkit.bench import peak_rss_bytes
-    from adaptkit.engine import Engine
-
-    before = peak_rss_bytes()
-    start = time.perf_counter()
-    engine = Engine.from_pretrained(base, dtype=dtype, quantize=quantize, **quantize_options)
-    if adapter is not None:
-        engine.add_adapter("adapter", adapter)
-    seconds = time.perf_counter() - start
-    return {"load_s": seconds, "model_bytes": quant.model_nbytes(engine.model),
-            "peak_rss_before": before, "peak_rss": peak_rss_bytes()}

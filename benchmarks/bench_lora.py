@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 import adaptkit as ak
-from adaptkit.bench import format_table, peak_rss_bytes, time_interleaved, write_results
+from adaptkit.bench import format_table, time_interleaved, write_results
 from adaptkit.demo import build_tiny_model
+from adaptkit.describe import peak_rss_bytes
 from adaptkit.formats.peft import write_lora
 
 LATENCY_MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,

@@ -56,7 +56,7 @@ def build(root: Path) -> tuple[Path, Path]:
 
 def load_worker(mode: str, root: str) -> None:
     """Runs in a subprocess: one load, its time, bytes held and peak RSS, as one JSON line."""
-    from adaptkit.qlora import measure_load
+    from adaptkit.describe import measure_load
 
     dtype, quantize, folder = LOAD_MODES[mode]
     print(json.dumps(measure_load(Path(root) / folder, dtype=dtype, quantize=quantize)))
@@ -119,7 +119,7 @@ def bench_merge(base: Path, adapter: Path, root: Path) -> tuple[list[dict], Path
 
 def bf16_storage_error(base: Path) -> float:
     """What bf16 storage alone costs this model: every weight rounded to bf16, computed in fp32."""
-    from adaptkit.export import probe_ids
+    from adaptkit.merge import probe_ids
     from adaptkit.qlora import relative_logit_error
 
     engine = ak.Engine.from_pretrained(base, dtype="float32")

@@ -128,7 +128,7 @@ def merge(base, adapters, out, weights, method, density, seed, rank, into_adapte
     if verify and method not in ("linear", "task_arithmetic"):
         click.echo(f"verify: skipped; the unmerged reference (ak.Mix) equals method 'linear' only, not {method!r}")
     elif verify:
-        from adaptkit.export import verify_merged_checkpoint
+        from adaptkit.merge import verify_merged_checkpoint
 
         diff = verify_merged_checkpoint(base, list(adapters), path, weights=weight_list)
         click.echo(f"verify: max abs logit difference merged vs unmerged = {diff:.3e}")
@@ -202,7 +202,7 @@ def _merge_qlora(base, adapters, out, weights, method, dtype, verify, force, qui
 def quantize(base, out, compute_dtype, double_quant, skip_modules, force):
     """Save BASE with its linear layers in 4-bit NF4 (bitsandbytes), to ship the QLoRA base."""
     import adaptkit as ak
-    from adaptkit.qlora import base_memory
+    from adaptkit.describe import base_memory
 
     path = ak.quantize_base(base, out, compute_dtype=compute_dtype, force=force, double_quant=double_quant,
                             skip_modules=skip_modules)

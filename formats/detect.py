@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+from adaptkit.adapters.lora import LoraAdapter
 from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
 from adaptkit.formats import adapterhub, peft, pet, prefix_file
 
@@ -39,3 +41,14 @@ def read_adapter(path: str | os.PathLike):
     raise AdapterFormatError(
         f"{path / peft.CONFIG_NAME}: neither a PEFT config (no 'peft_type') nor an AdapterHub config (no 'config')"
     )
+
+
+def load_lora_adapters(adapters: Sequence) -> list[LoraAdapter]:
+    """Read adapter paths (or take loaded adapters); only the LoRA family merges into weights."""
+    loaded = [a if isinstance(a, LoraAdapter) else read_adapter(a) for a in adapters]
+    for adapter in loaded:
+        if not isinstance(adapter, LoraAdapter):
+            raise UnsupportedAdapterError(
+                f"{adapter.source}: a {adapter.kind} adapter cannot be merged into weights; only LoRA-family adapters can"
+            )
+    return loaded

@@ -153,7 +153,7 @@ def test_linear_adapter_loads_in_peft_and_engine_like_mix(tiny_llama, three, del
 
 def test_linear_merged_checkpoint_equals_engine_mix(causal_base, tmp_path):
     """GPT-2 too: Conv1D stores [in, out]; rsLoRA and a different rank in the second adapter."""
-    from adaptkit.export import verify_merged_checkpoint
+    from adaptkit.merge import verify_merged_checkpoint
 
     a = make_peft_lora(causal_base, tmp_path / "a", seed=7)
     b = make_peft_lora(causal_base, tmp_path / "b", seed=8, r=8, use_rslora=True)

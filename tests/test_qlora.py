@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from virtual_helpers import load_peft, make_peft_virtual, peft_real_logits
 
 import adaptkit as ak
-from adaptkit import qlora, quant
+from adaptkit import describe, qlora, quant
 from adaptkit.cli.main import main
 from adaptkit.errors import AdaptkitError, InvalidArgumentError
 
@@ -119,7 +119,7 @@ def test_nf4_load_keeps_head_embeddings_norms_dense(tiny_llama):
 
 def test_memory_estimate_equals_loaded_bytes(tiny_llama):
     """Bytes from shapes (inspect) == bytes of the loaded model, NF4 and 16-bit."""
-    sizes = qlora.base_memory(tiny_llama)
+    sizes = describe.base_memory(tiny_llama)
     assert quant.model_nbytes(ak.Engine.from_pretrained(tiny_llama, **NF4_FP32).model) == sizes["nf4_fp32_compute"]
     assert quant.model_nbytes(ak.Engine.from_pretrained(tiny_llama, quantize="nf4", dtype="bfloat16").model) == sizes["nf4"]
     assert quant.model_nbytes(ak.Engine.from_pretrained(tiny_llama, dtype="bfloat16").model) == sizes["16-bit"]
@@ -249,7 +249,7 @@ def test_requantize_equals_peft_merge_and_reports_its_error(tiny_llama, lora, me
     reported = float(result.output.strip().split("error added by re-quantizing: ")[1].split()[0])
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     # PEFT's merge_and_unload on a 4-bit base re-quantizes W + dW the same way: same codes, same scales
-    from adaptkit.export import probe_ids
+    from adaptkit.merge import probe_ids
 
     ids, probe = random_ids(batch=2, seed=5), probe_ids(320)
     reference, ours = peft_nf4(tiny_llama, lora), hf_nf4(out)
@@ -357,7 +357,7 @@ def test_saved_nf4_base_reloads_with_the_same_logits(tiny_llama, lora, merged_fp
 def test_inspect_reports_nf4_bytes_and_peak_rss(tiny_llama, lora):
     result = CliRunner().invoke(main, ["inspect", str(lora), "--base", str(tiny_llama), "--load", "nf4"])
     assert result.exit_code == 0, result.output
-    sizes = qlora.base_memory(tiny_llama)
+    sizes = describe.base_memory(tiny_llama)
     line = next(x for x in result.output.splitlines() if x.startswith("base memory:"))
     assert "NF4" in line and "16-bit" in line
     assert f"NF4 {sizes['nf4'] / 1024:.1f} KiB" in line

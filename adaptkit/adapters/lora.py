@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from adaptkit.errors import UnsupportedAdapterError
+from adaptkit.errors import InvalidArgumentError, UnsupportedAdapterError
 
 KIND = "lora"
 
@@ -185,3 +185,50 @@ class LoraAdapter:
 
     def ranks(self) -> dict[str, int]:
         return {name: w.rank for name, w in self.layers.items()}
+
+
+# ----------------------------------------------------------------------------- merging into weights
+Contribution = tuple[LoraWeights, float]  # factors of one layer, weight of its delta
+
+
+def merged_weight(weight: torch.Tensor, contributions: Sequence[Contribution]) -> torch.Tensor:
+    """``W + sum_i w_i * s_i B_i A_i`` in float32, [out, in] (DoRA: the row-normalised form).
+
+    DoRA (Liu et al., 2024): ``m * (W + sBA) / ||W + sBA||_row``; it is not linear in its
+    delta, so a DoRA layer merges alone and with weight 1.
+    """
+    weight = weight.float()
+    if any(w.magnitude is not None for w, _ in contributions):
+        if len(contributions) != 1 or contributions[0][1] != 1.0:
+            raise UnsupportedAdapterError("a DoRA adapter can only be merged alone and with weight 1 (it is not linear)")
+        factors = contributions[0][0]
+        direction = weight + factors.delta_weight().to(weight.device)
+        norm = torch.linalg.norm(direction, dim=1, keepdim=True)
+        return factors.magnitude.float().to(weight.device).view(-1, 1) * direction / norm
+    out = weight.clone()
+    for factors, w in contributions:
+        out += w * factors.delta_weight().to(weight.device)
+    return out
+
+
+def merged_bias(bias: torch.Tensor, contributions: Sequence[Contribution]) -> torch.Tensor:
+    """``b + sum_i w_i * s_i * bias_B_i`` (``lora_bias``) in float32."""
+    out = bias.float().clone()
+    for factors, w in contributions:
+        if factors.lora_B_bias is not None:
+            out += w * factors.scale * factors.lora_B_bias.float().to(out.device)
+    return out
+
+
+def check_merge_weights(adapters: Sequence, weights: Sequence[float] | None) -> list[float]:
+    """Weights for ``adapters``: ones by default; finite, one per adapter, not all zero."""
+    if weights is None:
+        return [1.0] * len(adapters)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise InvalidArgumentError(f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        raise InvalidArgumentError(f"weights must be finite numbers, got {weights}")
+    if all(w == 0 for w in weights):
+        raise InvalidArgumentError("all merge weights are zero: the merge would change nothing")
+    return weights
