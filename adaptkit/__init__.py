@@ -25,22 +25,15 @@ _PUBLIC = {
     "Fuse": "adaptkit.routing",
     "Mix": "adaptkit.routing",
     "Stack": "adaptkit.routing",
-    "bench": "adaptkit.bench_run",
-    "combine_adapters": "adaptkit.combine",
-    "merge_checkpoint": "adaptkit.merge",
-    "merge_qlora_checkpoint": "adaptkit.qlora",
-    "quantize_base": "adaptkit.qlora",
-    "train": "adaptkit.trainer",
+    "bench": "adaptkit.benchmarking.run",
+    "combine_adapters": "adaptkit.merging.combine",
+    "merge_checkpoint": "adaptkit.merging.checkpoint",
+    "merge_qlora_checkpoint": "adaptkit.merging.qlora",
+    "quantize_base": "adaptkit.merging.qlora",
+    "train": "adaptkit.training.loop",
 }
 
 __all__ = sorted(_PUBLIC)
-
-# ``adaptkit.bench`` is also a submodule (the timing harness). Importing a submodule sets the package
-# attribute of its name to the module, which would hide the function ``ak.bench`` whenever the
-# harness was imported first. So it is imported now (it is light: no torch at import) and that
-# attribute dropped; ``__getattr__`` below then resolves ``ak.bench`` to the function every time.
-importlib.import_module("adaptkit.bench")
-del globals()["bench"]
 
 
 def __getattr__(name: str):
@@ -57,11 +50,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from adaptkit.bench_run import bench
-    from adaptkit.combine import combine_adapters
+    from adaptkit.benchmarking.run import bench
     from adaptkit.engine import AdapterInfo, Engine
     from adaptkit.errors import AdaptkitError
-    from adaptkit.merge import merge_checkpoint
-    from adaptkit.qlora import merge_qlora_checkpoint, quantize_base
+    from adaptkit.merging.checkpoint import merge_checkpoint
+    from adaptkit.merging.combine import combine_adapters
+    from adaptkit.merging.qlora import merge_qlora_checkpoint, quantize_base
     from adaptkit.routing import Average, Fuse, Mix, Stack
-    from adaptkit.trainer import train
+    from adaptkit.training.loop import train

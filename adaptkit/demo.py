@@ -220,7 +220,7 @@ def run_demo(workdir: str | os.PathLike | None = None, progress: bool = True) ->
 
     import adaptkit as ak
     from adaptkit.formats.peft import write_lora
-    from adaptkit.merge import probe_ids, verify_merged_checkpoint
+    from adaptkit.merging.checkpoint import probe_ids, verify_merged_checkpoint
 
     start = time.perf_counter()
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="adaptkit-demo-"))

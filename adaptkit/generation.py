@@ -78,7 +78,7 @@ def positions_from_mask(attention_mask: torch.Tensor, offset: torch.Tensor | int
 
 @dataclass
 class DecodeState:
-    """Cache, mask, positions and adapter entries of the rows being decoded (see ``batch_state.py``).
+    """Cache, mask, positions and adapter entries of the rows being decoded (see ``serving/batch.py``).
 
     ``plan`` is None after a change of membership; :meth:`Engine.decode_step` rebuilds it once.
     """

@@ -254,7 +254,7 @@ def replace_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Re-quantize ``weight`` [out, in] into the layer (its storage stays 4-bit).
 
     The layer then computes with ``Q(weight)``: the re-quantization error of NF4 is added (measure
-    it with :func:`adaptkit.qlora.relative_logit_error`). :func:`restore` undoes this exactly.
+    it with :func:`adaptkit.merging.qlora.relative_logit_error`). :func:`restore` undoes this exactly.
     """
     shape = tuple(module.weight.quant_state.shape)
     if tuple(weight.shape) != shape:
@@ -359,7 +359,7 @@ def dequantizing_kernels(model: nn.Module) -> Iterator[None]:
     the state recorded at load) and are not repacked while the block runs, so gradients reach the
     inputs of every layer; afterwards bitsandbytes may repack them again on the next no-grad forward.
     Training runs inside this block, and so do references that must not depend on the CPU
-    (:func:`adaptkit.qlora.qlora_merge_error`).
+    (:func:`adaptkit.merging.qlora.qlora_merge_error`).
     """
     layers = [m for m in model.modules() if is_quantized(m) and hasattr(m, "support_avx512bf16_for_cpu")]
     flags = [m.support_avx512bf16_for_cpu for m in layers]

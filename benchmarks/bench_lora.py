@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import adaptkit as ak
-from adaptkit.bench import format_table, time_interleaved, write_results
+from adaptkit.benchmarking.timing import format_table, time_interleaved, write_results
 from adaptkit.demo import build_tiny_model
 from adaptkit.describe import peak_rss_bytes
 from adaptkit.formats.peft import write_lora

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import adaptkit as ak
-from adaptkit.bench import format_table, time_interleaved, write_results
+from adaptkit.benchmarking.timing import format_table, time_interleaved, write_results
 from adaptkit.demo import build_tiny_model
 
 MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,

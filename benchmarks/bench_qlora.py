@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import adaptkit as ak
-from adaptkit.bench import format_table, time_interleaved, write_results
+from adaptkit.benchmarking.timing import format_table, time_interleaved, write_results
 
 MODEL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16,
              num_key_value_heads=16, vocab_size=16000)
@@ -100,7 +100,7 @@ def bench_latency(base: Path, adapter: Path, merged_dir: Path, repeats: int, seq
 
 
 def bench_merge(base: Path, adapter: Path, root: Path) -> tuple[list[dict], Path]:
-    from adaptkit.qlora import qlora_merge_error
+    from adaptkit.merging.qlora import qlora_merge_error
 
     rows = []
     paths = {"dequantize (fp32)": ("merged-fp32", {}), "dequantize (bf16)": ("merged-bf16", {"dtype": "bfloat16"}),
@@ -119,8 +119,8 @@ def bench_merge(base: Path, adapter: Path, root: Path) -> tuple[list[dict], Path
 
 def bf16_storage_error(base: Path) -> float:
     """What bf16 storage alone costs this model: every weight rounded to bf16, computed in fp32."""
-    from adaptkit.merge import probe_ids
-    from adaptkit.qlora import relative_logit_error
+    from adaptkit.merging.checkpoint import probe_ids
+    from adaptkit.merging.qlora import relative_logit_error
 
     engine = ak.Engine.from_pretrained(base, dtype="float32")
     ids = probe_ids(MODEL["vocab_size"])

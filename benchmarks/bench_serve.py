@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from adaptkit.bench import format_table, percentile, write_results
+from adaptkit.benchmarking.timing import format_table, percentile, write_results
 from adaptkit.demo import build_tiny_model, random_bottleneck, random_lora, random_prefix, random_prompt
 
 MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,

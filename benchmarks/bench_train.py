@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import adaptkit as ak
-from adaptkit.bench import format_table, time_interleaved, write_results
+from adaptkit.benchmarking.timing import format_table, time_interleaved, write_results
 from adaptkit.demo import build_tiny_model
-from adaptkit.train_data import Batch, Objective
-from adaptkit.train_methods import setup_method
-from adaptkit.train_setup import SetupContext
-from adaptkit.trainer import batch_loss, forward_logits
+from adaptkit.training.data import Batch, Objective
+from adaptkit.training.loop import batch_loss, forward_logits
+from adaptkit.training.methods import setup_method
+from adaptkit.training.setup import SetupContext
 
 MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
              num_key_value_heads=8, vocab_size=4096)

@@ -231,7 +231,7 @@ def render() -> None:
     nf4_path = OUT / "bench-nf4.json"
     nf4 = json.loads(nf4_path.read_text()) if nf4_path.is_file() else None
     suite = json.loads((OUT / "suite.json").read_text())
-    from adaptkit.bench_report import plot_added_latency
+    from adaptkit.benchmarking.report import plot_added_latency
 
     plot_added_latency(main_record, OUT / "bench.png")  # drawn again from the record, so the two always match
     update_readme(performance_section(main_record, nf4, suite))

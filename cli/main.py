@@ -128,7 +128,7 @@ def merge(base, adapters, out, weights, method, density, seed, rank, into_adapte
     if verify and method not in ("linear", "task_arithmetic"):
         click.echo(f"verify: skipped; the unmerged reference (ak.Mix) equals method 'linear' only, not {method!r}")
     elif verify:
-        from adaptkit.merge import verify_merged_checkpoint
+        from adaptkit.merging.checkpoint import verify_merged_checkpoint
 
         diff = verify_merged_checkpoint(base, list(adapters), path, weights=weight_list)
         click.echo(f"verify: max abs logit difference merged vs unmerged = {diff:.3e}")
@@ -161,7 +161,7 @@ def _echo_merge_energy(path) -> None:
 
 
 def _merge_recipe(path, force: bool, quiet: bool) -> None:
-    from adaptkit.recipe import load_recipe, run_recipe
+    from adaptkit.merging.recipe import load_recipe, run_recipe
 
     recipe = load_recipe(path)
     result = run_recipe(recipe, force=force, progress=not quiet)
@@ -185,7 +185,7 @@ def _merge_qlora(base, adapters, out, weights, method, dtype, verify, force, qui
                                      force=force, progress=not quiet, **quantize_options)
     click.echo(f"wrote {path}" + (" (NF4)" if requantize else ""))
     if requantize or verify:
-        from adaptkit.qlora import qlora_merge_error
+        from adaptkit.merging.qlora import qlora_merge_error
 
         error = qlora_merge_error(base, adapters, path, weights=weights, **quantize_options)
         what = "added by re-quantizing" if requantize else "merged vs unmerged QLoRA"
@@ -224,7 +224,7 @@ def _mib(nbytes: int) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def extract(finetuned, base, rank, out, targets, force, quiet):
     """Extract a rank-R LoRA from FINETUNED - BASE (truncated SVD per layer), streaming shard by shard."""
-    from adaptkit.extract import extract_lora
+    from adaptkit.merging.extract import extract_lora
 
     target_list = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     res = extract_lora(finetuned, base, rank, out=out, targets=target_list, force=force, progress=not quiet)
@@ -378,7 +378,7 @@ def serve(base, adapter_values, adapter_dir, allow_runtime_loading, host, port, 
     adaptkit serve BASE --adapters sql=adapters/sql,adapters/tone --port 8000
     curl 127.0.0.1:8000/v1/completions -d '{"model": "sql", "prompt": "SELECT", "max_tokens": 16}'
     """
-    from adaptkit.serve import serve as run_server
+    from adaptkit.serving.server import serve as run_server
 
     pairs = _named_paths(adapter_values)
     names = [name for name, _ in pairs]

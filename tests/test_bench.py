@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 import adaptkit as ak
-from adaptkit.bench import Case, ForwardClock, time_interleaved
+from adaptkit.benchmarking.timing import Case, ForwardClock, time_interleaved
 from adaptkit.cli.main import main
 from adaptkit.demo import random_lora, write_demo_adapters
 from adaptkit.errors import InvalidArgumentError, MissingDependencyError
@@ -207,15 +207,15 @@ def test_forward_clock_splits_prefill_and_steps():
 
 
 def test_ak_bench_is_the_function_even_after_the_harness_module_was_imported():
-    """Importing the submodule ``adaptkit.bench`` must not shadow ``ak.bench`` (resolved lazily)."""
-    code = "import sys, adaptkit.bench, adaptkit as ak; print('bench' in vars(ak), 'torch' in sys.modules)"
+    """Importing the submodule ``adaptkit.benchmarking.timing`` must not shadow ``ak.bench`` (resolved lazily)."""
+    code = "import sys, adaptkit.benchmarking.timing, adaptkit as ak; print('bench' in vars(ak), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out == "False False\n"
-    assert ak.bench.__module__ == "adaptkit.bench_run" and callable(ak.bench)  # this process imported it first
+    assert ak.bench.__module__ == "adaptkit.benchmarking.run" and callable(ak.bench)  # this process imported it first
 
 
 def test_lora_macs_are_rank_times_in_plus_out(tiny_gpt2):
-    from adaptkit.overhead import adapter_macs
+    from adaptkit.benchmarking.overhead import adapter_macs
 
     lora = random_lora(tiny_gpt2, ("c_attn",), r=4)
     assert adapter_macs(lora) == 2 * 4 * (64 + 192)  # 2 layers of c_attn: 64 -> 192

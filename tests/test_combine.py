@@ -2,7 +2,7 @@
 
 The reference deltas ``dW_i`` come from PEFT's own ``get_delta_weight`` (scale, rsLoRA and patterns
 computed by PEFT, not by adaptkit); the reference methods below are written from the papers, entry by
-entry, independently of ``adaptkit.merge_methods``. mergekit, when installed, is a second reference.
+entry, independently of ``adaptkit.merging.methods``. mergekit, when installed, is a second reference.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from conftest import load_hf, make_peft_lora, random_ids
 
 import adaptkit as ak
 from adaptkit.cli.main import main
-from adaptkit.combine import combine_adapters
 from adaptkit.errors import AdapterMismatchError, InvalidArgumentError, UnsupportedAdapterError
 from adaptkit.formats.peft import read_lora
+from adaptkit.merging.combine import combine_adapters
 
 WEIGHTS = [0.7, -0.3, 0.5]
 
@@ -153,7 +153,7 @@ def test_linear_adapter_loads_in_peft_and_engine_like_mix(tiny_llama, three, del
 
 def test_linear_merged_checkpoint_equals_engine_mix(causal_base, tmp_path):
     """GPT-2 too: Conv1D stores [in, out]; rsLoRA and a different rank in the second adapter."""
-    from adaptkit.merge import verify_merged_checkpoint
+    from adaptkit.merging.checkpoint import verify_merged_checkpoint
 
     a = make_peft_lora(causal_base, tmp_path / "a", seed=7)
     b = make_peft_lora(causal_base, tmp_path / "b", seed=8, r=8, use_rslora=True)
@@ -193,7 +193,7 @@ def test_sparse_methods_match_reference(method, density, tiny_llama, three, delt
 
 
 def test_sparse_methods_actually_sparsify(deltas):
-    from adaptkit.merge_methods import make_method
+    from adaptkit.merging.methods import make_method
 
     module = "model.layers.0.self_attn.q_proj"
     tasks = [d[module] for d in deltas]
@@ -215,7 +215,7 @@ def test_mergekit_agrees_on_deterministic_methods(deltas):
     from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
     from mergekit.sparsify import SparsificationMethod
 
-    from adaptkit.merge_methods import make_method
+    from adaptkit.merging.methods import make_method
 
     prune = GeneralizedTaskArithmeticMerge(consensus_method=None, sparsification_method=SparsificationMethod.magnitude,
                                            default_normalize=False, default_rescale=False, method_name="magnitude_prune",

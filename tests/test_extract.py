@@ -10,8 +10,8 @@ from conftest import load_hf, random_ids
 import adaptkit as ak
 from adaptkit.cli.main import main
 from adaptkit.errors import AdapterMismatchError, InvalidArgumentError, OutputExistsError
-from adaptkit.extract import extract_lora
 from adaptkit.formats.peft import read_lora
+from adaptkit.merging.extract import extract_lora
 
 
 def _fine_tune(base, out, seed, shard=None):

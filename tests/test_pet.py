@@ -112,7 +112,7 @@ def test_label_log_probs_is_a_softmax_over_the_label_words():
 
 
 def _classify_accuracy(engine, name, task, seed=0) -> float:
-    from adaptkit.train_data import read_jsonl, split_eval
+    from adaptkit.training.data import read_jsonl, split_eval
 
     rows = read_jsonl(task).rows
     held = [rows[i] for i in split_eval(len(rows), EVAL_SPLIT, seed)[1]]

@@ -25,9 +25,10 @@ from safetensors.torch import load_file
 from virtual_helpers import load_peft, make_peft_virtual, peft_real_logits
 
 import adaptkit as ak
-from adaptkit import describe, qlora, quant
+from adaptkit import describe, quant
 from adaptkit.cli.main import main
 from adaptkit.errors import AdaptkitError, InvalidArgumentError
+from adaptkit.merging import qlora
 
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit  # noqa: E402
@@ -249,7 +250,7 @@ def test_requantize_equals_peft_merge_and_reports_its_error(tiny_llama, lora, me
     reported = float(result.output.strip().split("error added by re-quantizing: ")[1].split()[0])
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     # PEFT's merge_and_unload on a 4-bit base re-quantizes W + dW the same way: same codes, same scales
-    from adaptkit.merge import probe_ids
+    from adaptkit.merging.checkpoint import probe_ids
 
     ids, probe = random_ids(batch=2, seed=5), probe_ids(320)
     reference, ours = peft_nf4(tiny_llama, lora), hf_nf4(out)
@@ -462,7 +463,7 @@ def test_layers_the_cpu_kernel_cannot_take_stay_4bit_on_the_generic_kernel(odd_l
     """Such a base used to load "healthy" and fail on its first forward (every served request a 500,
     ``merge --quantize nf4 --verify`` a crash after writing). Now those layers keep bitsandbytes' generic
     kernel, stay 4-bit, are named in one warning, and compute exactly the dequantized weights."""
-    from adaptkit.serve import BackgroundServer, Server
+    from adaptkit.serving.server import BackgroundServer, Server
 
     with caplog.at_level("WARNING", logger="adaptkit"):
         engine = ak.Engine.from_pretrained(odd_llama, **NF4_FP32)

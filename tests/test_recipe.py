@@ -13,7 +13,7 @@ import adaptkit as ak
 from adaptkit.cli.main import main
 from adaptkit.errors import InvalidArgumentError
 from adaptkit.formats.peft import read_lora
-from adaptkit.recipe import load_recipe
+from adaptkit.merging.recipe import load_recipe
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import torch
 from serve_helpers import wait_until, write_adapters
 
 import adaptkit as ak
-from adaptkit.batch_state import check_joinable, join_states, select_rows
 from adaptkit.errors import EngineStateError, QueueFullError, UnsupportedAdapterError
-from adaptkit.residency import AdapterPool
-from adaptkit.scheduler import Finished, Request, Scheduler, Token
+from adaptkit.serving.batch import check_joinable, join_states, select_rows
+from adaptkit.serving.residency import AdapterPool
+from adaptkit.serving.scheduler import Finished, Request, Scheduler, Token
 
 PROMPTS = {None: [5, 6, 7, 8, 9, 10, 11], "lora": [12, 13, 14], "prefix": [15, 16, 17, 18, 19],
            "prompt": [20, 21], "bottleneck": [22, 23, 24, 25]}

@@ -20,8 +20,8 @@ from serve_helpers import KINDS, wait_until, write_adapters
 
 import adaptkit as ak
 from adaptkit.cli.main import main
-from adaptkit.serve import BackgroundServer, Server
-from adaptkit.serve_text import TextStream, chat_prompt_ids, fallback_chat_text
+from adaptkit.serving.server import BackgroundServer, Server
+from adaptkit.serving.text import TextStream, chat_prompt_ids, fallback_chat_text
 
 PROMPTS = ["SELECT name FROM", "the quick brown", "Prefix tuning adds", "adaptkit serves many", "0123"]
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "LoRA adds what?"}]

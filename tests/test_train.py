@@ -188,9 +188,9 @@ def test_fusion_learns_over_frozen_adapters(tiny_llama, task, engines, tmp_path)
 @pytest.mark.parametrize("method, options", [("lora", {}), ("bottleneck", {}), ("prefix", {})])
 def test_only_adapter_parameters_train(tiny_llama, task, method, options):
     """The base stays frozen: the parameters that require grad are the adapter's own."""
-    from adaptkit.train_data import make_objective, read_jsonl
-    from adaptkit.train_methods import setup_method
-    from adaptkit.train_setup import SetupContext
+    from adaptkit.training.data import make_objective, read_jsonl
+    from adaptkit.training.methods import setup_method
+    from adaptkit.training.setup import SetupContext
 
     engine = ak.Engine.from_pretrained(tiny_llama)
     dataset = read_jsonl(task)

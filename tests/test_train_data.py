@@ -9,7 +9,7 @@ import torch
 
 from adaptkit.demo import build_tokenizer
 from adaptkit.errors import AdaptkitError, InvalidArgumentError
-from adaptkit.train_data import (
+from adaptkit.training.data import (
     IGNORE,
     Example,
     batches,

@@ -63,7 +63,7 @@ def held_out_loss(engine, entry, data: Path, seed: int = 0) -> tuple[float, floa
     scored with the engine's own forward: equal to the trainer's final evaluation when the saved
     adapter is the trained one."""
     from adaptkit.adapters.pet import label_log_probs, scoring_for
-    from adaptkit.train_data import collate, make_objective, read_jsonl, split_eval, tokenize
+    from adaptkit.training.data import collate, make_objective, read_jsonl, split_eval, tokenize
 
     dataset = read_jsonl(data)
     objective = make_objective(dataset, engine.tokenizer, engine.base.facts.spec.is_causal,

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from adaptkit import overhead
+from adaptkit.benchmarking import overhead
 from adaptkit.errors import AdaptkitError
 from adaptkit.routing import Fuse
 
@@ -111,7 +111,7 @@ class Mode:
     teardown: Callable | None = None
     per_kind: bool = False  # one case over every adapter of the kind, instead of one per adapter
     prompt_embeddings: bool = False  # the virtual tokens run through the model on every request
-    peft: str | None = None  # how bench_peft.py runs the same case; None: PEFT has no such mode
+    peft: str | None = None  # how peft_side.py runs the same case; None: PEFT has no such mode
 
 
 # kind -> its modes (one static table; a new kind adds one entry)

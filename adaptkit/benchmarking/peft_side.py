@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adaptkit.bench import Case
-from adaptkit.bench_cases import BenchAdapter, CaseSpec
+from adaptkit.benchmarking.cases import BenchAdapter, CaseSpec
+from adaptkit.benchmarking.timing import Case
 from adaptkit.errors import MissingDependencyError
 from adaptkit.generation import cache_argument
 

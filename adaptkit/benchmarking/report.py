@@ -1,6 +1,6 @@
 """``adaptkit bench`` output: the terminal tables and the PNG bar chart of the latency each case adds.
 
-Both read only the bench record (the JSON ``bench_run.bench`` writes), so a saved record can be
+Both read only the bench record (the JSON ``run.bench`` writes), so a saved record can be
 re-rendered without measuring again.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from adaptkit.bench import format_table
+from adaptkit.benchmarking.timing import format_table
 from adaptkit.errors import MissingDependencyError
 
 _MIB = 2**20

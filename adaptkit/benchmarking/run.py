@@ -1,8 +1,8 @@
 """``adaptkit bench`` / ``ak.bench``: the latency each adapter adds, measured side by side.
 
-For the base and every (adapter, mode) case of ``bench_cases.MODES``, at each batch size, every
+For the base and every (adapter, mode) case of ``cases.MODES``, at each batch size, every
 row generates ``new_tokens`` tokens greedily from the same random ``prompt_len``-token prompt.
-A :class:`~adaptkit.bench.ForwardClock` on the model splits each request into the prefill and the
+A :class:`~adaptkit.benchmarking.timing.ForwardClock` on the model splits each request into the prefill and the
 decode steps (one new token for the whole batch, with the KV cache). All cases of one batch size
 run round-robin in the same rounds (``time_interleaved``), so each figure's ratio to the base is
 taken on the same machine state: these machines are shared and noisy, ratios are what hold.
@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from adaptkit import bench_peft
-from adaptkit.bench import (
+from adaptkit.benchmarking import peft_side
+from adaptkit.benchmarking.cases import BenchAdapter, CaseSpec, base_case, plan_cases, unknown_kinds
+from adaptkit.benchmarking.timing import (
     Case,
     ForwardClock,
     Timing,
@@ -37,7 +38,6 @@ from adaptkit.bench import (
     set_ratios,
     time_interleaved,
 )
-from adaptkit.bench_cases import BenchAdapter, CaseSpec, base_case, plan_cases, unknown_kinds
 from adaptkit.errors import EngineStateError, InvalidArgumentError
 
 RECORD_VERSION = 1
@@ -53,7 +53,7 @@ class BenchResult:
     plot_path: Path | None = None
 
     def table(self) -> str:
-        from adaptkit.bench_report import format_bench
+        from adaptkit.benchmarking.report import format_bench
 
         return format_bench(self.record)
 
@@ -220,11 +220,11 @@ def _run_batch(engine, adapters, batch, work, settings, side, device) -> tuple[l
             cases[spec.label] = Case(measured(engine.model, generate), spec.setup, spec.teardown)
             meta[spec.label] = ("adaptkit", spec.label, spec)
         if side is not None:
-            plain_case, _ = bench_peft.base_case(side, measured)
-            cases[bench_peft.BASE_LABEL] = plain_case
-            meta[bench_peft.BASE_LABEL] = ("transformers", "base", base)
+            plain_case, _ = peft_side.base_case(side, measured)
+            cases[peft_side.BASE_LABEL] = plain_case
+            meta[peft_side.BASE_LABEL] = ("transformers", "base", base)
             for spec in specs:
-                case, _, why = bench_peft.peft_case(side, spec, measured)
+                case, _, why = peft_side.peft_case(side, spec, measured)
                 if case is None:
                     skipped.append({"case": f"peft {spec.label}", "reason": why})
                     continue
@@ -233,12 +233,12 @@ def _run_batch(engine, adapters, batch, work, settings, side, device) -> tuple[l
         timings = time_interleaved(cases, baseline="base", repeats=settings["repeats"], warmup=settings["warmup"],
                                    device=device)
         if side is not None:
-            set_ratios({k: t for k, t in timings.items() if meta[k][0] != "adaptkit"}, bench_peft.BASE_LABEL)
+            set_ratios({k: t for k, t in timings.items() if meta[k][0] != "adaptkit"}, peft_side.BASE_LABEL)
         peaks = _peak_memory(cases, device)
     records = []
     for label, timing in timings.items():
         engine_name, matches, spec = meta[label]
-        base_label = "base" if engine_name == "adaptkit" else bench_peft.BASE_LABEL
+        base_label = "base" if engine_name == "adaptkit" else peft_side.BASE_LABEL
         records.append(_case_record(label, engine_name, matches, spec, timing, peaks[label], peaks[base_label][0],
                                     prompt_len, new_tokens))
     return records, skipped
@@ -297,11 +297,11 @@ def bench(
     if threads is not None and threads < 1:
         raise InvalidArgumentError(f"threads must be >= 1, got {threads}")
     if plot_path is not None:
-        from adaptkit.bench_report import require_matplotlib
+        from adaptkit.benchmarking.report import require_matplotlib
 
         require_matplotlib()  # before minutes of measuring, not after
     if compare == "peft":
-        bench_peft.require_peft()
+        peft_side.require_peft()
     pairs = adapter_pairs(adapters)
     before = torch.get_num_threads()
     if threads is not None:
@@ -317,7 +317,7 @@ def bench(
         result.json_path.parent.mkdir(parents=True, exist_ok=True)
         result.json_path.write_text(json.dumps(record, indent=1, default=str))
     if plot_path is not None:
-        from adaptkit.bench_report import plot_added_latency
+        from adaptkit.benchmarking.report import plot_added_latency
 
         result.plot_path = plot_added_latency(record, plot_path)
     return result
@@ -326,10 +326,10 @@ def bench(
 def _measure(base, pairs, batch, prompt_len, new_tokens, quantize, repeats, warmup, dtype, device, compare,
              seed) -> dict:
     """Everything ``bench`` measures, as the JSON record."""
-    import adaptkit as ak
-    from adaptkit.overhead import base_work
+    from adaptkit.benchmarking.overhead import base_work
+    from adaptkit.engine import Engine
 
-    engine = ak.Engine.from_pretrained(base, dtype=dtype, quantize=quantize, device=device)
+    engine = Engine.from_pretrained(base, dtype=dtype, quantize=quantize, device=device)
     facts = engine.base.facts
     if not facts.spec.is_causal:
         raise EngineStateError(f"{base} is a {facts.model_type} encoder; bench measures generation and needs a causal LM")
@@ -340,7 +340,7 @@ def _measure(base, pairs, batch, prompt_len, new_tokens, quantize, repeats, warm
     if compare == "peft":
         from adaptkit.base import load_base
 
-        side = bench_peft.load_peft_side(
+        side = peft_side.load_peft_side(
             lambda: load_base(base, dtype=dtype, device=device, quantize=quantize).model, loaded)
     settings = {"base": str(base), "adapters": {n: p for n, p in pairs}, "batch": batch, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "quantize": quantize, "dtype": dtype, "device": str(engine.device),

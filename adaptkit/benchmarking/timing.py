@@ -6,7 +6,7 @@ Machines here are shared and noisy, so cases are timed round-robin (case 1, case
 A case is a callable, or a :class:`Case` with untimed ``setup``/``teardown`` around each call (whose
 durations are kept as parts: e.g. a LoRA's merge and unmerge). A case may return named parts of
 its own time (``{"prefill": s, "decode_token": s}``, see :class:`ForwardClock`), summarised like
-the whole. ``adaptkit bench`` (``bench_run.py``) is built on these primitives.
+the whole. ``adaptkit bench`` (``run.py``) is built on these primitives.
 
 torch is imported inside the functions that need it: ``adaptkit/__init__.py`` imports this module
 at ``import adaptkit`` (see the note there on ``ak.bench``), which must stay fast.

@@ -29,7 +29,7 @@ from adaptkit.engine import Engine
 from adaptkit.errors import AdapterMismatchError, UnsupportedAdapterError
 from adaptkit.formats.detect import load_lora_adapters
 from adaptkit.lowrank import LowRank
-from adaptkit.merge_methods import MERGE_METHODS, MergeMethod, check_method, make_method  # noqa: F401 (re-exported)
+from adaptkit.merging.methods import MERGE_METHODS, MergeMethod, check_method, make_method  # noqa: F401 (re-exported)
 from adaptkit.routing import Mix
 
 
@@ -148,7 +148,7 @@ def merge_checkpoint(
     adaptkit. Each merged tensor is ``W + sum_i w_i * dW_i`` computed in float32, then cast to
     ``dtype`` (default: the tensor's own dtype). Nothing is written to ``out`` unless it all works.
 
-    ``method`` (see :mod:`adaptkit.merge_methods`) combines the deltas of each tensor: ``linear``
+    ``method`` (see :mod:`adaptkit.merging.methods`) combines the deltas of each tensor: ``linear``
     (default), ``svd`` (``rank``), ``ties``/``magnitude_prune`` (``density``), ``dare_linear``/``dare_ties``
     (``density``, ``seed``). For ``svd`` the energy kept per tensor is written to ``adaptkit_merge.json``.
 

@@ -1,7 +1,7 @@
 """Combine several LoRAs into one LoRA, in delta-weight space.
 
 For every module the adapters change, the deltas ``dW_i = s_i B_i A_i`` (rsLoRA, rank and alpha
-patterns included) are combined by a merge method (:mod:`adaptkit.merge_methods`) and factored back:
+patterns included) are combined by a merge method (:mod:`adaptkit.merging.methods`) and factored back:
 
 - ``linear``: exactly, by concatenating the ranks (rank ``sum_i r_i``);
 - ``svd``: the linear sum truncated to ``rank`` (the energy kept is reported per module);
@@ -30,7 +30,7 @@ from adaptkit.base import family_of_class
 from adaptkit.errors import AdapterMismatchError, InvalidArgumentError, UnsupportedAdapterError
 from adaptkit.formats.detect import load_lora_adapters
 from adaptkit.lowrank import LowRank
-from adaptkit.merge_methods import MergeMethod, check_method, make_method
+from adaptkit.merging.methods import MergeMethod, check_method, make_method
 
 
 @dataclass
@@ -139,7 +139,7 @@ def combine_adapters(
     Args:
         adapters: two or more LoRA folders (or :class:`LoraAdapter` objects) of one base.
         weights: one per adapter (default all 1); negative weights subtract (``linear``).
-        method: a name from :data:`~adaptkit.merge_methods.MERGE_METHODS` or a method object.
+        method: a name from :data:`~adaptkit.merging.methods.MERGE_METHODS` or a method object.
         out: folder to write (atomically: nothing is left behind on failure); None keeps it in memory.
         density, seed: for ``ties``, ``dare_*``, ``magnitude_prune``.
         rank: ``svd``: the target rank; ``ties``/``dare_*``/``magnitude_prune``: the rank the combined

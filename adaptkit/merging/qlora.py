@@ -28,7 +28,7 @@ from adaptkit.base import LoadedBase, check_made_for, load_base, parse_dtype
 from adaptkit.errors import AdapterMismatchError, InvalidArgumentError
 from adaptkit.formats.detect import load_lora_adapters
 from adaptkit.inject import base_modules, check_lora_fits
-from adaptkit.merge import apply_update, plan_tensor_updates
+from adaptkit.merging.checkpoint import apply_update, plan_tensor_updates
 
 # what transformers writes beside a 4-bit weight ``<module>.weight`` (bitsandbytes' QuantState.as_dict)
 _STATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
@@ -57,7 +57,7 @@ def _checkpoint_layout(checkpoint, layers: dict, conv1d: set[str]):
     base saved in NF4 stores ``weight`` as packed codes plus state keys; in the output every weight
     has its full-precision shape ([out, in]; GPT-2's Conv1D [in, out]).
     """
-    from adaptkit.merge import _checkpoint_key
+    from adaptkit.merging.checkpoint import _checkpoint_key
 
     shapes = checkpoint.keys_and_shapes()
     weight_keys, state_keys = {}, set()
@@ -280,7 +280,7 @@ def qlora_merge_error(
     kernel adapters are trained with), so the figure measures the merge, not the CPU's 4-bit kernel.
     """
     from adaptkit.engine import Engine
-    from adaptkit.merge import probe_ids
+    from adaptkit.merging.checkpoint import probe_ids
     from adaptkit.routing import Mix
 
     adapters = load_lora_adapters(adapters)

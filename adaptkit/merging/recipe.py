@@ -2,7 +2,7 @@
 
 ::
 
-    method: ties                 # a name from adaptkit.merge_methods (default: linear)
+    method: ties                 # a name from adaptkit.merging.methods (default: linear)
     parameters: {density: 0.5}   # density, seed, rank: what the method takes
     base: ../models/base         # required when into: checkpoint
     into: checkpoint             # checkpoint (default) | adapter
@@ -131,7 +131,7 @@ class _Checker:
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and validate a recipe; every error names the file, line and field."""
-    from adaptkit.merge_methods import check_method, make_method
+    from adaptkit.merging.methods import check_method, make_method
 
     source = Path(path)
     if not source.is_file():
@@ -202,13 +202,13 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 
 def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True):
-    """Run a loaded recipe: the merged checkpoint's path, or the :class:`~adaptkit.combine.Combined` adapter."""
+    """Run a loaded recipe: the merged checkpoint's path, or the :class:`~adaptkit.merging.combine.Combined` adapter."""
     if recipe.into == "adapter":
-        from adaptkit.combine import combine_adapters
+        from adaptkit.merging.combine import combine_adapters
 
         return combine_adapters(list(recipe.adapters), list(recipe.weights), recipe.method, out=recipe.out,
                                 force=force, progress=progress, **recipe.parameters)
-    from adaptkit.merge import merge_checkpoint
+    from adaptkit.merging.checkpoint import merge_checkpoint
 
     return merge_checkpoint(recipe.base, list(recipe.adapters), recipe.out, weights=list(recipe.weights),
                             dtype=recipe.dtype, method=recipe.method, force=force, progress=progress, **recipe.parameters)

@@ -1,7 +1,7 @@
 """The HTTP endpoints of ``adaptkit serve`` (FastAPI): OpenAI's completions, chat, models, plus
 health, metrics and vLLM's runtime adapter load/unload.
 
-Each generation becomes a :class:`~adaptkit.scheduler.Request`; its tokens come back from the
+Each generation becomes a :class:`~adaptkit.serving.scheduler.Request`; its tokens come back from the
 scheduler thread into an ``asyncio.Queue`` of the event loop. A client that disconnects cancels
 its requests (their rows leave the batch at the next token boundary). Streams wait for the first
 token before sending headers, so a request refused at admission (unknown adapter, context too
@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from adaptkit import scheduler as sched
 from adaptkit.errors import AdaptkitError, QueueFullError, RequestError
-from adaptkit.serve_api import (
+from adaptkit.serving import scheduler as sched
+from adaptkit.serving.api import (
     ChatCompletionRequest,
     CompletionRequest,
     LoadAdapterRequest,
@@ -32,7 +32,7 @@ from adaptkit.serve_api import (
     error_body,
     parse,
 )
-from adaptkit.serve_text import TextStream, chat_prompt_ids
+from adaptkit.serving.text import TextStream, chat_prompt_ids
 
 
 class Generation:
@@ -130,7 +130,7 @@ async def _watch_disconnect(http_request: Request, generations: list[Generation]
 
 
 def create_app(server) -> FastAPI:
-    """The FastAPI application over a :class:`~adaptkit.serve.Server`."""
+    """The FastAPI application over a :class:`~adaptkit.serving.server.Server`."""
     app = FastAPI(title="adaptkit serve", docs_url=None, redoc_url=None)
 
     @app.exception_handler(AdaptkitError)

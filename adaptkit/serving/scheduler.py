@@ -11,7 +11,7 @@ Each iteration is one token boundary:
 3. waiting requests are admitted, up to ``max_batch`` rows, once their adapters are resident;
 4. the admitted ones are prefilled as their own mini-batch (prefix / prompt K/V in front, exactly
    as ``Engine.generate_ids``), their first token sampled, and they join the running batch
-   (``batch_state.join_states``: K/V left-padded to a common length, concatenated on the batch axis);
+   (``batch.join_states``: K/V left-padded to a common length, concatenated on the batch axis);
 5. one decode step runs for the whole batch, each row with its own adapter (the routing plan is
    rebuilt only when the rows changed); finished rows leave.
 
@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from adaptkit.batch_state import DecodeState, check_joinable, join_states, select_rows
 from adaptkit.errors import (
     AdaptkitError,
     EngineStateError,
@@ -41,8 +40,9 @@ from adaptkit.errors import (
     RequestError,
 )
 from adaptkit.generation import check_sampling, sample_next
-from adaptkit.residency import AdapterPool
 from adaptkit.routing import RowEntry, members_of
+from adaptkit.serving.batch import DecodeState, check_joinable, join_states, select_rows
+from adaptkit.serving.residency import AdapterPool
 
 log = logging.getLogger(__name__)
 

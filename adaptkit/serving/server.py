@@ -9,8 +9,8 @@
 The request's ``model`` names the adapter (the base's name: no adapter). Concurrent requests for
 different adapters, of any kinds (LoRA, prefix, prompt, bottleneck, ...), are decoded in one batch
 by the scheduler (``scheduler.py``: continuous batching, one thread owning the Engine); at most
-``max_resident`` adapters are in memory (``residency.py``). Endpoints are in ``serve_app.py``,
-request checks and the error shape in ``serve_api.py``.
+``max_resident`` adapters are in memory (``residency.py``). Endpoints are in ``app.py``,
+request checks and the error shape in ``api.py``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import threading
 from pathlib import Path
 
 from adaptkit.errors import InvalidArgumentError, MissingDependencyError, RequestError
-from adaptkit.residency import AdapterPool
 from adaptkit.routing import Mix
-from adaptkit.scheduler import Scheduler
-from adaptkit.serve_api import ADAPTER_NAME
-from adaptkit.serve_metrics import ServeMetrics
+from adaptkit.serving.api import ADAPTER_NAME
+from adaptkit.serving.metrics import ServeMetrics
+from adaptkit.serving.residency import AdapterPool
+from adaptkit.serving.scheduler import Scheduler
 
 
 class Server:
@@ -84,7 +84,7 @@ class Server:
     def app(self):
         """The FastAPI application (``pip install adaptkit[serve]``)."""
         try:
-            from adaptkit.serve_app import create_app
+            from adaptkit.serving.app import create_app
         except ImportError as exc:
             raise MissingDependencyError(f"serving needs fastapi and uvicorn ({exc}); pip install 'adaptkit[serve]'") from exc
         return create_app(self)

@@ -1,4 +1,4 @@
-"""Training: a thin loop over the adapter modules the engine runs (``train_methods.py`` builds them).
+"""Training: a thin loop over the adapter modules the engine runs (``methods.py`` builds them).
 
     result = ak.train("lora", "path/to/base", "data.jsonl", "out/sql", epochs=3, r=8)
 
@@ -43,7 +43,7 @@ from adaptkit.formats.checkpoint import atomic_output_dir
 from adaptkit.generation import positions_from_mask
 from adaptkit.prefix_cache import add_virtual_inputs
 from adaptkit.routing import route_rows, use_plan
-from adaptkit.train_data import (
+from adaptkit.training.data import (
     IGNORE,
     Batch,
     batches,
@@ -53,8 +53,8 @@ from adaptkit.train_data import (
     split_eval,
     tokenize,
 )
-from adaptkit.train_methods import method_named, setup_method
-from adaptkit.train_setup import MethodSetup, SetupContext, adamw
+from adaptkit.training.methods import method_named, setup_method
+from adaptkit.training.setup import MethodSetup, SetupContext, adamw
 
 ADAPTER_NAME = "trained"  # the engine name the trained adapter is attached under
 RECORD_NAME = "adaptkit_train.json"
@@ -345,8 +345,8 @@ def train(method: str, base: str | os.PathLike, data: str | os.PathLike, out: st
 
     Args:
         method: ``lora``, ``qlora``, ``prefix``, ``ptuning2``, ``prompt``, ``ptuning``, ``ppt``,
-            ``bottleneck``, ``fusion`` or ``pet`` (``train_methods.METHODS``).
-        base: a Hugging Face model folder. data: a jsonl file (see ``train_data.py``).
+            ``bottleneck``, ``fusion`` or ``pet`` (``methods.METHODS``).
+        base: a Hugging Face model folder. data: a jsonl file (see ``data.py``).
         out: output folder, in the layout of the method's kind (PEFT, AdapterHub, PET).
         lr: AdamW learning rate (default: the method's). eval_split: share of rows held out.
         resume: a checkpoint folder, or the checkpoints folder (the newest is taken).

@@ -3,7 +3,7 @@
 Every setup attaches its adapter with the engine's own handlers (``Engine.add_adapter``: LoRA layers
 through ``inject.py``, bottleneck and fusion sites through ``sites.py``) and flips ``requires_grad``
 on the adapter's own tensors, so the forward that is trained is the forward that is served. The
-prefix and prompt families, which the runtime holds folded, are set up in ``train_virtual.py``.
+prefix and prompt families, which the runtime holds folded, are set up in ``virtual.py``.
 
 ``METHODS`` maps a method name to its setup; unknown names are rejected with the sorted list.
 """
@@ -26,8 +26,8 @@ from adaptkit.adapters.pet import PetAdapter
 from adaptkit.errors import InvalidArgumentError
 from adaptkit.inject import base_modules, is_conv1d, linear_shape
 from adaptkit.routing import Fuse
-from adaptkit.train_setup import MethodSetup, SetupContext, base_class_of
-from adaptkit.train_virtual import setup_ppt, setup_prefix, setup_prompt, setup_ptuning, setup_ptuning2
+from adaptkit.training.setup import MethodSetup, SetupContext, base_class_of
+from adaptkit.training.virtual import setup_ppt, setup_prefix, setup_prompt, setup_ptuning, setup_ptuning2
 
 # ----------------------------------------------------------------------------- LoRA family
 DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "gpt2": ("c_attn",), "bert": ("query", "value")}

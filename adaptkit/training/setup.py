@@ -1,4 +1,4 @@
-"""What a training method's setup gets and gives (``train_methods.py``, ``train_virtual.py``)."""
+"""What a training method's setup gets and gives (``methods.py``, ``virtual.py``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from adaptkit.routing import RowEntry
-from adaptkit.train_data import Objective
+from adaptkit.training.data import Objective
 
 
 @dataclass

@@ -25,7 +25,7 @@ from torch import nn
 from adaptkit.adapters.prefix import PrefixAdapter, PrefixConfig, fold_prefix_mlp, prefix_from_flat
 from adaptkit.adapters.prompt import PromptAdapter, PromptConfig, fold_mlp_encoder
 from adaptkit.errors import InvalidArgumentError
-from adaptkit.train_setup import MethodSetup, SetupContext, base_class_of
+from adaptkit.training.setup import MethodSetup, SetupContext, base_class_of
 
 
 # ----------------------------------------------------------------------------- prefix family

@@ -1,6 +1,6 @@
 """Merge methods: one file each, a static registry, one base class (mergekit's layout).
 
-All methods combine *delta weights* per tensor (see :mod:`adaptkit.merge_methods.base`)::
+All methods combine *delta weights* per tensor (see :mod:`adaptkit.merging.methods.base`)::
 
     linear / task_arithmetic   sum_i w_i dW_i                       (negative weights subtract)
     svd                        truncate_k(sum_i w_i dW_i)           rank
@@ -13,12 +13,12 @@ All methods combine *delta weights* per tensor (see :mod:`adaptkit.merge_methods
 from __future__ import annotations
 
 from adaptkit.errors import InvalidArgumentError
-from adaptkit.merge_methods.base import Delta, MergeMethod, dense, seed_for
-from adaptkit.merge_methods.dare import DareLinear, DareTies
-from adaptkit.merge_methods.linear import Linear
-from adaptkit.merge_methods.magnitude_prune import MagnitudePrune
-from adaptkit.merge_methods.svd import SvdTruncate
-from adaptkit.merge_methods.ties import Ties
+from adaptkit.merging.methods.base import Delta, MergeMethod, dense, seed_for
+from adaptkit.merging.methods.dare import DareLinear, DareTies
+from adaptkit.merging.methods.linear import Linear
+from adaptkit.merging.methods.magnitude_prune import MagnitudePrune
+from adaptkit.merging.methods.svd import SvdTruncate
+from adaptkit.merging.methods.ties import Ties
 
 MERGE_METHODS: dict[str, type[MergeMethod]] = {
     "linear": Linear,

@@ -7,7 +7,7 @@ unchanged: ``dare(dW) = m * dW / density``, ``m ~ Bernoulli(density)``.
 - ``dare_linear``: ``sum_i w_i dare(dW_i)``;
 - ``dare_ties``: TIES' sign election and weighted disjoint mean over ``w_i dare(dW_i)``.
 
-The masks are drawn from ``torch.Generator`` seeded by :func:`~adaptkit.merge_methods.base.seed_for`
+The masks are drawn from ``torch.Generator`` seeded by :func:`~adaptkit.merging.methods.base.seed_for`
 (``seed``, tensor key, adapter index): the same seed gives the same merge, whatever the shard order.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from adaptkit.merge_methods.base import Delta, MergeMethod, dense, disjoint_mean, seed_for
+from adaptkit.merging.methods.base import Delta, MergeMethod, dense, disjoint_mean, seed_for
 
 
 def dare(delta: torch.Tensor, density: float, seed: int) -> torch.Tensor:

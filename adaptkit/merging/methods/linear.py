@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from adaptkit.lowrank import LowRank
-from adaptkit.merge_methods.base import Delta, MergeMethod, dense
+from adaptkit.merging.methods.base import Delta, MergeMethod, dense
 
 
 class Linear(MergeMethod):

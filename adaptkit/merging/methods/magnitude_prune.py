@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from adaptkit.merge_methods.base import Delta, MergeMethod, dense, keep_largest
+from adaptkit.merging.methods.base import Delta, MergeMethod, dense, keep_largest
 
 
 class MagnitudePrune(MergeMethod):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from adaptkit.lowrank import LowRank, truncated_svd, truncated_svd_of_product
-from adaptkit.merge_methods.base import Delta, MergeMethod, dense
+from adaptkit.merging.methods.base import Delta, MergeMethod, dense
 
 
 class SvdTruncate(MergeMethod):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from adaptkit.merge_methods.base import Delta, MergeMethod, dense, disjoint_mean, keep_largest
+from adaptkit.merging.methods.base import Delta, MergeMethod, dense, disjoint_mean, keep_largest
 
 
 class Ties(MergeMethod):
