@@ -17,6 +17,7 @@ from torch import nn
 
 from adaptkit.adapters.lora import LoraWeights
 from adaptkit.errors import EngineStateError
+from adaptkit.lora_stack import LayerStacks, rides_batched_path
 from adaptkit.routing import AdapterGroup, current_plan
 
 
@@ -90,8 +91,10 @@ def _scatter_rows(y: torch.Tensor, group: AdapterGroup, delta: torch.Tensor) -> 
 class LoraLinear(ModuleWrapper):
     """A linear layer with any number of named LoRAs, each applied to its own batch rows.
 
-    ``y = base(x)`` for every row, then for each adapter group ``g`` of the plan:
-    ``y[g] += w_g * s * (x[g] A^T) B^T`` (DoRA: the row-normalised form, see adapters/lora.py).
+    ``y = base(x)`` for every row, then each row adds its adapters' ``w * s * (x A^T) B^T``. Plain
+    frozen LoRAs ride the batched path (``lora_stack.py``: stacked factors, cost independent of the
+    number of distinct adapters in the batch); DoRA (the row-normalised form, see adapters/lora.py),
+    ``lora_bias`` and trainable factors are applied group by group, exactly.
     """
 
     def __init__(self, base: nn.Module):
@@ -99,6 +102,9 @@ class LoraLinear(ModuleWrapper):
         self.base = base
         self.lora = nn.ModuleDict()
         self.dora_scale: dict[str, torch.Tensor] = {}  # name -> magnitude / ||W + sBA||_row, [out]
+        out_features, in_features = linear_shape(base)
+        self.stacks = LayerStacks(in_features, out_features)
+        self.exact: list[str] = []  # adapters on the per-group path
 
     @property
     def weight(self) -> torch.Tensor:
@@ -113,18 +119,29 @@ class LoraLinear(ModuleWrapper):
         if weights.magnitude is not None:
             merged = weight_out_in(self.base).to(weights.lora_A.device) + weights.delta_weight()
             self.dora_scale[name] = weights.magnitude.float() / torch.linalg.norm(merged, dim=1)
+        if rides_batched_path(weights):
+            self.stacks.add(name, weights)
+        else:
+            self.exact.append(name)
 
     def remove(self, name: str) -> None:
         del self.lora[name]
         self.dora_scale.pop(name, None)
+        if name in self.stacks:
+            self.stacks.remove(name)
+        else:
+            self.exact.remove(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         plan = current_plan()
         if plan is None or not self.lora:
             return y
-        for name, group in plan.groups.items():
-            if name not in self.lora:
+        if self.stacks.buckets:
+            y = self.stacks.apply(y, x, plan)
+        for name in self.exact:
+            group = plan.groups.get(name)
+            if group is None:
                 continue
             weights = self.lora[name]
             x_rows = x if group.rows is None else x.index_select(0, group.rows)

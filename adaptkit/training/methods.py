@@ -56,10 +56,10 @@ def _new_lora(ctx: SetupContext, r: int, alpha: float, targets, rslora: bool) ->
 
 
 def _attach_trainable_lora(ctx: SetupContext, adapter: LoraAdapter) -> nn.Module:
-    ctx.engine.add_adapter(ctx.name, adapter)
-    for weights in adapter.layers.values():
+    for weights in adapter.layers.values():  # before attaching: trainable factors stay on the exact path
         weights.lora_A.requires_grad_(True)
         weights.lora_B.requires_grad_(True)
+    ctx.engine.add_adapter(ctx.name, adapter)
     return nn.ModuleList(adapter.layers[name] for name in sorted(adapter.layers))
 
 

@@ -1,0 +1,245 @@
+"""Batched LoRA: every resident adapter of a layer in stacked, rank-bucketed buffers.
+
+The idea of S-LoRA (Sheng et al., 2023) and Punica (Chen et al., 2023): the cost of a batch should
+not grow with the number of distinct adapters in it. Per layer, adapters whose rank pads to the same
+power of two ``R`` share a bucket::
+
+    A: [slots, R, in]     lora_A, rows r..R-1 zero
+    B: [slots, R, out]    s * lora_B^T, rows r..R-1 zero (the scale s folded in once)
+
+A batch row ``i`` that uses the adapter in slot ``k`` with weight ``w`` (1, or its ``ak.Mix``
+weight; a row that mixes several adapters has one entry per adapter) adds ``w * (x_i A_k^T) B_k``.
+Padding adds exact zeros. Three ways to compute it, chosen by shape:
+
+- one slot for every entry: two matmuls on that slot's views (no gather);
+- few tokens per row (decode, BGMV): gather each entry's A and B, two batched matmuls;
+- many tokens per row (prefill, SGMV): entries grouped by slot, two matmuls per segment, the
+  dispatch amortised over the segment's tokens.
+
+How entries map to buckets and slots depends only on the plan and the layer's :class:`Layout`;
+layers with the same layout (the same adapters added in the same order) share one computation per
+plan. Adding or removing an adapter never moves another adapter's slot or changes its bucket, so
+the others' outputs stay bit for bit what they were.
+
+The buffers are copies made when an adapter is added: weights that train (``requires_grad``), DoRA
+and ``lora_bias`` stay on the exact per-adapter path of ``inject.LoraLinear``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from adaptkit.routing import RoutingPlan, members_of
+
+DECODE_TOKENS = 8  # at most this many tokens per row: gather + batched matmul (BGMV); more: segments (SGMV)
+
+
+def padded_rank(rank: int) -> int:
+    """The bucket of a rank: the next power of two (4 -> 4, 6 -> 8, 16 -> 16)."""
+    return 1 << max(rank - 1, 0).bit_length()
+
+
+def rides_batched_path(weights) -> bool:
+    """Plain, frozen LoRA factors; DoRA, ``lora_bias`` and trainable factors keep the exact path."""
+    return weights.magnitude is None and weights.lora_B_bias is None and not (
+        weights.lora_A.requires_grad or weights.lora_B.requires_grad)
+
+
+class RankBucket:
+    """The stacked factors of every adapter of one padded rank, for one layer.
+
+    Slots are reused after a removal (lowest free first); capacity doubles when full.
+    """
+
+    def __init__(self, rank: int, in_features: int, out_features: int, dtype: torch.dtype, device):
+        self.rank = rank
+        self.A = torch.zeros(0, rank, in_features, dtype=dtype, device=device)  # [slots, R, in]
+        self.B = torch.zeros(0, rank, out_features, dtype=dtype, device=device)  # [slots, R, out], scale folded
+        self.free: list[int] = []
+        self.count = 0  # slots in use
+
+    @property
+    def nbytes(self) -> int:
+        return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
+
+    def put(self, weights) -> int:
+        """Copy ``weights`` (LoraWeights) into a free slot; returns the slot."""
+        if not self.free:
+            self._grow()
+        slot = min(self.free)
+        self.free.remove(slot)
+        r = weights.rank
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.A[slot, :r] = weights.lora_A.detach().to(self.A.dtype)
+        self.B[slot, :r] = (weights.lora_B.detach().float().T * weights.scale).to(self.B.dtype)
+        self.count += 1
+        return slot
+
+    def clear(self, slot: int) -> None:
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.free.append(slot)
+        self.count -= 1
+
+    def _grow(self) -> None:
+        old = self.A.shape[0]
+        new = max(4, 2 * old)
+        self.A = torch.cat([self.A, self.A.new_zeros(new - old, *self.A.shape[1:])])
+        self.B = torch.cat([self.B, self.B.new_zeros(new - old, *self.B.shape[1:])])
+        self.free.extend(range(old, new))
+
+
+class Layout:
+    """Which batched adapter sits where in a layer: ``(name, bucket rank, slot, rank)`` items.
+
+    Interned: layers with equal items hold the same object, so a plan routes it once for all of them.
+    """
+
+    __slots__ = ("items", "index", "_hash", "__weakref__")
+    _interned: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def __init__(self, items: tuple):
+        self.items = items
+        self.index = {name: (bucket, slot, rank) for name, bucket, slot, rank in items}
+        self._hash = hash(items)
+
+    @classmethod
+    def of(cls, items) -> Layout:
+        items = tuple(sorted(items))
+        found = cls._interned.get(items)
+        if found is None:
+            found = cls._interned[items] = cls(items)
+        return found
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, Layout) and self.items == other.items)
+
+
+@dataclass
+class BucketRoute:
+    """The entries of one bucket for one plan: batch rows, their slots and weights.
+
+    ``rows`` is None when the entries are exactly the batch rows in order; ``weights`` [E, 1, 1] is
+    None when all are 1; ``single`` is (slot, rank) when every entry uses the same slot.
+    """
+
+    rows: torch.Tensor | None
+    slots: torch.Tensor
+    weights: torch.Tensor | None
+    single: tuple[int, int] | None
+    segments: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]  # (slot, rank, entry positions, weights)
+
+
+def route_layout(plan: RoutingPlan, layout: Layout, device) -> dict[int, BucketRoute]:
+    """Per bucket, the entries of ``plan`` that use an adapter of ``layout`` (built once per plan)."""
+    entries: dict[int, list[tuple[int, int, int, float]]] = {}  # bucket -> (row, slot, rank, weight)
+    for row, entry in enumerate(plan.entries):
+        for name, weight in members_of(entry).items():
+            found = layout.index.get(name)
+            if found is not None:
+                bucket, slot, rank = found
+                entries.setdefault(bucket, []).append((row, slot, rank, weight))
+    routes = {}
+    for bucket, items in entries.items():
+        rows = [i[0] for i in items]
+        slots = [i[1] for i in items]
+        weights = [i[3] for i in items]
+        identity = rows == list(range(plan.batch_size))
+        weight_tensor = None
+        if any(w != 1.0 for w in weights):
+            weight_tensor = torch.tensor(weights, dtype=torch.float32, device=device).view(-1, 1, 1)
+        distinct = sorted(set(zip(slots, (i[2] for i in items))))
+        segments = []
+        for slot, rank in distinct:
+            where = [p for p, s in enumerate(slots) if s == slot]
+            segment_weights = None if weight_tensor is None else weight_tensor[where]
+            segments.append((slot, rank, torch.tensor(where, dtype=torch.long, device=device), segment_weights))
+        routes[bucket] = BucketRoute(
+            rows=None if identity else torch.tensor(rows, dtype=torch.long, device=device),
+            slots=torch.tensor(slots, dtype=torch.long, device=device),
+            weights=weight_tensor,
+            single=distinct[0] if len(distinct) == 1 else None,
+            segments=segments,
+        )
+    return routes
+
+
+def add_batched_delta(y: torch.Tensor, x: torch.Tensor, bucket: RankBucket, route: BucketRoute) -> torch.Tensor:
+    """``y`` plus every entry's ``w * (x_row A_slot^T) B_slot``; x: [N, T, in] or [N, in], y likewise [.., out]."""
+    xr = x if route.rows is None else x.index_select(0, route.rows)  # [E, T, in]
+    A, B = bucket.A, bucket.B
+    if A.dtype != x.dtype:
+        A, B = A.to(x.dtype), B.to(x.dtype)
+    if route.single is not None:
+        slot, rank = route.single
+        delta = (xr @ A[slot, :rank].T) @ B[slot, :rank]
+        if route.weights is not None:
+            delta = delta * route.weights.to(delta.dtype).view(-1, *([1] * (delta.ndim - 1)))
+    elif (x.shape[-2] if x.ndim == 3 else 1) <= DECODE_TOKENS:
+        squeeze = x.ndim == 2
+        xs = xr.unsqueeze(1) if squeeze else xr  # [E, T, in]
+        hidden = torch.bmm(xs, A.index_select(0, route.slots).transpose(1, 2))  # [E, T, R]
+        delta = torch.bmm(hidden, B.index_select(0, route.slots))  # [E, T, out]
+        if route.weights is not None:
+            delta = delta * route.weights.to(delta.dtype)
+        if squeeze:
+            delta = delta.squeeze(1)
+    else:
+        delta = xr.new_empty(*xr.shape[:-1], B.shape[-1])
+        for slot, rank, where, weights in route.segments:
+            part = (xr.index_select(0, where) @ A[slot, :rank].T) @ B[slot, :rank]
+            if weights is not None:
+                part = part * weights.to(part.dtype)
+            delta.index_copy_(0, where, part)
+    if route.rows is None:
+        return y + delta.to(y.dtype)
+    return y.index_add(0, route.rows, delta.to(y.dtype))
+
+
+class LayerStacks:
+    """The buckets of one layer and where each batched adapter sits in them."""
+
+    def __init__(self, in_features: int, out_features: int):
+        self.in_features, self.out_features = in_features, out_features
+        self.buckets: dict[int, RankBucket] = {}
+        self.layout = Layout.of(())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.layout.index
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buckets.values())
+
+    def add(self, name: str, weights) -> None:
+        rank = padded_rank(weights.rank)
+        bucket = self.buckets.get(rank)
+        if bucket is None:
+            bucket = self.buckets[rank] = RankBucket(rank, self.in_features, self.out_features,
+                                                      weights.lora_A.dtype, weights.lora_A.device)
+        slot = bucket.put(weights)
+        self.layout = Layout.of((*self.layout.items, (name, rank, slot, weights.rank)))
+
+    def remove(self, name: str) -> None:
+        bucket_rank, slot, _ = self.layout.index[name]
+        bucket = self.buckets[bucket_rank]
+        bucket.clear(slot)
+        if bucket.count == 0:
+            del self.buckets[bucket_rank]
+        self.layout = Layout.of(item for item in self.layout.items if item[0] != name)
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        key = ("lora_stack", self.layout)
+        routes = plan.cache.get(key)
+        if routes is None:
+            routes = plan.cache[key] = route_layout(plan, self.layout, x.device)
+        for rank, route in routes.items():
+            y = add_batched_delta(y, x, self.buckets[rank], route)
+        return y

@@ -1,0 +1,126 @@
+"""Many LoRAs in one batch (lora_stack.py): stacked factors, one adapter index per row.
+
+Reference: each row alone (one adapter for the whole batch takes the single-slot path), and the
+exact per-adapter computation; the batched paths (BGMV for few tokens per row, SGMV for many) must
+agree with both within 1e-5 (fp32; only the summation order of the small matmuls differs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_peft_lora, random_ids
+
+import adaptkit as ak
+from adaptkit import inject, lora_stack
+from adaptkit.demo import random_lora
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+RANKS = (4, 8, 16)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama, tmp_path_factory):
+    """40 plain LoRAs of ranks 4/8/16 (one with a rank pattern: 6 pads to 8), and one DoRA."""
+    eng = ak.Engine.from_pretrained(tiny_llama)
+    for i in range(40):
+        extra = {"rank_pattern": {"v_proj": 6}} if i == 7 else {}
+        eng.add_adapter(f"a{i}", random_lora(tiny_llama, TARGETS, r=RANKS[i % 3], alpha=2.0 * RANKS[i % 3],
+                                             seed=100 + i, std=0.1, **extra))
+    eng.add_adapter("dora", make_peft_lora(tiny_llama, tmp_path_factory.mktemp("dora") / "d", seed=5, use_dora=True))
+    return eng
+
+
+def mixed_rows() -> list:
+    """48 rows: 40 distinct adapters, Mix rows (weights, negative too), a Stack, DoRA and base rows."""
+    rows = [f"a{i}" for i in range(40)]
+    rows += [ak.Mix({"a1": 0.7, "a2": -0.3}), ak.Mix({"a5": 0.5, "a10": 0.5, "a20": 0.25}), ak.Stack("a3", "a4"),
+             "dora", None, "a0", None, ak.Mix({"a7": 2.0})]
+    return rows
+
+
+def each_row_alone(engine, ids, rows) -> torch.Tensor:
+    return torch.cat([engine.logits(ids[i : i + 1], adapters=[row]) for i, row in enumerate(rows)])
+
+
+@pytest.mark.parametrize("length", [1, 4, 12], ids=["decode-1", "bgmv-4", "sgmv-12"])
+def test_forty_adapters_mixed_with_mix_dora_and_base_rows_equal_each_row_alone(engine, length):
+    rows = mixed_rows()
+    ids = random_ids(batch=len(rows), length=length, seed=length)
+    together = engine.logits(ids, adapters=rows)
+    torch.testing.assert_close(together, each_row_alone(engine, ids, rows), atol=1e-5, rtol=0)
+    base = engine.logits(ids)
+    assert all((together[i] - base[i]).abs().max() > 1e-3 for i, r in enumerate(rows) if r is not None)
+    torch.testing.assert_close(together[44], base[44], atol=0, rtol=0)  # a base row pays nothing and gets nothing
+
+
+def test_bgmv_and_sgmv_give_the_same_result(engine, monkeypatch):
+    """The same batch through the gather + batched matmul path and through the segments path."""
+    rows = mixed_rows()
+    ids = random_ids(batch=len(rows), length=6, seed=3)
+    bgmv = engine.logits(ids, adapters=rows)
+    monkeypatch.setattr(lora_stack, "DECODE_TOKENS", 0)
+    torch.testing.assert_close(engine.logits(ids, adapters=rows), bgmv, atol=1e-5, rtol=0)
+
+
+def test_decode_steps_of_a_mixed_batch_equal_each_row_decoded_alone(engine):
+    """Prefill (segments) then one-token decode steps (gather): greedy tokens equal each row alone."""
+    rows = mixed_rows()[::3]
+    prompts = [list(map(int, p)) for p in random_ids(batch=len(rows), length=5, seed=8)]
+    together = engine.generate_ids(prompts, rows, max_new_tokens=6)
+    alone = [engine.generate_ids([p], [r], max_new_tokens=6)[0] for p, r in zip(prompts, rows)]
+    assert together == alone
+
+
+def test_stacked_factors_equal_the_exact_computation(engine, tiny_llama):
+    """Per layer, the batched delta equals ``w * s * (x A^T) B^T`` computed from the adapter's own factors."""
+    layer = inject.locate(engine.model, "model.layers.1.self_attn.v_proj")
+    assert isinstance(layer, inject.LoraLinear) and layer.exact == ["dora"]
+    x = torch.randn(5, 3, layer.base.in_features, generator=torch.Generator().manual_seed(0))
+    plan = ak_route(["a7", "a8", None, ak.Mix({"a9": -0.5}), "a7"])
+    with_adapters = layer.stacks.apply(torch.zeros(5, 3, layer.base.out_features), x, plan)
+    for row, (name, weight) in enumerate([("a7", 1.0), ("a8", 1.0), (None, 0.0), ("a9", -0.5), ("a7", 1.0)]):
+        expected = 0 * x[row, :, :1] if name is None else weight * layer.lora[name].low_rank_output(x[row])
+        torch.testing.assert_close(with_adapters[row], expected.expand_as(with_adapters[row]), atol=1e-6, rtol=0)
+    assert layer.lora["a7"].rank == 6 and layer.stacks.layout.index["a7"][0] == 8  # rank 6 rides the 8 bucket
+
+
+def ak_route(entries):
+    from adaptkit.routing import route_rows
+
+    return route_rows(entries)
+
+
+def test_adding_and_removing_adapters_leaves_the_others_bit_identical(tiny_llama):
+    engine = ak.Engine.from_pretrained(tiny_llama)
+    for i in range(6):
+        engine.add_adapter(f"k{i}", random_lora(tiny_llama, TARGETS, r=RANKS[i % 3], seed=i))
+    rows = ["k0", "k1", "k2", ak.Mix({"k0": 0.5, "k2": 0.5}), None, "k0"]
+    for length in (1, 12):  # the gather path and the segments path
+        ids = random_ids(batch=len(rows), length=length, seed=length)
+        before = engine.logits(ids, adapters=rows)
+        for i in range(6, 30):  # more of the same ranks (buckets grow) and a new rank 32 bucket
+            engine.add_adapter(f"k{i}", random_lora(tiny_llama, TARGETS, r=(4, 8, 32)[i % 3], seed=i))
+        engine.remove_adapter("k3")
+        engine.remove_adapter("k4")
+        assert torch.equal(engine.logits(ids, adapters=rows), before)
+        engine.add_adapter("k3", random_lora(tiny_llama, TARGETS, r=4, seed=3))  # takes a freed slot
+        assert torch.equal(engine.logits(ids, adapters=rows), before)
+        for i in range(6, 30):
+            engine.remove_adapter(f"k{i}")
+        engine.add_adapter("k4", random_lora(tiny_llama, TARGETS, r=8, seed=4))
+
+
+def test_trainable_and_bias_factors_stay_on_the_exact_path(tiny_llama, tmp_path):
+    engine = ak.Engine.from_pretrained(tiny_llama)
+    engine.add_adapter("bias", make_peft_lora(tiny_llama, tmp_path / "b", seed=2, lora_bias=True))
+    trainable = random_lora(tiny_llama, TARGETS, seed=9)
+    for weights in trainable.layers.values():
+        weights.lora_A.requires_grad_(True)
+    engine.add_adapter("trainable", trainable)
+    engine.add_adapter("plain", random_lora(tiny_llama, TARGETS, seed=8))
+    layer = inject.locate(engine.model, "model.layers.0.self_attn.q_proj")
+    assert layer.exact == ["bias", "trainable"] and "plain" in layer.stacks
+    ids = random_ids(batch=3, seed=1)
+    out = engine.logits(ids, adapters=["bias", "trainable", "plain"])
+    torch.testing.assert_close(out, each_row_alone(engine, ids, ["bias", "trainable", "plain"]), atol=1e-5, rtol=0)
