@@ -32,6 +32,13 @@ def describe_adapter(
     lines = [f"adapter: {path}", f"kind: {adapter.kind}"]
     lines += [f"{key}: {value}" for key, value in adapter_details(adapter).items()]
     lines += [f"parameters: {adapter.parameter_count:,}", f"size: {_size(adapter.nbytes)}"]
+    if adapter.kind == "lora":
+        from adaptkit.lora_stack import stacked_nbytes
+
+        element = next(iter(adapter.layers.values())).lora_A.element_size() if adapter.layers else 4
+        stacked, padding = stacked_nbytes(adapter, element)
+        lines.append(f"resident for batched serving: {_size(stacked)} in the layers' stacks, of which "
+                     f"{_size(padding)} rank padding (ranks pad to a power of two)")
     if base is None:
         return lines, True
     try:

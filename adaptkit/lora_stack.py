@@ -235,6 +235,15 @@ class LayerStacks:
             del self.buckets[bucket_rank]
         self.layout = Layout.of(item for item in self.layout.items if item[0] != name)
 
+    @property
+    def padding_nbytes(self) -> int:
+        """Bytes holding no factor: ranks padded up to their bucket, and free slots."""
+        held = 0
+        for _, bucket_rank, _, rank in self.layout.items:
+            element = self.buckets[bucket_rank].A.element_size()
+            held += rank * (self.in_features + self.out_features) * element
+        return self.nbytes - held
+
     def apply(self, y: torch.Tensor, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         key = ("lora_stack", self.layout)
         routes = plan.cache.get(key)
@@ -243,3 +252,21 @@ class LayerStacks:
         for rank, route in routes.items():
             y = add_batched_delta(y, x, self.buckets[rank], route)
         return y
+
+
+def stack_memory(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of every layer's stacked LoRA buffers in ``model``, and how many of them are padding."""
+    stacks = [m.stacks for m in model.modules() if isinstance(getattr(m, "stacks", None), LayerStacks)]
+    return {"stacked": sum(s.nbytes for s in stacks), "padding": sum(s.padding_nbytes for s in stacks)}
+
+
+def stacked_nbytes(adapter, element_size: int) -> tuple[int, int]:
+    """(bytes a LoRA takes in the stacks when resident, of which rank padding) at ``element_size`` bytes."""
+    total = padding = 0
+    for weights in adapter.layers.values():
+        if not rides_batched_path(weights):
+            continue
+        per_rank = (weights.in_features + weights.out_features) * element_size
+        total += padded_rank(weights.rank) * per_rank
+        padding += (padded_rank(weights.rank) - weights.rank) * per_rank
+    return total, padding

@@ -360,6 +360,8 @@ def bench(base, adapter_values, batch, prompt_len, new_tokens, quantize, dtype, 
               help="The only folder runtime loading may read adapters from.")
 @click.option("--allow-runtime-loading", is_flag=True,
               help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (paths inside --adapter-dir).")
+@click.option("--register-all", is_flag=True,
+              help="Serve every adapter folder in --adapter-dir by its folder name (read when first requested).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
 @click.option("--max-batch", default=8, show_default=True, help="Rows decoded together (continuous batching).")
@@ -370,8 +372,8 @@ def bench(base, adapter_values, batch, prompt_len, new_tokens, quantize, dtype, 
 @click.option("--served-model-name", default=None, help="The base's model name (default: BASE's folder name).")
 @click.option("--quantize", type=click.Choice(["nf4"]), default=None, help="Load BASE in 4-bit NF4 (QLoRA).")
 @click.option("--dtype", default="float32", show_default=True)
-def serve(base, adapter_values, adapter_dir, allow_runtime_loading, host, port, max_batch, max_queue, max_resident,
-          request_timeout, default_max_tokens, served_model_name, quantize, dtype):
+def serve(base, adapter_values, adapter_dir, allow_runtime_loading, register_all, host, port, max_batch, max_queue,
+          max_resident, request_timeout, default_max_tokens, served_model_name, quantize, dtype):
     """Serve BASE and its adapters over an OpenAI-compatible HTTP API; the request's model names the adapter.
 
     \b
@@ -387,7 +389,7 @@ def serve(base, adapter_values, adapter_dir, allow_runtime_loading, host, port, 
     run_server(base, dict(pairs), host=host, port=port, quantize=quantize, dtype=dtype, base_name=served_model_name,
                adapter_dir=adapter_dir, allow_runtime_loading=allow_runtime_loading, max_batch=max_batch,
                max_queue=max_queue, max_resident=max_resident, request_timeout=request_timeout,
-               default_max_tokens=default_max_tokens)
+               default_max_tokens=default_max_tokens, register_all=register_all)
 
 
 def _verbalizer(value: str | None) -> dict | None:

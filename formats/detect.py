@@ -13,13 +13,26 @@ from adaptkit.formats import adapterhub, peft, pet, prefix_file
 
 def read_adapter(path: str | os.PathLike):
     """Read any supported adapter (PEFT folder, AdapterHub folder, adaptkit file or PET folder) from ``path``."""
-    path = Path(path)
+    _, read = _reader_for(Path(path))
+    return read()
+
+
+def detect_kind(path: str | os.PathLike) -> str:
+    """The kind of the adapter at ``path`` from its config files alone (no tensor is read): ``lora``,
+    ``prefix``, ``prompt``, ``bottleneck``, ``fusion`` or ``pet``. Raises as :func:`read_adapter` would
+    for a folder that is not a supported adapter."""
+    kind, _ = _reader_for(Path(path))
+    return kind
+
+
+def _reader_for(path: Path):
+    """(kind, a call that reads the adapter) for ``path``: the one place the layout is told from the files."""
     if prefix_file.is_prefix_file(path):
-        return prefix_file.read_prefix_file(path)
+        return "prefix", lambda: prefix_file.read_prefix_file(path)
     if pet.is_pet_folder(path):  # before PEFT: a PET folder also holds its LoRA's adapter_config.json
-        return pet.read_pet(path)
+        return "pet", lambda: pet.read_pet(path)
     if (path / adapterhub.FUSION_CONFIG_NAME).is_file():
-        return adapterhub.read_fusion(path)
+        return "fusion", lambda: adapterhub.read_fusion(path)
     if (path / adapterhub.SETUP_NAME).is_file() and not (path / peft.CONFIG_NAME).is_file():
         raise adapterhub.setup_error(path)
     config = peft.read_config(path)
@@ -31,13 +44,14 @@ def read_adapter(path: str | os.PathLike):
             raise UnsupportedAdapterError(
                 f"{path / peft.CONFIG_NAME}: peft_type {peft_type!r} is not supported; supported: {known}"
             )
-        readers = {"lora": peft.read_lora, "prefix": peft.read_prefix, "ptuning": peft.read_prompt,
-                   "prompt": peft.read_prompt}
+        readers = {"lora": ("lora", peft.read_lora), "prefix": ("prefix", peft.read_prefix),
+                   "ptuning": ("prompt", peft.read_prompt), "prompt": ("prompt", peft.read_prompt)}
         if kind not in readers:
             raise UnsupportedAdapterError(f"{path}: {peft_type} adapters cannot be loaded by this version")
-        return readers[kind](path, config)
+        served_as, reader = readers[kind]
+        return served_as, lambda: reader(path, config)
     if adapterhub.is_adapterhub_config(config):
-        return adapterhub.read_bottleneck(path, config)
+        return "bottleneck", lambda: adapterhub.read_bottleneck(path, config)
     raise AdapterFormatError(
         f"{path / peft.CONFIG_NAME}: neither a PEFT config (no 'peft_type') nor an AdapterHub config (no 'config')"
     )

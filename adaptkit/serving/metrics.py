@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 from collections import Counter, defaultdict
 
+from adaptkit.lora_stack import stack_memory
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -96,7 +98,16 @@ class ServeMetrics:
         metric("adaptkit_decoded_rows_total", "counter", "Rows over all decode steps (/ steps = mean batch size).",
                [({}, stats["rows_decoded"])])
         metric("adaptkit_prefills_total", "counter", "Prefill mini-batches.", [({}, stats["prefills"])])
+        metric("adaptkit_registered_adapters", "gauge", "Servable adapters, resident or not.", [({}, pool.count)])
         metric("adaptkit_resident_adapters", "gauge", "Adapters in memory.", [({}, len(snap["resident"]))])
+        infos = scheduler.engine.adapters
+        metric("adaptkit_resident_adapter_bytes", "gauge", "Bytes of each resident adapter's own tensors.",
+               [({"adapter": a}, infos[a].nbytes) for a in sorted(snap["resident"]) if a in infos])
+        stacks = stack_memory(scheduler.engine.model)
+        metric("adaptkit_lora_stack_bytes", "gauge", "Bytes of the layers' stacked LoRA factors (batched path).",
+               [({}, stacks["stacked"])])
+        metric("adaptkit_lora_stack_padding_bytes", "gauge",
+               "Of those, bytes holding no factor: ranks padded to their bucket, free slots.", [({}, stacks["padding"])])
         metric("adaptkit_adapter_loads_total", "counter", "Adapter loads from disk.",
                [({"adapter": a}, n) for a, n in sorted(pool.loads.items())])
         metric("adaptkit_adapter_evictions_total", "counter", "Adapters evicted (least recently used, idle).",

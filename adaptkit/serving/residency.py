@@ -1,21 +1,28 @@
 """Which servable adapters are in memory: at most K resident, idle ones evicted least-recently-used first.
 
-    pool = AdapterPool(engine, max_resident=2)
-    pool.register("sql", "adapters/sql")          # servable; loaded on first use
-    pool.make_resident({"sql"}, in_use=set())      # -> True once "sql" is attached to the engine
+    pool = AdapterPool(engine, max_resident=16)
+    pool.register("sql", "adapters/sql", load=False)   # servable; its files are read when first needed
+    pool.prefetch({"sql"})                              # read in the background (a request is queued)
+    pool.make_resident({"sql"}, in_use=set())           # -> True once "sql" is attached to the engine
+
+Thousands of adapters can be registered (a name, a path and the kind read from the config files);
+K are resident. Reading an adapter's files happens on a background thread as soon as a request
+for it is queued (:meth:`prefetch`), so the decode loop only attaches what was read (for a LoRA:
+copies its factors into the layers' stacks); a cold adapter delays its own request, not the batch.
 
 An adapter some running request uses is never evicted: the caller passes those names as
-``in_use``. When the adapters a request needs cannot all be resident without evicting one in use,
-:meth:`AdapterPool.make_resident` returns False and the request waits. Evicting is
-``Engine.remove_adapter``; reloading reads the adapter's files again (kind detected from them).
+``in_use``. When the adapters a request needs are not read yet, or cannot all be resident without
+evicting one in use, :meth:`make_resident` returns False and the request waits. Evicting is
+``Engine.remove_adapter``; reloading reads the adapter's files again.
 
-Not thread-safe: one thread (the scheduler's) owns the pool and the engine.
+One thread (the scheduler's) owns the pool and the engine; only the file reading runs elsewhere.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from adaptkit.errors import EngineStateError, InvalidArgumentError, UnknownAdapterError
@@ -24,11 +31,14 @@ from adaptkit.errors import EngineStateError, InvalidArgumentError, UnknownAdapt
 class AdapterPool:
     """Servable adapters by name (their folders) and the resident ones in least-recently-used order."""
 
-    def __init__(self, engine, max_resident: int | None = None):
+    def __init__(self, engine, max_resident: int | None = None, readers: int = 1):
         if max_resident is not None and max_resident < 1:
             raise InvalidArgumentError(f"max_resident must be >= 1 (or None for no limit), got {max_resident}")
         self.engine = engine
         self.max_resident = max_resident
+        self._reader = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="adaptkit-read")
+        self._reading: dict[str, Future] = {}  # name -> its files being read (or read), not yet attached
+        self.on_read = lambda: None  # called (on the reading thread) when a background read ends
         self._paths: dict[str, Path | None] = {}  # None: added as an object, cannot be reloaded, never evicted
         self._kinds: dict[str, str] = {}  # known once read
         self._recent: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
@@ -45,6 +55,15 @@ class AdapterPool:
         return sorted(self._paths)
 
     @property
+    def count(self) -> int:
+        """How many adapters are servable."""
+        return len(self._paths)
+
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` is a servable adapter (resident or not)."""
+        return name in self._paths
+
+    @property
     def resident(self) -> list[str]:
         """Resident adapters, least recently used first."""
         return list(self._recent)
@@ -58,11 +77,20 @@ class AdapterPool:
         return self._kinds.get(name)
 
     def register(self, name: str, path: str | os.PathLike, adapter=None, in_use: frozenset[str] = frozenset(),
-                 evict: bool = True) -> bool:
+                 evict: bool = True, load: bool = True) -> bool:
         """Make ``name`` servable from ``path``; load it now (``adapter``: already read from ``path``) when
-        there is room, or (``evict``) an idle adapter to evict. Returns whether it is resident."""
+        ``load`` and there is room, or (``evict``) an idle adapter to evict. Returns whether it is resident.
+
+        With ``load=False`` only the kind is read (from the config files): registering is cheap.
+        """
         if name in self._paths:
             raise InvalidArgumentError(f"an adapter named {name!r} is already served; unload it first")
+        if not load:
+            from adaptkit.formats.detect import detect_kind
+
+            self._kinds[name] = detect_kind(path)  # a folder that is no adapter fails here, not at first use
+            self._paths[name] = Path(path)
+            return False
         self._paths[name] = Path(path)
         if adapter is not None:
             self._kinds[name] = adapter.kind
@@ -87,19 +115,42 @@ class AdapterPool:
             del self._recent[name]
         del self._paths[name]
         self._kinds.pop(name, None)
+        self._reading.pop(name, None)
 
-    def make_resident(self, names: set[str], in_use: set[str]) -> bool:
-        """Load whichever of ``names`` are not in memory, evicting idle ones (never ``in_use`` or ``names``).
+    def prefetch(self, names) -> None:
+        """Start reading the files of whichever of ``names`` are neither resident nor being read."""
+        from adaptkit.formats.detect import read_adapter
 
-        Returns False, changing nothing, when there is not enough room; the caller retries later.
+        for name in names:
+            if name in self._paths and name not in self._recent and name not in self._reading:
+                self._reading[name] = self._reader.submit(read_adapter, self._paths[name])
+                self._reading[name].add_done_callback(lambda _: self.on_read())
+
+    def close(self) -> None:
+        """Stop the background reader (reads in progress finish; nothing more starts)."""
+        self._reader.shutdown(wait=False, cancel_futures=True)
+
+    def make_resident(self, names: set[str], in_use: set[str], wait: bool = False) -> bool:
+        """Attach whichever of ``names`` are not in memory, evicting idle ones (never ``in_use`` or ``names``).
+
+        Their files are read in the background (:meth:`prefetch`, started here if it was not); until
+        that is done, or when there is not enough room, returns False changing nothing, and the caller
+        retries later. ``wait``: wait for the reads instead. A read that failed raises its error here.
         """
         for name in names:
             self._require(name)
         missing = [n for n in sorted(names) if n not in self._recent]
+        self.prefetch(missing)
+        if not wait and not all(self._reading[n].done() for n in missing):
+            return False
+        for name in missing:
+            if self._reading[name].exception() is not None:  # read again next time it is asked for
+                raise self._reading.pop(name).exception()
         if missing and not self._make_room(len(missing), set(in_use) | set(names)):
             return False
         for name in missing:
-            self._load(name)
+            reading = self._reading.pop(name)
+            self._load(name, reading.result())
         self.touch(names)
         return True
 

@@ -126,6 +126,7 @@ class Scheduler:
         self._commands: deque[tuple[Callable, Future]] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self.pool.on_read = self._wake.set  # a cold adapter's files are read: admit its request now
         self._rows: list[_Row] = []
         self._state: DecodeState | None = None
         self._admitted: list[Request] = []  # admitted this step, until they join the batch
@@ -263,6 +264,8 @@ class Scheduler:
         pinned = set(self.in_use())
         with self._lock:
             waiting = list(self._waiting)
+        for request in waiting:  # files of cold adapters are read in the background meanwhile
+            self.pool.prefetch(members_of(request.entry))
         for request in waiting:
             if len(self._rows) + len(admitted) >= self.max_batch:
                 break

@@ -40,12 +40,14 @@ class Server:
         max_resident: adapters in memory at once (None: all); idle ones are evicted least recently used.
         request_timeout: default per-request limit in seconds (a request's ``timeout`` overrides it).
         default_max_tokens: ``max_tokens`` when a request gives none.
+        register_all: serve every adapter folder in ``adapter_dir`` too, named by its folder name; only
+            the config files are read now, the rest when a request first needs it.
     """
 
     def __init__(self, engine, adapters: dict[str, str | os.PathLike] | None = None, base_name: str | None = None,
                  adapter_dir: str | os.PathLike | None = None, allow_runtime_loading: bool = False, max_batch: int = 8,
                  max_queue: int = 64, max_resident: int | None = None, request_timeout: float | None = None,
-                 default_max_tokens: int = 16):
+                 default_max_tokens: int = 16, register_all: bool = False):
         from adaptkit.formats.detect import read_adapter
 
         if engine.tokenizer is None:
@@ -66,10 +68,27 @@ class Server:
                 raise InvalidArgumentError(f"adapter name {name!r} must be 1-64 letters, digits, '_' or '-' and not "
                                            f"the base model's name {self.base_name!r}")
             self.pool.register(name, path, read_adapter(path), evict=False)  # the first K stay loaded
+        if register_all:
+            if self.adapter_dir is None:
+                raise InvalidArgumentError("registering every adapter of a folder needs --adapter-dir")
+            self._register_folder(self.adapter_dir)
         config = engine.model.config
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.scheduler = Scheduler(engine, self.pool, max_batch=max_batch, max_queue=max_queue, context_length=context)
         self.metrics = ServeMetrics()
+
+    def _register_folder(self, folder: Path) -> None:
+        """Every sub-folder of ``folder`` that holds an adapter, by its folder name (others are skipped)."""
+        from adaptkit.errors import AdaptkitError
+
+        for path in sorted(p for p in folder.iterdir() if p.is_dir()):
+            name = path.name
+            if not ADAPTER_NAME.match(name) or name == self.base_name or self.pool.serves(name):
+                continue
+            try:
+                self.pool.register(name, path, load=False)
+            except AdaptkitError:
+                continue  # not an adapter folder
 
     def start(self) -> Server:
         self.scheduler.start()
@@ -77,6 +96,7 @@ class Server:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        self.pool.close()
 
     def healthy(self) -> bool:
         return self.scheduler.alive
@@ -102,12 +122,12 @@ class Server:
             if not adapters:
                 raise RequestError("adapters: give at least one {name: weight}", param="adapters")
             for name in adapters:
-                if name not in self.pool.names:
+                if not self.pool.serves(name):
                     raise self._unknown(name, "adapters")
             return Mix(adapters), "mix"
         if model == self.base_name:
             return None, self.base_name
-        if model in self.pool.names:
+        if self.pool.serves(model):
             return model, model
         raise self._unknown(model, "model")
 
