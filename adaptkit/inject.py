@@ -11,6 +11,7 @@ Both read the :class:`~adaptkit.routing.RoutingPlan` of the forward in progress.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 from torch import nn
@@ -31,13 +32,21 @@ class ModuleWrapper(nn.Module):
     base: nn.Module
 
 
+# model -> {name: what locate() found}; only swap_module changes what sits where, and it clears this
+_LOCATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def locate(model: nn.Module, name: str) -> nn.Module:
     """The module at the base-model name ``name`` (the outermost wrapper there, if any)."""
-    module = model
-    for part in name.split(".") if name else ():
-        while isinstance(module, ModuleWrapper):
-            module = module.base
-        module = module.get_submodule(part)
+    found = _LOCATED.setdefault(model, {})
+    module = found.get(name)
+    if module is None:
+        module = model
+        for part in name.split(".") if name else ():
+            while isinstance(module, ModuleWrapper):
+                module = module.base
+            module = module.get_submodule(part)
+        found[name] = module
     return module
 
 
@@ -49,6 +58,7 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
         parent = parent.base
     old = getattr(parent, child)
     setattr(parent, child, new)
+    _LOCATED.pop(model, None)
     return old
 
 
@@ -285,7 +295,8 @@ def attach_lora(model: nn.Module, name: str, adapter, dtype: torch.dtype, device
     """Wrap the adapter's target layers (once) and register its factors under ``name``."""
     check_lora_fits(base_modules(model), adapter)
     for module_name, weights in adapter.layers.items():
-        weights = weights.to(device=device, dtype=dtype)
+        if weights.lora_A.dtype != dtype or weights.lora_A.device != torch.device(device):
+            weights = weights.to(device=device, dtype=dtype)
         if weights.magnitude is not None:
             weights.magnitude.data = weights.magnitude.data.float()
         wrap_once(model, module_name, LoraLinear).add(name, weights)

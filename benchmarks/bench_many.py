@@ -145,12 +145,112 @@ def kernel(root: Path, repeats: int) -> tuple[list[dict], dict]:
     return rows, timings
 
 
+# ----------------------------------------------------------------------------- (b) serving
+SERVE_COUNTS = (1, 10, 100, 1000)
+
+
+def zipf_names(count: int, requests: int, seed: int) -> list[str]:
+    """``requests`` adapter names drawn Zipf(1.0) over ``count`` adapters (p(k) ~ 1/k)."""
+    import random
+
+    weights = [1 / (k + 1) for k in range(count)]
+    return [f"s{k:04d}" for k in random.Random(seed).choices(range(count), weights=weights, k=requests)]
+
+
+def serve_part(root: Path, args) -> list[dict]:
+    """``adaptkit serve --register-all --max-resident 16`` over 1000 LoRA folders; load from client threads."""
+    from bench_serve import MODEL as SERVE_MODEL
+    from bench_serve import PROMPTS, ServerProcess, run_load
+
+    base = build_tiny_model(root / "base", "llama", **SERVE_MODEL)
+    folder = root / "adapters"
+    first = random_lora(base, TARGETS, r=8, alpha=16, seed=0, std=0.05)
+    gen = torch.Generator().manual_seed(0)
+    for k in range(max(SERVE_COUNTS)):  # one LoRA's shapes, fresh random factors each
+        for weights in first.layers.values():
+            weights.lora_A.data = torch.randn(weights.lora_A.shape, generator=gen) * 0.05
+            weights.lora_B.data = torch.randn(weights.lora_B.shape, generator=gen) * 0.05
+        write_lora(first, folder / f"s{k:04d}")
+    server = ServerProcess(base, {}, max_batch=args.serve_batch, max_queue=4 * args.serve_requests,
+                           extra=["--adapter-dir", str(folder), "--register-all", "--max-resident", "16"])
+    rows = []
+    try:
+        def jobs(names):
+            return [{"model": name, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.serve_tokens,
+                     "temperature": 0, "ignore_eos": True} for i, name in enumerate(names)]
+
+        run_load(server, jobs(["s0000"] * 16), args.serve_batch)  # warm-up
+        for round_ in range(args.serve_rounds):  # interleaved: every scenario once per round
+            for count in SERVE_COUNTS:
+                for spread in ("uniform", "zipf"):
+                    if count == 1 and spread == "zipf":
+                        continue
+                    names = ([f"s{i % count:04d}" for i in range(args.serve_requests)] if spread == "uniform"
+                             else zipf_names(count, args.serve_requests, seed=round_))
+                    result = run_load(server, jobs(names), args.serve_batch)
+                    result.pop("latencies_s")
+                    rows.append({"adapters": count, "spread": spread, "round": round_, **result})
+    finally:
+        server.close()
+    return summarize_serving(rows)
+
+
+def summarize_serving(rows: list[dict]) -> list[dict]:
+    """Per scenario: medians over rounds, throughput vs one adapter."""
+    import statistics
+
+    scenarios = {}
+    for row in rows:
+        scenarios.setdefault((row["adapters"], row["spread"]), []).append(row)
+    one = statistics.median(r["req_per_s"] for r in scenarios[(1, "uniform")])
+    table = []
+    for (count, spread), runs in scenarios.items():
+        throughput = statistics.median(r["req_per_s"] for r in runs)
+        table.append({"adapters": count, "spread": spread, "req_per_s": throughput,
+                      "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+                      "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+                      "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+                      "mean_batch": statistics.median(r["mean_batch"] or 0 for r in runs),
+                      "x one adapter": throughput / one, "rounds": len(runs)})
+    return table
+
+
+def plot_serving(table: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for spread, marker in (("uniform", "o"), ("zipf", "s")):
+        rows = sorted((r for r in table if r["spread"] == spread or r["adapters"] == 1), key=lambda r: r["adapters"])
+        counts = [r["adapters"] for r in rows]
+        left.plot(counts, [r["x one adapter"] for r in rows], marker=marker, label=spread)
+        right.plot(counts, [r["p99_ms"] for r in rows], marker=marker, label=spread)
+    for axis, label in ((left, "throughput, x one adapter"), (right, "p99 latency (ms)")):
+        axis.set_xscale("log")
+        axis.set_xlabel("distinct adapters in the requests (16 resident)")
+        axis.set_ylabel(label)
+        axis.legend()
+    left.axhline(0.9, color="grey", linestyle=":")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["kernel", "serve", "all"], default="all")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default="bench-results/many.json")
+    parser.add_argument("--serve-requests", type=int, default=64, help="Requests per serving scenario and round.")
+    parser.add_argument("--serve-tokens", type=int, default=16, help="Tokens each serving request generates.")
+    parser.add_argument("--serve-batch", type=int, default=8, help="--max-batch of the server and client threads.")
+    parser.add_argument("--serve-rounds", type=int, default=2)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,9 +261,10 @@ def main(argv=None) -> int:
             print(format_table(rows, ["phase", "case", "median ms", "p90 ms", "x transformers", "x one adapter"]))
             record["kernel"] = rows
         if args.part in ("serve", "all"):
-            from bench_many_serve import serve_part
-
             record["serve"] = serve_part(Path(tmp) / "serve", args)
+            print(format_table(record["serve"], ["adapters", "spread", "req_per_s", "tokens_per_s", "p50_ms", "p99_ms",
+                                                 "mean_batch", "x one adapter"]))
+            plot_serving(record["serve"], Path(args.out).with_suffix(".png"))
     write_results(args.out, record.get("kernel", []), timings if "kernel" in record else None,
                   serve=record.get("serve"), model=MODEL, batch=BATCH, prompt=PROMPT, threads=torch.get_num_threads())
     print(f"wrote {args.out}")

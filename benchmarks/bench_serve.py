@@ -56,11 +56,11 @@ def build(root: Path) -> tuple[Path, dict[str, Path]]:
 class ServerProcess:
     """``adaptkit serve`` in a subprocess on 127.0.0.1 with a free port."""
 
-    def __init__(self, base: Path, adapters: dict[str, Path], max_batch: int, max_queue: int):
+    def __init__(self, base: Path, adapters: dict[str, Path], max_batch: int, max_queue: int, extra=()):
         spec = ",".join(f"{name}={path}" for name, path in adapters.items())
         command = [sys.executable, "-c", "from adaptkit.cli.main import main; main()", "serve", str(base),
-                   "--adapters", spec, "--port", "0", "--host", "127.0.0.1", "--max-batch", str(max_batch),
-                   "--max-queue", str(max_queue)]
+                   *(["--adapters", spec] if spec else []), "--port", "0", "--host", "127.0.0.1",
+                   "--max-batch", str(max_batch), "--max-queue", str(max_queue), *extra]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         for line in self.process.stderr:
             found = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)

@@ -43,8 +43,10 @@ def each_row_alone(engine, ids, rows) -> torch.Tensor:
     return torch.cat([engine.logits(ids[i : i + 1], adapters=[row]) for i, row in enumerate(rows)])
 
 
-@pytest.mark.parametrize("length", [1, 4, 12], ids=["decode-1", "bgmv-4", "sgmv-12"])
-def test_forty_adapters_mixed_with_mix_dora_and_base_rows_equal_each_row_alone(engine, length):
+@pytest.mark.parametrize("length, segment_tokens", [(1, 1024), (12, 1024), (12, 1)], ids=["decode", "bgmv", "sgmv"])
+def test_forty_adapters_mixed_with_mix_dora_and_base_rows_equal_each_row_alone(engine, length, segment_tokens,
+                                                                               monkeypatch):
+    monkeypatch.setattr(lora_stack, "SEGMENT_TOKENS", segment_tokens)
     rows = mixed_rows()
     ids = random_ids(batch=len(rows), length=length, seed=length)
     together = engine.logits(ids, adapters=rows)
@@ -56,11 +58,17 @@ def test_forty_adapters_mixed_with_mix_dora_and_base_rows_equal_each_row_alone(e
 
 def test_bgmv_and_sgmv_give_the_same_result(engine, monkeypatch):
     """The same batch through the gather + batched matmul path and through the segments path."""
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(lora_stack.torch, "bmm", lambda *a: calls.append(1) or real_bmm(*a))
     rows = mixed_rows()
     ids = random_ids(batch=len(rows), length=6, seed=3)
     bgmv = engine.logits(ids, adapters=rows)
-    monkeypatch.setattr(lora_stack, "DECODE_TOKENS", 0)
+    assert len(calls) >= 2 * 2 * 5  # two per bucket, in every adapted layer
+    monkeypatch.setattr(lora_stack, "SEGMENT_TOKENS", 1)  # every segment long enough: SGMV
+    calls.clear()
     torch.testing.assert_close(engine.logits(ids, adapters=rows), bgmv, atol=1e-5, rtol=0)
+    assert not calls
 
 
 def test_decode_steps_of_a_mixed_batch_equal_each_row_decoded_alone(engine):
@@ -91,24 +99,28 @@ def ak_route(entries):
     return route_rows(entries)
 
 
-def test_adding_and_removing_adapters_leaves_the_others_bit_identical(tiny_llama):
+@pytest.mark.parametrize("segment_tokens", [1024, 1], ids=["bgmv", "sgmv"])
+def test_adding_and_removing_adapters_leaves_the_others_bit_identical(tiny_llama, segment_tokens, monkeypatch):
+    monkeypatch.setattr(lora_stack, "SEGMENT_TOKENS", segment_tokens)
     engine = ak.Engine.from_pretrained(tiny_llama)
-    for i in range(6):
-        engine.add_adapter(f"k{i}", random_lora(tiny_llama, TARGETS, r=RANKS[i % 3], seed=i))
-    rows = ["k0", "k1", "k2", ak.Mix({"k0": 0.5, "k2": 0.5}), None, "k0"]
-    for length in (1, 12):  # the gather path and the segments path
+    for i in range(6):  # k0-k2 share the rank-4 bucket, k3-k5 the rank-8 one
+        engine.add_adapter(f"k{i}", random_lora(tiny_llama, TARGETS, r=4 if i < 3 else 8, seed=i))
+    rows = ["k0", "k1", "k2", ak.Mix({"k0": 0.5, "k2": 0.5}), None, "k5", "k0"]
+    for length in (1, 12):
         ids = random_ids(batch=len(rows), length=length, seed=length)
         before = engine.logits(ids, adapters=rows)
-        for i in range(6, 30):  # more of the same ranks (buckets grow) and a new rank 32 bucket
+        for i in range(6, 30):  # more of the same ranks (the buckets grow) and a new rank-32 bucket
             engine.add_adapter(f"k{i}", random_lora(tiny_llama, TARGETS, r=(4, 8, 32)[i % 3], seed=i))
         engine.remove_adapter("k3")
-        engine.remove_adapter("k4")
+        engine.remove_adapter("k1")
+        engine.add_adapter("k1", random_lora(tiny_llama, TARGETS, r=4, seed=1))  # back, in the lowest free slot
         assert torch.equal(engine.logits(ids, adapters=rows), before)
-        engine.add_adapter("k3", random_lora(tiny_llama, TARGETS, r=4, seed=3))  # takes a freed slot
+        engine.remove_adapter("k4")
         assert torch.equal(engine.logits(ids, adapters=rows), before)
         for i in range(6, 30):
             engine.remove_adapter(f"k{i}")
-        engine.add_adapter("k4", random_lora(tiny_llama, TARGETS, r=8, seed=4))
+        for i in (3, 4):
+            engine.add_adapter(f"k{i}", random_lora(tiny_llama, TARGETS, r=8, seed=i))
 
 
 def test_trainable_and_bias_factors_stay_on_the_exact_path(tiny_llama, tmp_path):

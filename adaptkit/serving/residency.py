@@ -21,8 +21,10 @@ One thread (the scheduler's) owns the pool and the engine; only the file reading
 from __future__ import annotations
 
 import os
+import threading
 from collections import Counter, OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from pathlib import Path
 
 from adaptkit.errors import EngineStateError, InvalidArgumentError, UnknownAdapterError
@@ -38,6 +40,7 @@ class AdapterPool:
         self.max_resident = max_resident
         self._reader = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="adaptkit-read")
         self._reading: dict[str, Future] = {}  # name -> its files being read (or read), not yet attached
+        self._reading_lock = threading.Lock()  # prefetch may be called from request threads
         self.on_read = lambda: None  # called (on the reading thread) when a background read ends
         self._paths: dict[str, Path | None] = {}  # None: added as an object, cannot be reloaded, never evicted
         self._kinds: dict[str, str] = {}  # known once read
@@ -115,42 +118,53 @@ class AdapterPool:
             del self._recent[name]
         del self._paths[name]
         self._kinds.pop(name, None)
-        self._reading.pop(name, None)
+        with self._reading_lock:
+            self._reading.pop(name, None)
 
     def prefetch(self, names) -> None:
         """Start reading the files of whichever of ``names`` are neither resident nor being read."""
         from adaptkit.formats.detect import read_adapter
 
-        for name in names:
-            if name in self._paths and name not in self._recent and name not in self._reading:
-                self._reading[name] = self._reader.submit(read_adapter, self._paths[name])
-                self._reading[name].add_done_callback(lambda _: self.on_read())
+        with self._reading_lock:
+            for name in names:
+                path = self._paths.get(name)
+                if path is not None and name not in self._recent and name not in self._reading:
+                    self._reading[name] = self._reader.submit(read_adapter, path)
+                    self._reading[name].add_done_callback(lambda _: self.on_read())
 
     def close(self) -> None:
         """Stop the background reader (reads in progress finish; nothing more starts)."""
         self._reader.shutdown(wait=False, cancel_futures=True)
 
-    def make_resident(self, names: set[str], in_use: set[str], wait: bool = False) -> bool:
+    def make_resident(self, names: set[str], in_use: set[str], wait: float | None = 0.0) -> bool:
         """Attach whichever of ``names`` are not in memory, evicting idle ones (never ``in_use`` or ``names``).
 
-        Their files are read in the background (:meth:`prefetch`, started here if it was not); until
-        that is done, or when there is not enough room, returns False changing nothing, and the caller
-        retries later. ``wait``: wait for the reads instead. A read that failed raises its error here.
+        Their files are read in the background (:meth:`prefetch`, started here if it was not). Until
+        that is done (waiting up to ``wait`` seconds for it; None: as long as it takes), or when there
+        is not enough room, returns False changing nothing, and the caller retries later. A read that
+        failed raises its error here.
         """
         for name in names:
             self._require(name)
         missing = [n for n in sorted(names) if n not in self._recent]
         self.prefetch(missing)
-        if not wait and not all(self._reading[n].done() for n in missing):
+        with self._reading_lock:
+            reads = {n: self._reading[n] for n in missing}
+        if not all(f.done() for f in reads.values()) and wait != 0:
+            wait_for(reads.values(), timeout=wait, return_when=FIRST_EXCEPTION)
+        if not all(f.done() for f in reads.values()):
             return False
-        for name in missing:
-            if self._reading[name].exception() is not None:  # read again next time it is asked for
-                raise self._reading.pop(name).exception()
+        for name, read in reads.items():
+            if read.exception() is not None:  # read again next time it is asked for
+                with self._reading_lock:
+                    self._reading.pop(name, None)
+                raise read.exception()
         if missing and not self._make_room(len(missing), set(in_use) | set(names)):
             return False
-        for name in missing:
-            reading = self._reading.pop(name)
-            self._load(name, reading.result())
+        for name, read in reads.items():
+            with self._reading_lock:
+                self._reading.pop(name, None)
+            self._load(name, read.result())
         self.touch(names)
         return True
 

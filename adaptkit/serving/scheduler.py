@@ -45,6 +45,7 @@ from adaptkit.serving.batch import DecodeState, check_joinable, join_states, sel
 from adaptkit.serving.residency import AdapterPool
 
 log = logging.getLogger(__name__)
+READ_WAIT_S = 0.005  # how long admission waits for a cold adapter's files when a row is free
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class Scheduler:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting (the limit); retry later")
             self._waiting.append(request)
+        self.pool.prefetch(members_of(request.entry))  # a cold adapter's files are read from now on
         self._wake.set()
         return request
 
@@ -264,8 +266,6 @@ class Scheduler:
         pinned = set(self.in_use())
         with self._lock:
             waiting = list(self._waiting)
-        for request in waiting:  # files of cold adapters are read in the background meanwhile
-            self.pool.prefetch(members_of(request.entry))
         for request in waiting:
             if len(self._rows) + len(admitted) >= self.max_batch:
                 break
@@ -277,8 +277,9 @@ class Scheduler:
                     if not self.pool.fits(names):
                         raise RequestError(f"{request.entry!r} needs {len(names)} adapters in memory at once; "
                                            f"this server holds at most {self.pool.max_resident}", param="adapters")
-                    if not self.pool.make_resident(names, pinned):
-                        continue  # its adapters wait for room; later requests may still fit
+                    # a read in flight for a free row is worth a few ms: a decode step costs every row more
+                    if not self.pool.make_resident(names, pinned, wait=READ_WAIT_S):
+                        continue  # its adapters wait for their files or for room; later requests may still fit
                     self._check_context(request)
                 except AdaptkitError as exc:
                     reason, error = "error", exc
