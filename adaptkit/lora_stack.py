@@ -75,8 +75,12 @@ class RankBucket:
         slot = min(self.free)
         self.free.remove(slot)
         r = weights.rank  # a free slot is all zeros (new, or cleared): only the first r rows are written
-        self.A[slot, :r] = weights.lora_A.detach().to(self.A.dtype)
-        self.B[slot, :r] = (weights.lora_B.detach().float().T * weights.scale).to(self.B.dtype)
+        self.A[slot, :r].copy_(weights.lora_A.detach())
+        B = self.B[slot, :r]
+        if B.dtype == torch.float32:
+            torch.mul(weights.lora_B.detach().T, weights.scale, out=B)
+        else:  # scale in float32, round once
+            B.copy_(weights.lora_B.detach().T.float() * weights.scale)
         self.count += 1
         return slot
 

@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default="bench-results/many.json")
     parser.add_argument("--serve-requests", type=int, default=64, help="Requests per serving scenario and round.")
-    parser.add_argument("--serve-tokens", type=int, default=16, help="Tokens each serving request generates.")
+    parser.add_argument("--serve-tokens", type=int, default=64, help="Tokens each serving request generates.")
     parser.add_argument("--serve-batch", type=int, default=8, help="--max-batch of the server and client threads.")
     parser.add_argument("--serve-rounds", type=int, default=2)
     args = parser.parse_args(argv)
