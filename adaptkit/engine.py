@@ -11,8 +11,10 @@ them bit for bit from copies kept aside.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +47,7 @@ from adaptkit.generation import (
 from adaptkit.routing import RoutingPlan, members_of, route_rows, use_plan
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_PLAIN_MODULE = torch.nn.Module()  # its attributes (``training``, ``forward``, ...) cannot name an adapter
 
 
 @dataclass(frozen=True)
@@ -88,11 +91,28 @@ def details_of(adapter) -> dict:
     return _KIND_HANDLERS[adapter.kind][2](adapter)
 
 
+def _exclusive(method):
+    """Run ``method`` holding the engine's lock: adapter changes, merges and forwards never interleave
+    across threads (a forward during a merge would read half-written weights)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class Engine:
-    """A base model with named adapters; logits and generation with per-row adapters."""
+    """A base model with named adapters; logits and generation with per-row adapters.
+
+    Safe to share between threads: every public method that reads or changes the model holds one
+    re-entrant lock, so calls from several threads run one after the other.
+    """
 
     def __init__(self, base: LoadedBase):
         self.base = base
+        self._lock = threading.RLock()
         self._adapters: dict[str, object] = {}
         self._infos: dict[str, AdapterInfo] = {}
         self._default: object = None
@@ -135,6 +155,7 @@ class Engine:
         """The name of the LoRA merged into the weights, if any."""
         return self._merged
 
+    @_exclusive
     def add_adapter(self, name: str, adapter, scale: float = 1.0) -> AdapterInfo:
         """Load an adapter (a path, kind detected from the files, or an adapter object) as ``name``.
 
@@ -145,7 +166,7 @@ class Engine:
 
         if not isinstance(name, str) or not _NAME.match(name):
             raise InvalidArgumentError(f"adapter name {name!r} must be 1-64 letters, digits, '_' or '-'")
-        if hasattr(torch.nn.Module, name):  # routed layers keep adapters in nn.ModuleDicts, keyed by name
+        if hasattr(_PLAIN_MODULE, name):  # routed layers keep adapters in nn.ModuleDicts, keyed by name
             raise InvalidArgumentError(f"adapter name {name!r} is reserved (a torch.nn.Module attribute); choose another")
         if name in self._adapters:
             raise InvalidArgumentError(f"an adapter named {name!r} is already loaded; remove_adapter({name!r}) first")
@@ -180,6 +201,7 @@ class Engine:
         else:
             raise UnsupportedAdapterError(f"scale= is not supported for {adapter.kind} adapters")
 
+    @_exclusive
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter (its layers go back to the plain base modules when none is left)."""
         self._require(name)
@@ -191,6 +213,7 @@ class Engine:
         if name in members_of(self._default if not isinstance(self._default, list) else None):
             self._default = None
 
+    @_exclusive
     def set_default_adapter(self, entry) -> None:
         """The adapter used when ``adapters=None`` is passed (no weights are copied)."""
         for name in members_of(entry):
@@ -227,6 +250,7 @@ class Engine:
         )
 
     # ----------------------------------------------------------------- forward
+    @_exclusive
     @torch.inference_mode()
     def logits(self, input_ids, attention_mask=None, adapters=None) -> torch.Tensor:
         """Logits [batch, seq, vocab] (encoders: last hidden state) with each row's adapter.
@@ -252,6 +276,7 @@ class Engine:
         out = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
         return out[:, virtual:]
 
+    @_exclusive
     @torch.inference_mode()
     def classify(self, texts: Sequence[str] | str, adapter: str) -> list[dict[str, float]]:
         """Label probabilities of each text under the PET adapter ``adapter`` (pattern, verbalizer, its LoRA).
@@ -286,6 +311,7 @@ class Engine:
             raise EngineStateError(f"{self.base.path} has no tokenizer files; pass token ids instead of text")
         return [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
 
+    @_exclusive
     def generate(
         self,
         prompts: Sequence[str] | str,
@@ -304,6 +330,7 @@ class Engine:
         )
         return [self.tokenizer.decode(row, skip_special_tokens=True) for row in token_rows]
 
+    @_exclusive
     @torch.inference_mode()
     def generate_ids(
         self,
@@ -353,6 +380,7 @@ class Engine:
         )
         return eos_ids, pad_id
 
+    @_exclusive
     @torch.inference_mode()
     def prefill(self, prompt_ids: Sequence[Sequence[int]], adapters=None, pad_id: int = 0) -> tuple[torch.Tensor, DecodeState]:
         """Run the prompts, left-padded, with each row's adapter; the first step of generation.
@@ -374,6 +402,7 @@ class Engine:
         state = DecodeState(cache, step["attention_mask"], step["position_ids"][:, -1:], plan.entries, plan)
         return out.logits[:, -1, :], state
 
+    @_exclusive
     @torch.inference_mode()
     def decode_step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (``tokens`` [B]) and return the next-token logits [B, vocab].
@@ -393,6 +422,7 @@ class Engine:
         return out.logits[:, -1, :]
 
     # ----------------------------------------------------------------- merging
+    @_exclusive
     def merge(self, name: str) -> None:
         """Fold the LoRA ``name`` into the base weights in place (zero added latency).
 
@@ -442,6 +472,7 @@ class Engine:
             param.data.copy_(value.to(param.dtype))
         self._merged = name
 
+    @_exclusive
     def unmerge(self) -> None:
         """Restore the base weights exactly (copies kept at merge time, never a subtraction)."""
         from adaptkit import quant

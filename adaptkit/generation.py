@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,12 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy (logits / 1e-40 overflow to inf and NaN)
+
+
 def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:
+    if not (math.isfinite(temperature) and math.isfinite(top_p)):
+        raise InvalidArgumentError(f"temperature and top_p must be finite, got {temperature} and {top_p}")
     if temperature < 0:
         raise InvalidArgumentError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
@@ -37,8 +43,8 @@ def sample_next(
     top_k: int = 0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next token per row from ``logits`` [B, V] -> [B]. ``temperature == 0`` is greedy."""
-    if temperature == 0:
+    """Next token per row from ``logits`` [B, V] -> [B]. ``temperature`` below ``MIN_TEMPERATURE`` is greedy."""
+    if temperature < MIN_TEMPERATURE:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k > 0:

@@ -304,15 +304,24 @@ def attach_lora(model: nn.Module, name: str, adapter, dtype: torch.dtype, device
         wrap_once(model, module_name, SwitchedModule).add(name, state)
 
 
+def find(model: nn.Module, name: str) -> nn.Module | None:
+    """:func:`locate`, or None where the model has no such module (an adapter made for another base)."""
+    try:
+        return locate(model, name)
+    except AttributeError:
+        return None
+
+
 def detach_lora(model: nn.Module, name: str, adapter) -> None:
-    """Remove the adapter ``name`` from every wrapper; unwrap wrappers left empty."""
+    """Remove the adapter ``name`` from every wrapper; unwrap wrappers left empty. Also the rollback of a
+    failed attach, so names the model lacks are skipped."""
     for module_name in adapter.layers:
-        module = locate(model, module_name)
+        module = find(model, module_name)
         if isinstance(module, LoraLinear) and name in module.lora:
             module.remove(name)
             unwrap_if_empty(model, module_name)
     for module_name in adapter.saved_modules:
-        module = locate(model, module_name)
+        module = find(model, module_name)
         if isinstance(module, SwitchedModule) and name in module.replacements:
             module.remove(name)
             unwrap_if_empty(model, module_name)

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from adaptkit.errors import InvalidArgumentError
+
+MAX_MIX_WEIGHT = 100.0  # beyond this a delta swamps the base: logits overflow long before it is useful
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ class Mix:
         if not weights:
             raise InvalidArgumentError("Mix needs at least one {name: weight} entry")
         items = tuple((str(k), float(v)) for k, v in weights.items())
+        for name, weight in items:
+            if not math.isfinite(weight) or abs(weight) > MAX_MIX_WEIGHT:
+                raise InvalidArgumentError(f"Mix weight of {name!r} is {weight}; weights must be finite numbers "
+                                           f"within +-{MAX_MIX_WEIGHT:g}")
         if normalize:
             total = sum(abs(v) for _, v in items)
             if total == 0:

@@ -372,14 +372,26 @@ def bench(base, adapter_values, batch, prompt_len, new_tokens, quantize, dtype, 
 @click.option("--served-model-name", default=None, help="The base's model name (default: BASE's folder name).")
 @click.option("--quantize", type=click.Choice(["nf4"]), default=None, help="Load BASE in 4-bit NF4 (QLoRA).")
 @click.option("--dtype", default="float32", show_default=True)
+@click.option("--api-key", envvar="ADAPTKIT_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1/* (also from ADAPTKIT_API_KEY).")
+@click.option("--max-body-bytes", default=4 * 2**20, show_default=True, help="Larger request bodies get 413.")
+@click.option("--max-prompt-chars", default=400_000, show_default=True,
+              help="Longer prompts are refused before tokenizing.")
+@click.option("--read-timeout", default=15.0, show_default=True,
+              help="Seconds a client may take to send a whole request; then the connection is closed.")
+@click.option("--keep-alive-timeout", default=5.0, show_default=True, help="Idle seconds before a kept-alive "
+              "connection is closed.")
+@click.option("--max-connections", default=1024, show_default=True, help="Open connections; more are closed at once.")
 def serve(base, adapter_values, adapter_dir, allow_runtime_loading, register_all, host, port, max_batch, max_queue,
-          max_resident, request_timeout, default_max_tokens, served_model_name, quantize, dtype):
+          max_resident, request_timeout, default_max_tokens, served_model_name, quantize, dtype, api_key,
+          max_body_bytes, max_prompt_chars, read_timeout, keep_alive_timeout, max_connections):
     """Serve BASE and its adapters over an OpenAI-compatible HTTP API; the request's model names the adapter.
 
     \b
     adaptkit serve BASE --adapters sql=adapters/sql,adapters/tone --port 8000
     curl 127.0.0.1:8000/v1/completions -d '{"model": "sql", "prompt": "SELECT", "max_tokens": 16}'
     """
+    from adaptkit.serving.guards import Limits
     from adaptkit.serving.server import serve as run_server
 
     pairs = _named_paths(adapter_values)
@@ -389,7 +401,9 @@ def serve(base, adapter_values, adapter_dir, allow_runtime_loading, register_all
     run_server(base, dict(pairs), host=host, port=port, quantize=quantize, dtype=dtype, base_name=served_model_name,
                adapter_dir=adapter_dir, allow_runtime_loading=allow_runtime_loading, max_batch=max_batch,
                max_queue=max_queue, max_resident=max_resident, request_timeout=request_timeout,
-               default_max_tokens=default_max_tokens, register_all=register_all)
+               default_max_tokens=default_max_tokens, register_all=register_all, api_key=api_key,
+               limits=Limits(max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars, read_timeout=read_timeout,
+                             keep_alive_timeout=keep_alive_timeout, max_connections=max_connections))
 
 
 def _verbalizer(value: str | None) -> dict | None:

@@ -53,7 +53,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict | None = None
@@ -183,6 +183,8 @@ def contained_adapter_path(adapter_dir: str | os.PathLike, lora_path: str) -> Pa
     file in it) whose target is outside ``adapter_dir``.
     """
     root = Path(adapter_dir).resolve(strict=True)
+    if "\x00" in lora_path:
+        raise RequestError("lora_path contains a NUL character", param="lora_path", status=400)
     given = Path(lora_path)
     if ".." in given.parts:
         raise RequestError(f"lora_path {lora_path!r}: '..' is not allowed", param="lora_path", status=400)
@@ -197,6 +199,17 @@ def contained_adapter_path(adapter_dir: str | os.PathLike, lora_path: str) -> Pa
         raise RequestError(f"lora_path {lora_path!r} leads outside the adapter directory; only paths inside "
                            "--adapter-dir can be loaded", param="lora_path", status=400)
     return real
+
+
+def read_client_adapter(read, path: Path, given: str):
+    """``read(path)`` of an adapter a client named: whatever fails in its files is the client's 400."""
+    try:
+        return read(path)
+    except AdaptkitError:
+        raise
+    except Exception as exc:  # a reader tripping over malformed content (a missing key, a wrong type)
+        raise RequestError(f"lora_path {given!r} cannot be read as an adapter: {type(exc).__name__}: {exc}",
+                           param="lora_path", status=400) from exc
 
 
 # adaptkit error -> (HTTP status, OpenAI error type, code)

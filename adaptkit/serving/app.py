@@ -31,6 +31,7 @@ from adaptkit.serving.api import (
     contained_adapter_path,
     error_body,
     parse,
+    read_client_adapter,
 )
 from adaptkit.serving.text import TextStream, chat_prompt_ids
 
@@ -138,11 +139,6 @@ def create_app(server) -> FastAPI:
         status, body = error_body(exc)
         return JSONResponse(body, status_code=status)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        status, body = error_body(exc)
-        return JSONResponse(body, status_code=status)
-
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
@@ -169,7 +165,7 @@ def create_app(server) -> FastAPI:
         body = parse(CompletionRequest, await http_request.body())
         body.check_supported()
         entry, label = server.resolve_model(body.model, body.adapters)
-        prompts = [server.prompt_ids(p) for p in body.prompts()]
+        prompts = await run_in_threadpool(lambda: [server.prompt_ids(p) for p in body.prompts()])  # off the loop
         if body.stream and len(prompts) > 1:
             raise RequestError("prompt: stream=true takes one prompt", param="prompt")
         return await _respond(http_request, server, body, entry, label, prompts, "prompt", chat=False)
@@ -180,7 +176,8 @@ def create_app(server) -> FastAPI:
         body.check_supported()
         entry, label = server.resolve_model(body.model, body.adapters)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = chat_prompt_ids(server.engine.tokenizer, messages)
+        server.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        prompt = await run_in_threadpool(chat_prompt_ids, server.engine.tokenizer, messages)
         return await _respond(http_request, server, body, entry, label, [prompt], "messages", chat=True)
 
     @app.post("/v1/load_lora_adapter")
@@ -191,9 +188,10 @@ def create_app(server) -> FastAPI:
         path = contained_adapter_path(server.adapter_dir, body.lora_path)
         from adaptkit.formats.detect import read_adapter
 
-        adapter = await run_in_threadpool(read_adapter, path)
+        adapter = await run_in_threadpool(read_client_adapter, read_adapter, path, body.lora_path)
         resident = await asyncio.wrap_future(server.scheduler.call(
-            lambda: server.pool.register(body.lora_name, path, adapter, server.scheduler.in_use())))
+            lambda: server.pool.register(body.lora_name, path, adapter, server.scheduler.in_use(),
+                                         root=server.adapter_dir)))
         return {"status": "ok", "name": body.lora_name, "kind": adapter.kind, "resident": resident}
 
     @app.post("/v1/unload_lora_adapter")

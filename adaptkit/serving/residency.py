@@ -44,6 +44,7 @@ class AdapterPool:
         self.on_read = lambda: None  # called (on the reading thread) when a background read ends
         self._paths: dict[str, Path | None] = {}  # None: added as an object, cannot be reloaded, never evicted
         self._kinds: dict[str, str] = {}  # known once read
+        self._roots: dict[str, Path] = {}  # the folder an adapter must stay inside (runtime-loaded ones)
         self._recent: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
         self.loads: Counter[str] = Counter()
         self.evictions: Counter[str] = Counter()
@@ -80,14 +81,18 @@ class AdapterPool:
         return self._kinds.get(name)
 
     def register(self, name: str, path: str | os.PathLike, adapter=None, in_use: frozenset[str] = frozenset(),
-                 evict: bool = True, load: bool = True) -> bool:
+                 evict: bool = True, load: bool = True, root: str | os.PathLike | None = None) -> bool:
         """Make ``name`` servable from ``path``; load it now (``adapter``: already read from ``path``) when
         ``load`` and there is room, or (``evict``) an idle adapter to evict. Returns whether it is resident.
 
         With ``load=False`` only the kind is read (from the config files): registering is cheap.
+        ``root``: the folder ``path`` must stay inside, checked again at every later read (a folder
+        swapped for a link that leads elsewhere after an eviction is refused then).
         """
         if name in self._paths:
             raise InvalidArgumentError(f"an adapter named {name!r} is already served; unload it first")
+        if root is not None:
+            self._roots[name] = Path(root)
         if not load:
             from adaptkit.formats.detect import detect_kind
 
@@ -105,6 +110,7 @@ class AdapterPool:
         except Exception:
             del self._paths[name]
             self._kinds.pop(name, None)
+            self._roots.pop(name, None)
             raise
         return True
 
@@ -118,18 +124,17 @@ class AdapterPool:
             del self._recent[name]
         del self._paths[name]
         self._kinds.pop(name, None)
+        self._roots.pop(name, None)
         with self._reading_lock:
             self._reading.pop(name, None)
 
     def prefetch(self, names) -> None:
         """Start reading the files of whichever of ``names`` are neither resident nor being read."""
-        from adaptkit.formats.detect import read_adapter
-
         with self._reading_lock:
             for name in names:
                 path = self._paths.get(name)
                 if path is not None and name not in self._recent and name not in self._reading:
-                    self._reading[name] = self._reader.submit(read_adapter, path)
+                    self._reading[name] = self._reader.submit(_read_inside, path, self._roots.get(name))
                     self._reading[name].add_done_callback(lambda _: self.on_read())
 
     def close(self) -> None:
@@ -194,7 +199,9 @@ class AdapterPool:
         return True
 
     def _load(self, name: str, adapter=None) -> None:
-        info = self.engine.add_adapter(name, adapter if adapter is not None else self._paths[name])
+        if adapter is None:
+            adapter = _read_inside(self._paths[name], self._roots.get(name))
+        info = self.engine.add_adapter(name, adapter)
         self._kinds[name] = info.kind
         self._recent[name] = None
         self.loads[name] += 1
@@ -203,3 +210,13 @@ class AdapterPool:
         if name not in self._paths:
             known = ", ".join(self.names) or "none"
             raise UnknownAdapterError(f"no adapter named {name!r} is served; served adapters: {known}")
+
+
+def _read_inside(path: Path, root: Path | None):
+    """Read the adapter at ``path``, after checking (now, at the read) that it stays inside ``root``."""
+    from adaptkit.formats.detect import read_adapter
+    from adaptkit.serving.api import contained_adapter_path, read_client_adapter
+
+    if root is None:
+        return read_adapter(path)
+    return read_client_adapter(read_adapter, contained_adapter_path(root, str(path)), str(path))

@@ -39,7 +39,7 @@ from adaptkit.errors import (
     QueueFullError,
     RequestError,
 )
-from adaptkit.generation import check_sampling, sample_next
+from adaptkit.generation import MIN_TEMPERATURE, check_sampling, sample_next
 from adaptkit.routing import RowEntry, members_of
 from adaptkit.serving.batch import DecodeState, check_joinable, join_states, select_rows
 from adaptkit.serving.residency import AdapterPool
@@ -157,6 +157,8 @@ class Scheduler:
         check_sampling(request.temperature, request.top_p, request.top_k, request.max_tokens)
         if not request.prompt_ids:
             raise InvalidArgumentError("the prompt has no tokens")
+        if request.seed is not None and not (isinstance(request.seed, int) and 0 <= request.seed < 2**63):
+            raise RequestError(f"seed must be an integer in [0, 2**63), got {request.seed!r}", param="seed")
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting (the limit); retry later")
@@ -328,7 +330,7 @@ class Scheduler:
 
     def _new_row(self, request: Request) -> _Row:
         generator = None
-        if request.temperature > 0:
+        if request.temperature >= MIN_TEMPERATURE:
             generator = torch.Generator(device=self.engine.device)
             if request.seed is not None:
                 generator.manual_seed(request.seed)
@@ -348,10 +350,17 @@ class Scheduler:
             self._remove_rows(done)
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """Sample each row's next token, report it, finish rows at a stop id or max_tokens; the rows that go on."""
+        """Sample each row's next token, report it, finish rows at a stop id or max_tokens; the rows that go on.
+
+        A row whose logits are not finite (an adapter with broken weights), or whose sampling fails,
+        ends alone with its error; the other rows go on.
+        """
         tokens = self._sample(rows, logits)
         keep = []
         for i, (row, token) in enumerate(zip(rows, tokens)):
+            if isinstance(token, Exception):
+                self._emit(row.request, Finished("error", row.produced, token))
+                continue
             row.produced += 1
             row.next_token = token
             self._emit(row.request, Token(token))
@@ -366,14 +375,26 @@ class Scheduler:
         return keep
 
     @staticmethod
-    def _sample(rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """Greedy rows in one argmax; sampled rows each with their own generator (as ``sample_next`` alone)."""
-        tokens = logits.argmax(dim=-1)
+    def _sample(rows: list[_Row], logits: torch.Tensor) -> list[int | Exception]:
+        """Greedy rows in one argmax; sampled rows each with their own generator (as ``sample_next`` alone).
+
+        A row that cannot be sampled gets its error in place of a token.
+        """
+        tokens: list[int | Exception] = logits.argmax(dim=-1).tolist()
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         for i, row in enumerate(rows):
             req = row.request
-            if req.temperature > 0:
-                tokens[i] = sample_next(logits[i : i + 1], req.temperature, req.top_p, req.top_k, row.generator)[0]
-        return tokens.tolist()
+            if not finite[i]:
+                tokens[i] = RequestError(
+                    f"the model produced non-finite logits (NaN or inf) for this request with {req.entry!r}: the "
+                    "adapter's weights are broken; other requests are unaffected", status=500, code="non_finite_logits")
+            elif row.generator is not None:
+                try:
+                    tokens[i] = int(sample_next(logits[i : i + 1], req.temperature, req.top_p, req.top_k,
+                                                row.generator)[0])
+                except Exception as exc:
+                    tokens[i] = exc
+        return tokens
 
     def _finish_rows(self, indices, reason: str, error: Exception | None = None) -> None:
         indices = list(indices)

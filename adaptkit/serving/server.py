@@ -15,6 +15,7 @@ request checks and the error shape in ``api.py``.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -22,9 +23,12 @@ from pathlib import Path
 from adaptkit.errors import InvalidArgumentError, MissingDependencyError, RequestError
 from adaptkit.routing import Mix
 from adaptkit.serving.api import ADAPTER_NAME
+from adaptkit.serving.guards import API_KEY_ENV, Limits
 from adaptkit.serving.metrics import ServeMetrics
 from adaptkit.serving.residency import AdapterPool
 from adaptkit.serving.scheduler import Scheduler
+
+log = logging.getLogger("adaptkit.serve")
 
 
 class Server:
@@ -42,12 +46,15 @@ class Server:
         default_max_tokens: ``max_tokens`` when a request gives none.
         register_all: serve every adapter folder in ``adapter_dir`` too, named by its folder name; only
             the config files are read now, the rest when a request first needs it.
+        limits: body size, prompt characters, read deadline, connections (``guards.Limits``).
+        api_key: when set, every ``/v1/*`` request needs ``Authorization: Bearer <api_key>``.
     """
 
     def __init__(self, engine, adapters: dict[str, str | os.PathLike] | None = None, base_name: str | None = None,
                  adapter_dir: str | os.PathLike | None = None, allow_runtime_loading: bool = False, max_batch: int = 8,
                  max_queue: int = 64, max_resident: int | None = None, request_timeout: float | None = None,
-                 default_max_tokens: int = 16, register_all: bool = False):
+                 default_max_tokens: int = 16, register_all: bool = False, limits: Limits | None = None,
+                 api_key: str | None = None):
         from adaptkit.formats.detect import read_adapter
 
         if engine.tokenizer is None:
@@ -57,6 +64,8 @@ class Server:
         if adapter_dir is not None and not Path(adapter_dir).is_dir():
             raise InvalidArgumentError(f"--adapter-dir {adapter_dir}: not a folder")
         self.engine = engine
+        self.limits = limits or Limits()
+        self.api_key = api_key or None
         self.base_name = base_name or Path(engine.base.path).name
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
         self.allow_runtime_loading = allow_runtime_loading
@@ -86,7 +95,7 @@ class Server:
             if not ADAPTER_NAME.match(name) or name == self.base_name or self.pool.serves(name):
                 continue
             try:
-                self.pool.register(name, path, load=False)
+                self.pool.register(name, path, load=False, root=folder)
             except AdaptkitError:
                 continue  # not an adapter folder
 
@@ -105,9 +114,10 @@ class Server:
         """The FastAPI application (``pip install adaptkit[serve]``)."""
         try:
             from adaptkit.serving.app import create_app
+            from adaptkit.serving.guards import guard
         except ImportError as exc:
             raise MissingDependencyError(f"serving needs fastapi and uvicorn ({exc}); pip install 'adaptkit[serve]'") from exc
-        return create_app(self)
+        return guard(create_app(self), self.limits, self.api_key)
 
     # ----------------------------------------------------------------- request helpers (event loop thread)
     def known_models(self) -> list[str]:
@@ -124,7 +134,10 @@ class Server:
             for name in adapters:
                 if not self.pool.serves(name):
                     raise self._unknown(name, "adapters")
-            return Mix(adapters), "mix"
+            try:
+                return Mix(adapters), "mix"
+            except InvalidArgumentError as exc:
+                raise RequestError(f"adapters: {exc}", param="adapters") from exc
         if model == self.base_name:
             return None, self.base_name
         if self.pool.serves(model):
@@ -139,11 +152,18 @@ class Server:
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a completion prompt (text: with the tokenizer's special tokens, as ``Engine.generate``)."""
         if isinstance(prompt, str):
+            self.check_prompt_chars(len(prompt), "prompt")
             return self.engine.encode([prompt])[0]
         vocab = self.engine.base.facts.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise RequestError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
         return list(prompt)
+
+    def check_prompt_chars(self, count: int, param: str) -> None:
+        """Refuse a prompt longer than ``--max-prompt-chars`` before any tokenizing."""
+        if count > self.limits.max_prompt_chars:
+            raise RequestError(f"{param}: {count} characters, over this server's limit of "
+                               f"{self.limits.max_prompt_chars} (--max-prompt-chars)", param=param)
 
     def require_runtime_loading(self) -> None:
         if not self.allow_runtime_loading:
@@ -171,8 +191,11 @@ class BackgroundServer:
     def __init__(self, server: Server, host: str = "127.0.0.1", port: int = 0):
         import uvicorn
 
+        from adaptkit.serving.guards import uvicorn_options
+
         self.server = server
-        config = uvicorn.Config(server.app(), host=host, port=port, log_level="warning", lifespan="off")
+        config = uvicorn.Config(server.app(), host=host, port=port, log_level="warning", lifespan="off",
+                                **uvicorn_options(server.limits))
         self._uvicorn = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._uvicorn.run, name="adaptkit-http", daemon=True)
 
@@ -201,11 +224,15 @@ def serve(base: str | os.PathLike, adapters: dict[str, str | os.PathLike] | None
     except ImportError as exc:
         raise MissingDependencyError("serving needs uvicorn; pip install 'adaptkit[serve]'") from exc
     from adaptkit.engine import Engine
+    from adaptkit.serving.guards import uvicorn_options
 
+    if host not in ("127.0.0.1", "localhost", "::1") and not options.get("api_key"):
+        log.warning("serving on %s without an API key: anyone who can reach this address can use the server; "
+                    "pass --api-key (or set %s)", host, API_KEY_ENV)
     engine = Engine.from_pretrained(base, dtype=dtype, quantize=quantize)
     server = Server(engine, adapters, **options).start()
     try:
-        uvicorn.run(server.app(), host=host, port=port, log_level="info")
+        uvicorn.run(server.app(), host=host, port=port, log_level="info", **uvicorn_options(server.limits))
     finally:
         server.stop()
 
