@@ -152,20 +152,35 @@ def guarded_protocol(read_timeout: float, max_connections: int) -> type:
 
     A client gets ``read_timeout`` seconds from the first byte of a request (or from connecting) to
     its last byte; then the connection is closed (a request still arriving cannot be answered). Past
-    ``max_connections`` open connections, a new one is closed at once. (Imported here: uvicorn is
-    the ``[serve]`` extra.)
+    ``max_connections`` open connections, the oldest one that is waiting for a request is closed to
+    make room (so idle sockets cannot lock honest clients out), or, when every one is busy, the new
+    one. (Imported here: uvicorn is the ``[serve]`` extra.)
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    opened: dict = {}  # open connections, oldest first (dicts keep insertion order)
+
     class GuardedH11Protocol(H11Protocol):
         def connection_made(self, transport) -> None:
             self._deadline = None
+            opened[self] = None
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
+            if len(self.connections) > max_connections and not self._close_oldest_waiting():
                 transport.close()
                 return
             self._arm()
+
+        def _waiting(self) -> bool:
+            """No request of this connection is being received or answered."""
+            return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+
+        def _close_oldest_waiting(self) -> bool:
+            for other in opened:  # the oldest idle one is usually first: no scan of every connection
+                if other is not self and other._waiting() and not other.transport.is_closing():
+                    other.transport.close()
+                    return True
+            return False
 
         def data_received(self, data: bytes) -> None:
             if self._deadline is None and self.conn.their_state is h11.IDLE:
@@ -176,6 +191,7 @@ def guarded_protocol(read_timeout: float, max_connections: int) -> type:
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            opened.pop(self, None)
             super().connection_lost(exc)
 
         def _arm(self) -> None:
