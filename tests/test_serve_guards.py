@@ -189,6 +189,16 @@ def test_api_key(tiny_llama, adapter_dir):
             openai.OpenAI(base_url=running.url + "/v1", api_key="nope", max_retries=0).models.list()
 
 
+def test_serving_beyond_loopback_without_a_key_warns(caplog):
+    from adaptkit.serving.server import warn_if_unprotected
+
+    with caplog.at_level("WARNING", logger="adaptkit.serve"):
+        assert not warn_if_unprotected("127.0.0.1", None) and not warn_if_unprotected("0.0.0.0", "key")
+        assert not caplog.text
+        assert warn_if_unprotected("0.0.0.0", None)
+    assert "without an API key" in caplog.text and "--api-key" in caplog.text
+
+
 def test_containment_is_checked_at_every_read(tiny_llama, adapter_dir, tmp_path):
     """A runtime-loaded adapter is evicted, its folder replaced by a link that leads outside: refused."""
     import shutil

@@ -216,6 +216,15 @@ class BackgroundServer:
         self.server.stop()
 
 
+def warn_if_unprotected(host: str, api_key: str | None) -> bool:
+    """Log a warning (and return True) when ``host`` is reachable from elsewhere and no API key is set."""
+    if host in ("127.0.0.1", "localhost", "::1") or api_key:
+        return False
+    log.warning("serving on %s without an API key: anyone who can reach this address can use the server; "
+                "pass --api-key (or set %s)", host, API_KEY_ENV)
+    return True
+
+
 def serve(base: str | os.PathLike, adapters: dict[str, str | os.PathLike] | None = None, host: str = "127.0.0.1",
           port: int = 8000, quantize: str | None = None, dtype: str = "float32", **options) -> None:
     """Load ``base`` and ``adapters`` and serve them until interrupted (``options``: see :class:`Server`)."""
@@ -226,9 +235,7 @@ def serve(base: str | os.PathLike, adapters: dict[str, str | os.PathLike] | None
     from adaptkit.engine import Engine
     from adaptkit.serving.guards import uvicorn_options
 
-    if host not in ("127.0.0.1", "localhost", "::1") and not options.get("api_key"):
-        log.warning("serving on %s without an API key: anyone who can reach this address can use the server; "
-                    "pass --api-key (or set %s)", host, API_KEY_ENV)
+    warn_if_unprotected(host, options.get("api_key"))
     engine = Engine.from_pretrained(base, dtype=dtype, quantize=quantize)
     server = Server(engine, adapters, **options).start()
     try:
