@@ -91,6 +91,16 @@ def details_of(adapter) -> dict:
     return _KIND_HANDLERS[adapter.kind][2](adapter)
 
 
+@dataclass
+class TokenScores:
+    """:meth:`Engine.score` of one input: its tokens, each one's log-probability given those before it
+    (None for the first), and (with ``top``) the most likely (token, log-probability) pairs there."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None]
+
+
 def _exclusive(method):
     """Run ``method`` holding the engine's lock: adapter changes, merges and forwards never interleave
     across threads (a forward during a merge would read half-written weights)."""
@@ -367,6 +377,38 @@ class Engine:
                 break
             logits = self.decode_step(state, token)
         return new_tokens
+
+    @_exclusive
+    @torch.inference_mode()
+    def score(self, inputs, adapters=None, top: int = 0) -> list[TokenScores]:
+        """Log-probability of every token of each input given the ones before it, with each row's adapter.
+
+        ``inputs``: texts (tokenized as :meth:`generate` does) or token-id lists. Token ``t`` of a row
+        gets ``log_softmax(logits[t-1])[t]`` (the first gets None); ``top`` > 0 adds the ``top`` most
+        likely tokens at each position. What evaluation harnesses ask of ``echo`` + ``logprobs``.
+
+        Example:
+            >>> eng.score(["The capital of France is Paris"], adapters="geo")[0].logprobs[-1]
+        """
+        if isinstance(inputs, str) or (len(inputs) and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        rows = [list(r) for r in (self.encode(inputs) if inputs and isinstance(inputs[0], str) else inputs)]
+        _, pad_id = self.stop_and_pad_ids()
+        ids, mask = left_pad(rows, pad_id, self.device)
+        logprobs = torch.log_softmax(self.logits(ids, mask, adapters).float(), dim=-1)  # [B, S, V]
+        width = ids.shape[1]
+        scores = []
+        for i, row in enumerate(rows):
+            start = width - len(row)
+            targets = torch.tensor(row[1:], device=self.device)
+            before = logprobs[i, start : width - 1]  # position t-1 predicts token t
+            chosen = before.gather(-1, targets.view(-1, 1)).squeeze(-1).tolist()
+            alternatives = [None]
+            if top > 0:
+                values, indices = before.topk(min(top, before.shape[-1]), dim=-1)
+                alternatives += [list(zip(ix, vs)) for ix, vs in zip(indices.tolist(), values.tolist())]
+            scores.append(TokenScores(row, [None, *chosen], alternatives if top > 0 else [None] * len(row)))
+        return scores
 
     def stop_and_pad_ids(self, eos_token_id: int | list[int] | None = None) -> tuple[set[int], int]:
         """(token ids that end a row, the id padding is filled with): the tokenizer's, else the config's."""

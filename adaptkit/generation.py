@@ -61,6 +61,58 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class Penalties:
+    """What shapes a row's next-token logits before sampling (OpenAI's and vLLM's fields).
+
+    Applied to the logits ``z`` of one row, in this order:
+
+    - ``logit_bias``: ``z[t] += bias[t]``;
+    - ``min_tokens``: the stop ids get ``-inf`` until that many tokens were generated;
+    - ``repetition`` (CTRL / Hugging Face): for every token seen in the prompt or the output,
+      ``z[t] /= r`` where ``z[t] > 0``, ``z[t] *= r`` otherwise;
+    - ``frequency`` and ``presence``: ``z[t] -= f * count(t) + p * (count(t) > 0)`` over the output.
+    """
+
+    presence: float = 0.0
+    frequency: float = 0.0
+    repetition: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+
+    def __post_init__(self):
+        for name in ("presence", "frequency"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidArgumentError(f"{name}_penalty must be within [-2, 2], got {getattr(self, name)}")
+        if not (math.isfinite(self.repetition) and 0 < self.repetition <= 10):
+            raise InvalidArgumentError(f"repetition_penalty must be in (0, 10], got {self.repetition}")
+        if any(not (math.isfinite(b) and -100 <= b <= 100) for _, b in self.logit_bias):
+            raise InvalidArgumentError("logit_bias values must be within [-100, 100]")
+        if self.min_tokens < 0:
+            raise InvalidArgumentError(f"min_tokens must be >= 0, got {self.min_tokens}")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.presence or self.frequency or self.repetition != 1.0 or self.logit_bias or self.min_tokens)
+
+    def apply(self, logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, produced: int,
+              stop_ids) -> torch.Tensor:
+        """The shaped logits of one row: ``logits`` [V]; ``counts`` [V] output token counts; ``seen`` [V]
+        bool, tokens of the prompt or the output; ``produced``: tokens generated so far."""
+        logits = logits.float().clone()
+        if self.logit_bias:
+            ids = torch.tensor([t for t, _ in self.logit_bias], device=logits.device)
+            logits.index_add_(0, ids, torch.tensor([b for _, b in self.logit_bias], device=logits.device))
+        if produced < self.min_tokens and stop_ids:
+            logits[torch.tensor(sorted(stop_ids), device=logits.device)] = float("-inf")
+        if self.repetition != 1.0:
+            shaped = torch.where(logits > 0, logits / self.repetition, logits * self.repetition)
+            logits = torch.where(seen, shaped, logits)
+        if self.frequency or self.presence:
+            logits = logits - self.frequency * counts - self.presence * (counts > 0).float()
+        return logits
+
+
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (input_ids [B, S], attention_mask [B, S]) padded on the left."""
     if not rows or any(len(r) == 0 for r in rows):

@@ -167,7 +167,10 @@ def test_errors_have_the_openai_shape(client, running):
     cases = [({"model": "base", "prompt": "x", "max_tokens": 0}, "max_tokens"),
              ({"model": "base", "prompt": "x", "temperature": "hot"}, "temperature"),
              ({"model": "base"}, "prompt"),
-             ({"model": "base", "prompt": "x", "n": 2}, "n"),
+             ({"model": "base", "prompt": "x", "n": 2, "stream": True}, "n"),
+             ({"model": "base", "prompt": "x", "n": 17}, "n"),
+             ({"model": "base", "prompt": "x", "logprobs": 21}, "logprobs"),
+             ({"model": "base", "prompt": "x", "suffix": "y"}, "suffix"),
              ({"model": "lora", "prompt": "x", "adapters": {"prefix": 1.0}}, "adapters"),
              ({"model": "base", "prompt": "x " * 300, "max_tokens": 2}, "prompt"),
              ({"model": "base", "prompt": "x", "max_tokens": 256}, "max_tokens")]

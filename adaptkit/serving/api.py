@@ -31,8 +31,11 @@ from adaptkit.errors import (
     UnknownAdapterError,
     UnsupportedAdapterError,
 )
+from adaptkit.generation import Penalties
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+MAX_CHOICES = 16  # n and best_of
+MAX_LOGPROBS = 20  # OpenAI's bound on logprobs / top_logprobs
 
 
 class StreamOptions(BaseModel):
@@ -49,14 +52,16 @@ class _Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1)  # vLLM: -1 or 0 = off
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)  # extension (vLLM's name)
+    min_tokens: int = Field(default=0, ge=0)  # extension (vLLM's name)
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool = False
     adapters: dict[str, float] | None = None
@@ -69,14 +74,29 @@ class _Sampling(BaseModel):
         return stops
 
     def check_supported(self) -> None:
-        refused = {"n": self.n != 1, "presence_penalty": self.presence_penalty != 0,
-                   "frequency_penalty": self.frequency_penalty != 0, "logit_bias": bool(self.logit_bias)}
+        refused = {("n", "stream with n > 1"): self.stream and self.n > 1}
         refused.update(self._refused())
-        for name, is_set in refused.items():
+        for (param, what), is_set in refused.items():
             if is_set:
-                raise RequestError(f"{name} is not supported by adaptkit serve; leave it at its default", param=name)
+                raise RequestError(f"{what} is not supported by adaptkit serve; leave {param} at its default",
+                                   param=param)
 
-    def _refused(self) -> dict[str, bool]:
+    def penalties(self, vocab_size: int) -> Penalties | None:
+        """The request's logit shaping (None when it asks for none); ``logit_bias`` keys are token ids."""
+        bias = []
+        for key, value in (self.logit_bias or {}).items():
+            if not str(key).isdigit() or int(key) >= vocab_size:
+                raise RequestError(f"logit_bias: key {key!r} is not a token id in [0, {vocab_size})", param="logit_bias")
+            bias.append((int(key), float(value)))
+        try:
+            penalties = Penalties(self.presence_penalty, self.frequency_penalty, self.repetition_penalty,
+                                  tuple(bias), self.min_tokens)
+        except InvalidArgumentError as exc:
+            raise RequestError(str(exc), param="logit_bias") from exc
+        return penalties if penalties.active else None
+
+    def _refused(self) -> dict[tuple[str, str], bool]:
+        """{(field, what is refused): whether this request asks for it}."""
         return {}
 
 
@@ -85,9 +105,10 @@ class CompletionRequest(_Sampling):
 
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     suffix: str | None = None
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: echo the prompt (and its logprobs) only
 
     def prompts(self) -> list[str | list[int]]:
         """One prompt (text or token ids) per choice."""
@@ -100,9 +121,16 @@ class CompletionRequest(_Sampling):
             raise RequestError("prompt: must not be empty", param="prompt")
         return prompts
 
-    def _refused(self) -> dict[str, bool]:
-        return {"echo": self.echo, "logprobs": self.logprobs is not None, "best_of": self.best_of not in (None, 1),
-                "suffix": bool(self.suffix)}
+    def choices(self) -> int:
+        """Completions generated per prompt: ``best_of`` (the best ``n`` of them are returned), else ``n``."""
+        if self.best_of is not None and self.best_of < self.n:
+            raise RequestError(f"best_of ({self.best_of}) must be at least n ({self.n})", param="best_of")
+        return self.best_of or self.n
+
+    def _refused(self) -> dict[tuple[str, str], bool]:
+        return {("suffix", "suffix"): bool(self.suffix),
+                ("best_of", "stream with best_of > n"): self.stream and self.choices() > self.n,
+                ("max_tokens", "max_tokens 0 without echo"): self.max_tokens == 0 and not self.echo}
 
 
 class ContentPart(BaseModel):
@@ -137,10 +165,17 @@ class ChatCompletionRequest(_Sampling):
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def _refused(self) -> dict[str, bool]:
-        return {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs is not None, "tools": bool(self.tools),
-                "tool_choice": self.tool_choice not in (None, "none"),
-                "response_format": self.response_format not in (None, {"type": "text"})}
+    def top(self) -> int | None:
+        """Alternatives per token to report (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def _refused(self) -> dict[tuple[str, str], bool]:
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise RequestError(f"top_logprobs must be within [0, {MAX_LOGPROBS}]", param="top_logprobs")
+        return {("top_logprobs", "top_logprobs without logprobs"): self.top_logprobs is not None and not self.logprobs,
+                ("tools", "tools"): bool(self.tools),
+                ("tool_choice", "tool_choice"): self.tool_choice not in (None, "none"),
+                ("response_format", "response_format"): self.response_format not in (None, {"type": "text"})}
 
 
 class LoadAdapterRequest(BaseModel):

@@ -39,21 +39,34 @@ from adaptkit.serving.text import TextStream, chat_prompt_ids
 class Generation:
     """One request's life on the event loop: submit, receive tokens, turn them into text, record metrics."""
 
-    def __init__(self, server, prompt_ids: list[int], entry, label: str, body, max_tokens: int, prompt_param: str):
+    def __init__(self, server, prompt_ids: list[int], entry, label: str, body, max_tokens: int, prompt_param: str,
+                 seed: int | None = None, logprobs: int | None = None, penalties=None):
         loop = asyncio.get_running_loop()
-        self.server, self.label, self.prompt_tokens = server, label, len(prompt_ids)
+        self.server, self.label, self.prompt_ids, self.prompt_tokens = server, label, prompt_ids, len(prompt_ids)
         self.events: asyncio.Queue = asyncio.Queue()
         self.text = TextStream(server.engine.tokenizer, body.stops())
         self.started = time.monotonic()
         self.first_token: float | None = None
         self.generated = 0
         self.finish_reason: str | None = None
+        self.tokens: list[sched.Token] = []  # every token received, with its logprobs when asked for
+        self.reported = 0  # tokens whose logprobs went out in a stream chunk
         self.request = sched.Request(
             prompt_ids=prompt_ids, entry=entry, max_tokens=max_tokens, temperature=body.temperature,
-            top_p=body.top_p, top_k=max(body.top_k, 0), seed=body.seed,
+            top_p=body.top_p, top_k=max(body.top_k, 0), seed=seed,
             stop_ids=frozenset() if body.ignore_eos else None,
             timeout=body.timeout if body.timeout is not None else server.request_timeout,
-            on_event=lambda event: _deliver(loop, self.events, event), prompt_param=prompt_param)
+            on_event=lambda event: _deliver(loop, self.events, event), prompt_param=prompt_param,
+            logprobs=logprobs, penalties=penalties)
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(t.logprob for t in self.tokens if t.logprob is not None)
+
+    def unreported(self) -> list[sched.Token]:
+        """Tokens received since the last call (for a stream chunk's logprobs)."""
+        fresh, self.reported = self.tokens[self.reported :], len(self.tokens)
+        return fresh
 
     def submit(self) -> None:
         try:
@@ -67,6 +80,7 @@ class Generation:
         while self.finish_reason is None:
             event = await self.events.get()
             if isinstance(event, sched.Token):
+                self.tokens.append(event)
                 self.generated += 1
                 self.first_token = self.first_token or time.monotonic()
                 piece = self.text.add(event.id)
@@ -160,6 +174,13 @@ def create_app(server) -> FastAPI:
     async def models():
         return {"object": "list", "data": server.model_cards()}
 
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        for card in server.model_cards():
+            if card["id"] == model_id:
+                return card
+        raise server.unknown_model(model_id, "model")
+
     @app.post("/v1/completions")
     async def completions(http_request: Request):
         body = parse(CompletionRequest, await http_request.body())
@@ -206,8 +227,22 @@ def create_app(server) -> FastAPI:
 
 
 async def _respond(http_request, server, body, entry, label, prompts, prompt_param: str, chat: bool):
-    max_tokens = (body.limit() if chat else body.max_tokens) or server.default_max_tokens
-    generations = [Generation(server, ids, entry, label, body, max_tokens, prompt_param) for ids in prompts]
+    max_tokens = (body.limit() if chat else body.max_tokens)
+    max_tokens = server.default_max_tokens if max_tokens is None else max_tokens
+    top = body.top() if chat else body.logprobs
+    per_prompt = body.n if chat else body.choices()
+    keep = body.n
+    logprobs = 0 if top is None and per_prompt > keep else top  # best_of ranks by cumulative logprob
+    penalties = body.penalties(server.engine.base.facts.vocab_size)
+    echoed = [None] * len(prompts)
+    if not chat and body.echo:  # the prompt's own logprobs, scored with the request's adapters
+        echoed = await asyncio.gather(*(_score_prompt(server, ids, entry, top) for ids in prompts))
+    generations = []
+    if max_tokens > 0:
+        generations = [Generation(server, ids, entry, label, body, max_tokens, prompt_param,
+                                  seed=None if body.seed is None else (body.seed + j) % 2**63, logprobs=logprobs,
+                                  penalties=penalties)
+                       for ids in prompts for j in range(per_prompt)]
     for i, generation in enumerate(generations):
         try:
             generation.submit()
@@ -218,12 +253,14 @@ async def _respond(http_request, server, body, entry, label, prompts, prompt_par
     watcher = asyncio.create_task(_watch_disconnect(http_request, generations))
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": body.model}
+    tokenizer = server.engine.tokenizer
     try:
-        if body.stream:
+        if body.stream and generations:
             first, rest = await generations[0].first()  # errors before the first token: a plain error status
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             watcher.cancel()
-            return StreamingResponse(_sse(generations[0], first, rest, meta, chat, include_usage, http_request),
+            return StreamingResponse(_sse(generations[0], first, rest, meta, chat, include_usage, http_request,
+                                          tokenizer, top, echoed[0]),
                                      media_type="text/event-stream")
         texts = await asyncio.gather(*(_collect(g) for g in generations))
     except BaseException:
@@ -233,15 +270,77 @@ async def _respond(http_request, server, body, entry, label, prompts, prompt_par
     finally:
         watcher.cancel()
     choices = []
-    for index, (generation, text) in enumerate(zip(generations, texts)):
-        if chat:
-            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                            "finish_reason": generation.finish_reason})
-        else:
-            choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": generation.finish_reason})
-    usage = {key: sum(g.usage()[key] for g in generations) for key in ("prompt_tokens", "completion_tokens",
-                                                                        "total_tokens")}
+    for p, ids in enumerate(prompts):
+        group = list(zip(generations[p * per_prompt : (p + 1) * per_prompt], texts[p * per_prompt : (p + 1) * per_prompt]))
+        if per_prompt > keep:  # best_of: the n with the highest cumulative logprob
+            group = sorted(group, key=lambda pair: -pair[0].cumulative_logprob)[:keep]
+        for generation, text in group or [(None, "")]:
+            index = len(choices)
+            tokens = generation.tokens if generation is not None else []
+            finish = generation.finish_reason if generation is not None else "length"
+            if chat:
+                choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                                "logprobs": None if top is None else {"content": chat_logprobs(tokenizer, tokens)},
+                                "finish_reason": finish})
+                continue
+            prefix = ""
+            if echoed[p] is not None:
+                prefix = tokenizer.decode(ids, skip_special_tokens=False)
+            choices.append({"index": index, "text": prefix + text, "finish_reason": finish,
+                            "logprobs": None if top is None else completion_logprobs(tokenizer, echoed[p], tokens)})
+    usage = {"prompt_tokens": sum(len(ids) for ids in prompts),
+             "completion_tokens": sum(g.generated for g in generations)}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": usage}
+
+
+async def _score_prompt(server, ids: list[int], entry, top: int | None) -> list[sched.Token]:
+    """The prompt's tokens with their logprobs (the first None), computed on the scheduler thread."""
+    from adaptkit.routing import members_of
+
+    def score():
+        names = set(members_of(entry))
+        if not server.pool.make_resident(names, set(server.scheduler.in_use()), wait=None):
+            raise RequestError("the adapters this request needs cannot be made resident now (all in use); retry",
+                               status=503, code="adapters_busy")
+        return server.engine.score([ids], adapters=[entry], top=top or 0)[0]
+
+    scores = await asyncio.wrap_future(server.scheduler.call(score))
+    return [sched.Token(t, lp, None if alt is None else tuple(alt))
+            for t, lp, alt in zip(scores.token_ids, scores.logprobs, scores.top)]
+
+
+def _piece(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def completion_logprobs(tokenizer, prompt: list[sched.Token] | None, tokens: list[sched.Token],
+                        offset: int = 0) -> dict:
+    """OpenAI's legacy ``logprobs`` object: each token's text, logprob, its alternatives (the chosen token
+    always among them) and where its text starts; ``prompt`` first when echoed (its first logprob None)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token in [*(prompt or []), *tokens]:
+        piece = _piece(tokenizer, token.id)
+        out["tokens"].append(piece)
+        out["token_logprobs"].append(token.logprob)
+        if token.logprob is None:
+            out["top_logprobs"].append(None)
+        else:
+            alternatives = {_piece(tokenizer, t): lp for t, lp in (token.top or ())}
+            alternatives.setdefault(piece, token.logprob)
+            out["top_logprobs"].append(alternatives)
+        out["text_offset"].append(offset)
+        offset += len(piece)
+    return out
+
+
+def chat_logprobs(tokenizer, tokens: list[sched.Token]) -> list[dict]:
+    """OpenAI's chat ``logprobs.content``: one entry per token, with its ``top_logprobs``."""
+    def entry(token_id, logprob):
+        piece = _piece(tokenizer, token_id)
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
+
+    return [{**entry(t.id, t.logprob), "top_logprobs": [entry(a, lp) for a, lp in (t.top or ())]} for t in tokens]
 
 
 async def _collect(generation: Generation) -> str:
@@ -249,17 +348,29 @@ async def _collect(generation: Generation) -> str:
 
 
 async def _sse(generation: Generation, first: list[str], rest, meta: dict, chat: bool, include_usage: bool,
-               http_request: Request):
-    """Server-sent events in OpenAI's chunk format, ``data: [DONE]`` last; a disconnect cancels the row."""
+               http_request: Request, tokenizer=None, top: int | None = None, echoed=None):
+    """Server-sent events in OpenAI's chunk format, ``data: [DONE]`` last; a disconnect cancels the row.
+
+    With logprobs, each chunk carries those of the tokens that arrived since the previous chunk."""
     watcher = asyncio.create_task(_watch_disconnect(http_request, [generation]))
     obj = "chat.completion.chunk" if chat else "text_completion"
+    offset = 0
 
-    def chunk(piece: str | None, finish: str | None, role: bool = False) -> str:
+    def chunk(piece: str | None, finish: str | None, role: bool = False, prompt=None) -> str:
+        nonlocal offset
+        logprobs = None
+        if top is not None and not role:
+            tokens = generation.unreported()
+            if chat:
+                logprobs = {"content": chat_logprobs(tokenizer, tokens)}
+            else:
+                logprobs = completion_logprobs(tokenizer, prompt, tokens, offset)
+                offset += sum(len(p) for p in logprobs["tokens"])
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": piece} if piece is not None else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": piece or "", "logprobs": logprobs, "finish_reason": finish}
         data = {**meta, "object": obj, "choices": [choice]}
         if include_usage:
             data["usage"] = None
@@ -268,6 +379,8 @@ async def _sse(generation: Generation, first: list[str], rest, meta: dict, chat:
     try:
         if chat:
             yield chunk(None, None, role=True)
+        if echoed is not None:
+            yield chunk(tokenizer.decode([t.id for t in echoed], skip_special_tokens=False), None, prompt=echoed)
         for piece in first:
             yield chunk(piece, None)
         try:

@@ -39,7 +39,7 @@ from adaptkit.errors import (
     QueueFullError,
     RequestError,
 )
-from adaptkit.generation import MIN_TEMPERATURE, check_sampling, sample_next
+from adaptkit.generation import MIN_TEMPERATURE, Penalties, check_sampling, sample_next
 from adaptkit.routing import RowEntry, members_of
 from adaptkit.serving.batch import DecodeState, check_joinable, join_states, select_rows
 from adaptkit.serving.residency import AdapterPool
@@ -50,9 +50,12 @@ READ_WAIT_S = 0.005  # how long admission waits for a cold adapter's files when 
 
 @dataclass(frozen=True)
 class Token:
-    """One generated token of a request."""
+    """One generated token of a request; with ``Request.logprobs``, its log-probability under the model
+    (``log_softmax`` of the raw logits) and the ``top`` most likely (token, log-probability) pairs."""
 
     id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class Request:
     seed: int | None = None
     stop_ids: frozenset[int] | None = None  # None: the model's eos ids; empty: never stop early
     timeout: float | None = None  # seconds from submission
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives
+    penalties: Penalties | None = None  # logit_bias, min_tokens, repetition / frequency / presence
     on_event: Callable[[Event], None] = field(default=lambda event: None, repr=False)
     prompt_param: str = "prompt"  # the request field a too-long prompt is reported on
     submitted: float = field(default_factory=time.monotonic)
@@ -105,6 +110,24 @@ class _Row:
     generator: torch.Generator | None
     produced: int = 0
     next_token: int = 0
+    counts: torch.Tensor | None = None  # [V] output token counts (penalties only)
+    seen: torch.Tensor | None = None  # [V] tokens of the prompt or the output (penalties only)
+
+    def shaped(self, logits: torch.Tensor) -> torch.Tensor:
+        """This row's logits [V] after its penalties (unchanged without any)."""
+        penalties = self.request.penalties
+        if penalties is None or not penalties.active:
+            return logits
+        if self.counts is None:
+            self.counts = torch.zeros(logits.shape[-1], device=logits.device)
+            self.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            self.seen[torch.tensor(self.request.prompt_ids, device=logits.device)] = True
+        return penalties.apply(logits, self.counts, self.seen, self.produced, self.stop_ids)
+
+    def record(self, token: int) -> None:
+        if self.counts is not None:
+            self.counts[token] += 1
+            self.seen[token] = True
 
 
 class Scheduler:
@@ -361,9 +384,10 @@ class Scheduler:
             if isinstance(token, Exception):
                 self._emit(row.request, Finished("error", row.produced, token))
                 continue
+            row.record(token)
             row.produced += 1
             row.next_token = token
-            self._emit(row.request, Token(token))
+            self._emit(row.request, _token_event(token, logits[i], row.request.logprobs))
             if token in row.stop_ids:
                 self._emit(row.request, Finished("stop", row.produced))
             elif row.produced >= row.request.max_tokens:
@@ -388,12 +412,18 @@ class Scheduler:
                 tokens[i] = RequestError(
                     f"the model produced non-finite logits (NaN or inf) for this request with {req.entry!r}: the "
                     "adapter's weights are broken; other requests are unaffected", status=500, code="non_finite_logits")
-            elif row.generator is not None:
-                try:
-                    tokens[i] = int(sample_next(logits[i : i + 1], req.temperature, req.top_p, req.top_k,
+                continue
+            shaped = row.shaped(logits[i])
+            if row.generator is None and shaped is logits[i]:
+                continue  # plain greedy: the batch's argmax
+            try:
+                if row.generator is None:
+                    tokens[i] = int(shaped.argmax())
+                else:
+                    tokens[i] = int(sample_next(shaped.unsqueeze(0), req.temperature, req.top_p, req.top_k,
                                                 row.generator)[0])
-                except Exception as exc:
-                    tokens[i] = exc
+            except Exception as exc:
+                tokens[i] = exc
         return tokens
 
     def _finish_rows(self, indices, reason: str, error: Exception | None = None) -> None:
@@ -423,3 +453,15 @@ class Scheduler:
             request.on_event(event)
         except Exception:  # a consumer's failure must not stop the batch
             log.exception("on_event of a request failed")
+
+
+def _token_event(token: int, logits: torch.Tensor, top: int | None) -> Token:
+    """The event for ``token`` sampled from ``logits`` [V]; with ``top``, its log-probability and alternatives."""
+    if top is None:
+        return Token(token)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    alternatives = None
+    if top > 0:
+        values, indices = logprobs.topk(min(top, logprobs.shape[-1]))
+        alternatives = tuple(zip(indices.tolist(), values.tolist()))
+    return Token(token, float(logprobs[token]), alternatives)

@@ -133,7 +133,7 @@ class Server:
                 raise RequestError("adapters: give at least one {name: weight}", param="adapters")
             for name in adapters:
                 if not self.pool.serves(name):
-                    raise self._unknown(name, "adapters")
+                    raise self.unknown_model(name, "adapters")
             try:
                 return Mix(adapters), "mix"
             except InvalidArgumentError as exc:
@@ -142,9 +142,9 @@ class Server:
             return None, self.base_name
         if self.pool.serves(model):
             return model, model
-        raise self._unknown(model, "model")
+        raise self.unknown_model(model, "model")
 
-    def _unknown(self, name: str, param: str) -> RequestError:
+    def unknown_model(self, name: str, param: str) -> RequestError:
         known = ", ".join(self.known_models())
         return RequestError(f"the model {name!r} does not exist; known models: {known}", param=param, status=404,
                             code="model_not_found")
