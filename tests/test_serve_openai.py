@@ -100,9 +100,10 @@ def test_echo_with_max_tokens_0_and_batched_token_prompts(running, ref):
     assert [len(c["logprobs"]["token_logprobs"]) for c in one["choices"]] == [len(p) + 1 for p in prompts]
 
 
-def test_streamed_logprobs_equal_the_whole_answer(running):
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_logprobs_equal_the_whole_answer(running, echo):
     body = {"model": "prefix", "prompt": PROMPT, "max_tokens": 7, "temperature": 0, "ignore_eos": True,
-            "logprobs": 2}
+            "logprobs": 2, "echo": echo}
     whole = post(running, "/v1/completions", **body)["choices"][0]["logprobs"]
     streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     with httpx.stream("POST", running.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as response:
