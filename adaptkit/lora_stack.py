@@ -30,6 +30,7 @@ and ``lora_bias`` stay on the exact per-adapter path of ``inject.LoraLinear``.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -138,8 +139,20 @@ class BucketRoute:
     rows: torch.Tensor | None
     slots: torch.Tensor
     weights: torch.Tensor | None
-    single: tuple[int, int] | None
-    segments: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]  # (slot, rank, entry positions, weights)
+    distinct: list[tuple[int, int]]  # (slot, rank) of every slot used, in slot order
+
+    @property
+    def single(self) -> tuple[int, int] | None:
+        return self.distinct[0] if len(self.distinct) == 1 else None
+
+    @functools.cached_property
+    def segments(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+        """(slot, rank, entry positions, their weights) per slot, for the SGMV path (built on first use)."""
+        found = []
+        for slot, rank in self.distinct:
+            where = (self.slots == slot).nonzero().flatten()
+            found.append((slot, rank, where, None if self.weights is None else self.weights[where]))
+        return found
 
 
 def route_layout(plan: RoutingPlan, layout: Layout, device) -> dict[int, BucketRoute]:
@@ -160,18 +173,11 @@ def route_layout(plan: RoutingPlan, layout: Layout, device) -> dict[int, BucketR
         weight_tensor = None
         if any(w != 1.0 for w in weights):
             weight_tensor = torch.tensor(weights, dtype=torch.float32, device=device).view(-1, 1, 1)
-        distinct = sorted(set(zip(slots, (i[2] for i in items))))
-        segments = []
-        for slot, rank in distinct:
-            where = [p for p, s in enumerate(slots) if s == slot]
-            segment_weights = None if weight_tensor is None else weight_tensor[where]
-            segments.append((slot, rank, torch.tensor(where, dtype=torch.long, device=device), segment_weights))
         routes[bucket] = BucketRoute(
             rows=None if identity else torch.tensor(rows, dtype=torch.long, device=device),
             slots=torch.tensor(slots, dtype=torch.long, device=device),
             weights=weight_tensor,
-            single=distinct[0] if len(distinct) == 1 else None,
-            segments=segments,
+            distinct=sorted(set(zip(slots, (i[2] for i in items)))),
         )
     return routes
 
@@ -187,7 +193,7 @@ def add_batched_delta(y: torch.Tensor, x: torch.Tensor, bucket: RankBucket, rout
         delta = (xr @ A[slot, :rank].T) @ B[slot, :rank]
         if route.weights is not None:
             delta = delta * route.weights.to(delta.dtype).view(-1, *([1] * (delta.ndim - 1)))
-    elif (x.shape[-2] if x.ndim == 3 else 1) * len(route.slots) < SEGMENT_TOKENS * len(route.segments):
+    elif (x.shape[-2] if x.ndim == 3 else 1) * len(route.slots) < SEGMENT_TOKENS * len(route.distinct):
         squeeze = x.ndim == 2
         xs = xr.unsqueeze(1) if squeeze else xr  # [E, T, in]
         hidden = torch.bmm(xs, A.index_select(0, route.slots).transpose(1, 2))  # [E, T, R]

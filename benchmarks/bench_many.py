@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from bench_lora import _peft_model
 
 import adaptkit as ak
 from adaptkit.benchmarking.timing import Case, format_table, time_interleaved, write_results
@@ -38,18 +39,6 @@ def build(root: Path, adapters: int) -> tuple[Path, dict[str, Path]]:
     paths = {f"l{i}": write_lora(random_lora(base, TARGETS, r=16, alpha=32, seed=i, std=0.02), root / f"l{i}")
              for i in range(adapters)}
     return base, paths
-
-
-def _peft(base: Path, paths: dict[str, Path]):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    names = list(paths)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, attn_implementation="eager").eval()
-    model = PeftModel.from_pretrained(model, str(paths[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(str(paths[name]), adapter_name=name)
-    return model.eval()
 
 
 def plain_model(model):
@@ -97,7 +86,7 @@ def kernel(root: Path, repeats: int) -> tuple[list[dict], dict]:
     engine = ak.Engine.from_pretrained(base)
     for name, path in paths.items():
         engine.add_adapter(name, path)
-    peft = _peft(base, paths)
+    peft = _peft_model(base, paths)
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, attn_implementation="eager").eval()

@@ -31,6 +31,16 @@ def write_adapters(base: Path, root: Path, names=KINDS, seed: int = 0) -> dict[s
     return paths
 
 
+def reference_engine(base: Path, paths: dict[str, Path]):
+    """The reference for serving tests: a separate engine with the same adapters, each request run alone."""
+    import adaptkit as ak
+
+    engine = ak.Engine.from_pretrained(base)
+    for name, path in paths.items():
+        engine.add_adapter(name, path)
+    return engine
+
+
 def wait_until(condition, what: str, limit: float = 60.0, every: float = 0.01):
     """Poll ``condition()`` until it is truthy (a guard against hangs, not a timing assertion)."""
     end = time.monotonic() + limit

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 from click.testing import CliRunner
-from serve_helpers import KINDS, wait_until, write_adapters
+from serve_helpers import KINDS, reference_engine, wait_until, write_adapters
 
 import adaptkit as ak
 from adaptkit.cli.main import main
@@ -38,11 +38,8 @@ def adapter_dir(tiny_llama, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ref(tiny_llama, adapter_dir):
     """The reference: the engine's own greedy generation, each request alone."""
-    eng = ak.Engine.from_pretrained(tiny_llama)
-    for name in KINDS:
-        eng.add_adapter(name, adapter_dir / name)
-    eng.add_adapter("lora2", adapter_dir / "spare" / "lora2")
-    return eng
+    return reference_engine(tiny_llama, {**{name: adapter_dir / name for name in KINDS},
+                                         "lora2": adapter_dir / "spare" / "lora2"})
 
 
 def expected(ref, prompt, model, n: int, chat: bool = False) -> str:

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 import torch
-from serve_helpers import KINDS, write_adapters
+from serve_helpers import KINDS, reference_engine, write_adapters
 
 import adaptkit as ak
 from adaptkit.serving.server import BackgroundServer, Server
@@ -31,10 +31,7 @@ def adapter_dir(tiny_llama, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ref(tiny_llama, adapter_dir):
-    engine = ak.Engine.from_pretrained(tiny_llama)
-    for name in KINDS:
-        engine.add_adapter(name, adapter_dir / name)
-    return engine
+    return reference_engine(tiny_llama, {name: adapter_dir / name for name in KINDS})
 
 
 @pytest.fixture(scope="module")
