@@ -168,6 +168,7 @@ def test_errors_have_the_openai_shape(client, running):
              ({"model": "base", "prompt": "x", "n": 17}, "n"),
              ({"model": "base", "prompt": "x", "logprobs": 21}, "logprobs"),
              ({"model": "base", "prompt": "x", "suffix": "y"}, "suffix"),
+             ({"model": "base", "prompt": "x", "max_tokens": 0, "echo": True, "stream": True}, "stream"),
              ({"model": "lora", "prompt": "x", "adapters": {"prefix": 1.0}}, "adapters"),
              ({"model": "base", "prompt": "x " * 300, "max_tokens": 2}, "prompt"),
              ({"model": "base", "prompt": "x", "max_tokens": 256}, "max_tokens")]

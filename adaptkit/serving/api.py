@@ -130,7 +130,8 @@ class CompletionRequest(_Sampling):
     def _refused(self) -> dict[tuple[str, str], bool]:
         return {("suffix", "suffix"): bool(self.suffix),
                 ("best_of", "stream with best_of > n"): self.stream and self.choices() > self.n,
-                ("max_tokens", "max_tokens 0 without echo"): self.max_tokens == 0 and not self.echo}
+                ("max_tokens", "max_tokens 0 without echo"): self.max_tokens == 0 and not self.echo,
+                ("stream", "stream with max_tokens 0"): self.stream and self.max_tokens == 0}
 
 
 class ContentPart(BaseModel):
