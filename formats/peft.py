@@ -26,6 +26,7 @@ from adaptkit.adapters.prefix import (
 from adaptkit.adapters.prompt import PromptAdapter, PromptConfig, fold_lstm_encoder, fold_mlp_encoder
 from adaptkit.base import family_of_class
 from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
+from adaptkit.formats import fields
 from adaptkit.formats.tensors import first_existing, load_tensor_file
 
 CONFIG_NAME = "adapter_config.json"
@@ -105,30 +106,24 @@ def _check_fields(config: dict, path: Path) -> None:
 def lora_config_from_peft(config: dict, path: Path) -> LoraConfig:
     """Build a :class:`LoraConfig` from a PEFT LoRA config dict."""
     _check_fields(config, path)
-    targets = config.get("target_modules")
+    targets = fields.get_names(config, "target_modules", path, allow_regex=True)
     if targets is None:
         raise AdapterFormatError(f"{path}: target_modules is missing")
-    layers = config.get("layers_to_transform")
-    if isinstance(layers, int):
-        layers = [layers]
-    pattern = config.get("layers_pattern")
-    if isinstance(pattern, str):
-        pattern = [pattern]
-    exclude = config.get("exclude_modules")
+    pattern = fields.get_names(config, "layers_pattern", path)
     return LoraConfig(
-        r=int(config["r"]),
-        alpha=float(config.get("lora_alpha", 8)),
-        target_modules=targets if isinstance(targets, str) else tuple(targets),
-        use_rslora=bool(config.get("use_rslora", False)),
-        use_dora=bool(config.get("use_dora", False)),
-        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-        lora_bias=bool(config.get("lora_bias", False)),
-        rank_pattern=dict(config.get("rank_pattern") or {}),
-        alpha_pattern=dict(config.get("alpha_pattern") or {}),
-        layers_to_transform=tuple(layers) if layers else None,
-        layers_pattern=tuple(pattern) if pattern else None,
-        exclude_modules=exclude if (exclude is None or isinstance(exclude, str)) else tuple(exclude),
-        modules_to_save=tuple(config.get("modules_to_save") or ()),
+        r=fields.get_int(config, "r", path),
+        alpha=fields.get_float(config, "lora_alpha", path, default=8),
+        target_modules=targets,
+        use_rslora=fields.get_bool(config, "use_rslora", path),
+        use_dora=fields.get_bool(config, "use_dora", path),
+        fan_in_fan_out=fields.get_bool(config, "fan_in_fan_out", path),
+        lora_bias=fields.get_bool(config, "lora_bias", path),
+        rank_pattern=fields.get_pattern(config, "rank_pattern", path, integer=True),
+        alpha_pattern=fields.get_pattern(config, "alpha_pattern", path, integer=False),
+        layers_to_transform=fields.get_ints(config, "layers_to_transform", path),
+        layers_pattern=pattern or None,
+        exclude_modules=fields.get_names(config, "exclude_modules", path, allow_regex=True),
+        modules_to_save=fields.get_names(config, "modules_to_save", path) or (),
     )
 
 
@@ -154,16 +149,17 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
     if weight_file is None:
         raise AdapterFormatError(f"{folder}: no {' or '.join(WEIGHT_NAMES)} beside {CONFIG_NAME}")
     state = load_tensor_file(weight_file)
-    fields: dict[str, dict[str, torch.Tensor]] = {}
+    factors: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {}
     for raw_key, tensor in state.items():
+        fields.check_tensor(tensor, raw_key, weight_file)
         key = _strip_prefix(raw_key)
         if ".lora_embedding_" in key:
             raise UnsupportedAdapterError(f"{weight_file}: {raw_key}: LoRA on embedding layers is not supported")
         split = split_lora_key(key)
         if split is not None:
             module, field = split
-            fields.setdefault(module, {})[field] = tensor
+            factors.setdefault(module, {})[field] = tensor
             continue
         module, _, param = key.rpartition(".")
         module = module.replace(".modules_to_save.default", "")
@@ -171,16 +167,21 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
             saved.setdefault(module, {})[param] = tensor
             continue
         raise AdapterFormatError(f"{weight_file}: unexpected key {raw_key!r} (not a LoRA factor nor a modules_to_save entry)")
-    if not fields and not saved:
+    if not factors and not saved:
         raise AdapterFormatError(f"{weight_file}: holds no LoRA weights")
     layers = {}
-    for module, tensors in fields.items():
+    for module, tensors in factors.items():
         if "lora_A" not in tensors or "lora_B" not in tensors:
             raise AdapterFormatError(f"{weight_file}: module {module!r} lacks lora_A or lora_B")
         a, b = tensors["lora_A"], tensors["lora_B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise AdapterFormatError(
                 f"{weight_file}: {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not [r, in] and [out, r]"
+            )
+        if a.shape[0] != lora_config.rank_for(module):
+            raise AdapterFormatError(
+                f"{weight_file}: {module}: the factors have rank {a.shape[0]} but {cfg_path} says r="
+                f"{lora_config.rank_for(module)} (rank_pattern included); the config does not belong to these weights"
             )
         if lora_config.use_dora and "magnitude" not in tensors:
             raise AdapterFormatError(f"{weight_file}: {module}: use_dora is set but lora_magnitude_vector is missing")
