@@ -29,7 +29,8 @@ from adaptkit.adapters.fusion import FusionAdapter, FusionConfig, FusionLayer
 from adaptkit.arch import family_of
 from adaptkit.base import family_of_class
 from adaptkit.errors import AdapterFormatError, AdaptkitError, BaseModelError, UnsupportedAdapterError
-from adaptkit.formats.tensors import first_existing, load_tensor_file
+from adaptkit.formats import fields as checked
+from adaptkit.formats.tensors import first_existing, load_adapter_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter.safetensors", "pytorch_adapter.bin")  # safetensors wins, as in the library
@@ -127,7 +128,7 @@ def bottleneck_config_from_hub(config: dict, path: Path) -> BottleneckConfig:
     fields = {k: config[k] for k in _CONFIG_FIELDS if k in config}
     if isinstance(fields.get("scaling"), (int, float)) and not isinstance(fields["scaling"], bool):
         fields["scaling"] = float(fields["scaling"])
-    fields["leave_out"] = tuple(fields.get("leave_out") or ())
+    fields["leave_out"] = checked.get_ints(config, "leave_out", path) or ()
     try:
         return BottleneckConfig(**fields)
     except (AdaptkitError, TypeError) as exc:
@@ -173,7 +174,7 @@ def _rename_legacy(key: str) -> str:
 def _tensors_by_site(weight_file: Path, family: str, marker: str, table: dict[str, str]) -> dict[SiteKey, dict]:
     """``{site: {field: tensor}}`` of every key ``<site path><marker><param>`` in the file."""
     by_site: dict[SiteKey, dict[str, torch.Tensor]] = {}
-    for raw_key, tensor in load_tensor_file(weight_file).items():
+    for raw_key, tensor in load_adapter_tensors(weight_file).items():
         key = _rename_legacy(raw_key)
         if ".invertible_adapters." in key:
             raise UnsupportedAdapterError(f"{weight_file}: {raw_key}: invertible adapters are not supported")

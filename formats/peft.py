@@ -27,7 +27,7 @@ from adaptkit.adapters.prompt import PromptAdapter, PromptConfig, fold_lstm_enco
 from adaptkit.base import family_of_class
 from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
 from adaptkit.formats import fields
-from adaptkit.formats.tensors import first_existing, load_tensor_file
+from adaptkit.formats.tensors import first_existing, load_adapter_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -148,11 +148,10 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
     weight_file = first_existing(folder, WEIGHT_NAMES)
     if weight_file is None:
         raise AdapterFormatError(f"{folder}: no {' or '.join(WEIGHT_NAMES)} beside {CONFIG_NAME}")
-    state = load_tensor_file(weight_file)
+    state = load_adapter_tensors(weight_file)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {}
     for raw_key, tensor in state.items():
-        fields.check_tensor(tensor, raw_key, weight_file)
         key = _strip_prefix(raw_key)
         if ".lora_embedding_" in key:
             raise UnsupportedAdapterError(f"{weight_file}: {raw_key}: LoRA on embedding layers is not supported")
@@ -319,7 +318,7 @@ def _prompt_tensors(folder: Path) -> tuple[Path, torch.Tensor | None, dict[str, 
     if weight_file is None:
         raise AdapterFormatError(f"{folder}: no {' or '.join(WEIGHT_NAMES)} beside {CONFIG_NAME}")
     folded, encoder = None, {}
-    for key, tensor in load_tensor_file(weight_file).items():
+    for key, tensor in load_adapter_tensors(weight_file).items():
         parts = key.split(".")
         if key == PROMPT_EMBEDDINGS_KEY:
             folded = tensor

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from adaptkit.adapters.prefix import PrefixAdapter, PrefixConfig
 from adaptkit.errors import AdapterFormatError, OutputExistsError
+from adaptkit.formats.fields import check_tensor
 
 FORMAT = "adaptkit-prefix-cache"
 VERSION = "1"
@@ -39,7 +40,7 @@ def read_prefix_file(path: str | os.PathLike) -> PrefixAdapter:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             meta = handle.metadata() or {}
             names = set(handle.keys())
-            tensors = {k: handle.get_tensor(k) for k in TENSOR_KEYS if k in names}
+            tensors = {k: check_tensor(handle.get_tensor(k), k, path) for k in TENSOR_KEYS if k in names}
     except (SafetensorError, OSError) as exc:
         raise AdapterFormatError(f"{path}: not a readable safetensors file ({exc})") from exc
     if meta.get("format") != FORMAT:

@@ -31,6 +31,13 @@ def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """:func:`load_tensor_file` of an adapter's weights, each checked floating point and finite."""
+    from adaptkit.formats.fields import check_tensor
+
+    return {key: check_tensor(tensor, key, path) for key, tensor in load_tensor_file(path).items()}
+
+
 def first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
     """The first of ``names`` that exists in ``folder`` (so safetensors wins over .bin)."""
     for name in names:

@@ -106,3 +106,28 @@ def test_bad_adapter_is_refused_by_name(case, good, tiny_llama, tmp_path):
     assert engine.adapters == {} and (engine.logits(ids) == before).all()
     result = CliRunner().invoke(main, ["inspect", str(folder), "--base", str(tiny_llama)])
     assert result.exit_code == 1 and result.output.startswith("error: ") and result.output.count("\n") == 1
+
+
+def test_other_formats_check_the_same(tiny_llama, tmp_path):
+    """AdapterHub ``leave_out`` must be layer indices; NaN in a bottleneck or a prefix file is refused."""
+    from serve_helpers import write_adapters
+
+    paths = write_adapters(tiny_llama, tmp_path, names=("bottleneck", "prefix"))
+    engine = ak.Engine.from_pretrained(tiny_llama)
+    config_path = paths["bottleneck"] / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["config"]["leave_out"] = ["a", "b"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(AdapterFormatError, match="leave_out must be a list of layer indices"):
+        engine.add_adapter("bn", paths["bottleneck"])
+    config["config"]["leave_out"] = []
+    config_path.write_text(json.dumps(config))
+    weights = next(paths["bottleneck"].glob("*.safetensors"))
+    save_file({k: v * float("nan") for k, v in load_file(str(weights)).items()}, str(weights))
+    with pytest.raises(AdapterFormatError, match="non-finite values"):
+        engine.add_adapter("bn", paths["bottleneck"])
+    prefix_weights = paths["prefix"] / WEIGHTS
+    save_file({k: v.int() for k, v in load_file(str(prefix_weights)).items()}, str(prefix_weights))
+    with pytest.raises(AdapterFormatError, match="stored as torch.int32"):
+        engine.add_adapter("px", paths["prefix"])
+    assert engine.adapters == {}
