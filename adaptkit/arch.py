@@ -124,6 +124,7 @@ class ModelFacts:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
+    max_positions: int | None = None  # the context: max_position_embeddings (GPT-2: n_positions)
 
     @property
     def family(self) -> str:
@@ -149,6 +150,7 @@ def facts_from_config(config) -> ModelFacts:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         vocab_size=config.vocab_size,
+        max_positions=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
     )
 
 

@@ -11,7 +11,9 @@ them bit for bit from copies kept aside.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import os
 import re
 import threading
@@ -25,7 +27,7 @@ from adaptkit import inject, prefix_cache, sites
 from adaptkit.adapters.bottleneck import bottleneck_details
 from adaptkit.adapters.compose import check_row_entries
 from adaptkit.adapters.fusion import fusion_details
-from adaptkit.adapters.lora import LoraAdapter, merged_bias, merged_weight
+from adaptkit.adapters.lora import LoraAdapter, LoraWeights, merged_bias, merged_weight
 from adaptkit.adapters.pet import pet_details
 from adaptkit.adapters.prefix import prefix_details
 from adaptkit.adapters.prompt import prompt_details
@@ -187,8 +189,10 @@ class Engine:
         if handlers is None:
             raise UnsupportedAdapterError(f"adapter kind {loaded.kind!r} cannot be served by this engine")
         self._check_base(loaded)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise InvalidArgumentError(f"scale must be a finite number, got {scale!r}")
         if scale != 1.0:
-            self._rescale(loaded, scale)
+            loaded = self._rescaled(loaded, float(scale))
         attach, _, details = handlers
         try:
             attach(self.model, name, loaded, self.base.dtype, self.device)
@@ -204,12 +208,15 @@ class Engine:
         check_made_for(adapter, self.base.facts, self.base.fingerprint)
 
     @staticmethod
-    def _rescale(adapter, scale: float) -> None:
-        if isinstance(adapter, LoraAdapter):
-            for weights in adapter.layers.values():
-                weights.scale *= scale
-        else:
+    def _rescaled(adapter, scale: float):
+        """A copy of the LoRA with every layer's scale multiplied (the caller's object is left as it was,
+        so the same object added twice with different scales gives two different adapters)."""
+        if not isinstance(adapter, LoraAdapter):
             raise UnsupportedAdapterError(f"scale= is not supported for {adapter.kind} adapters")
+        layers = {name: LoraWeights(w.lora_A.data, w.lora_B.data, w.scale * scale, lora_B_bias=None if w.lora_B_bias
+                                    is None else w.lora_B_bias.data, magnitude=None if w.magnitude is None else
+                                    w.magnitude.data) for name, w in adapter.layers.items()}
+        return dataclasses.replace(adapter, layers=layers)
 
     @_exclusive
     def remove_adapter(self, name: str) -> None:
@@ -268,12 +275,7 @@ class Engine:
         ``adapters``: one entry per row (None, a name, ak.Stack/Fuse/Mix), or one entry for all rows.
         Left padding is handled: position ids count real tokens only.
         """
-        input_ids = torch.as_tensor(input_ids, device=self.device)
-        if input_ids.ndim == 1:
-            input_ids = input_ids.unsqueeze(0)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = torch.as_tensor(attention_mask, device=self.device)
+        input_ids, attention_mask = self._checked_batch(input_ids, attention_mask)
         plan = self.plan(adapters, input_ids.shape[0])
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.base.facts.spec.is_causal:
@@ -285,6 +287,51 @@ class Engine:
             out = self.model(**kwargs)
         out = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
         return out[:, virtual:]
+
+    def _checked_batch(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` [B, S] integer ids within the vocabulary and a mask of the same shape, or a clear error."""
+        try:
+            input_ids = torch.as_tensor(input_ids, device=self.device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InvalidArgumentError(f"input_ids must be a [batch, seq] tensor or nested list of token ids ({exc})") \
+                from exc
+        if input_ids.ndim == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.ndim != 2 or input_ids.numel() == 0:
+            raise InvalidArgumentError(f"input_ids must be [batch, seq] with at least one token, got shape "
+                                       f"{tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool or input_ids.is_complex():
+            raise InvalidArgumentError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        self._check_token_ids(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = torch.as_tensor(attention_mask, device=self.device)
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise InvalidArgumentError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                                       f"{tuple(input_ids.shape)}; give one mask value per token")
+        return input_ids.long(), attention_mask
+
+    def _check_token_ids(self, ids) -> None:
+        vocab = self.base.facts.vocab_size
+        low, high = (int(ids.min()), int(ids.max())) if isinstance(ids, torch.Tensor) else (min(ids), max(ids))
+        if low < 0 or high >= vocab:
+            raise InvalidArgumentError(f"token id {low if low < 0 else high} is outside the vocabulary [0, {vocab}); "
+                                       "ids must come from this base's tokenizer")
+
+    def check_context(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, adapters=None) -> None:
+        """Refuse a generation that would run past the model's context (``max_position_embeddings``)."""
+        context = self.base.facts.max_positions
+        if context is None:
+            return
+        entries = adapters if isinstance(adapters, list) else [adapters] * len(prompt_ids)
+        for prompt, entry in zip(prompt_ids, entries):
+            virtual = sum(self._infos[n].details.get("virtual_tokens", 0) for n in members_of(entry) if n in self._infos)
+            needed = len(prompt) + virtual + max_new_tokens
+            if needed > context:
+                raise InvalidArgumentError(
+                    f"this model's context is {context} tokens; the request needs {needed} ({len(prompt)} prompt + "
+                    f"{virtual} virtual tokens + max_new_tokens {max_new_tokens}); shorten the prompt or lower "
+                    "max_new_tokens")
 
     @_exclusive
     @torch.inference_mode()
@@ -357,6 +404,11 @@ class Engine:
         if not self.base.facts.spec.is_causal:
             raise EngineStateError(f"{self.base.facts.model_type} is an encoder; generate needs a causal LM")
         check_sampling(temperature, top_p, top_k, max_new_tokens)
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise InvalidArgumentError("every prompt must have at least one token")
+        for prompt in prompt_ids:
+            self._check_token_ids(list(prompt))
+        self.check_context(prompt_ids, max_new_tokens, adapters)
         eos_ids, pad_id = self.stop_and_pad_ids(eos_token_id)
         batch = len(prompt_ids)
         generator = None
