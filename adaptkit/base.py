@@ -140,6 +140,24 @@ def _quantize_kwargs(path: Path, config, quantize: str | None, dtype: torch.dtyp
     return quantize, quant.from_pretrained_kwargs(quantize, dtype, skeleton=skeleton, device=device, **options)
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this torch and machine can use, or an error saying which can."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidArgumentError(f"device {device!r} is not a device name (use cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise InvalidArgumentError(f"device {str(device)!r}: {build}; use --device cpu (or install a CUDA torch "
+                                       "on a machine with a GPU)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidArgumentError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise InvalidArgumentError(f"device {str(device)!r} is not supported; use cpu or cuda")
+    return device
+
+
 def load_base(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = "float32",
@@ -164,6 +182,7 @@ def load_base(
         >>> base = load_base("tiny-llama", dtype="bfloat16")
     """
     path = Path(path)
+    device = check_device(device)
     config = read_config(path)
     torch_dtype = parse_dtype(dtype)
     facts = facts_from_config(config)

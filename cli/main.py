@@ -534,6 +534,10 @@ def onnx_command(base, adapter, out, verify, force):
     """Write BASE (+ ADAPTER) as one ONNX graph for prefill and decode, with KV-cache inputs and outputs."""
     from adaptkit.export import export_onnx, verify_onnx
 
+    if verify:  # before the export: a missing verifier should not cost the export first
+        from adaptkit.formats.onnx import require_onnxruntime
+
+        require_onnxruntime()
     path = export_onnx(base, out, adapter=adapter, force=force)
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     if verify:

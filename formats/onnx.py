@@ -146,9 +146,21 @@ def _quiet_export():
         yield
 
 
+def require_onnxruntime():
+    """The onnxruntime module, or a MissingDependencyError saying how to get it."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        from adaptkit.errors import MissingDependencyError
+
+        raise MissingDependencyError("verifying an ONNX graph needs onnxruntime; pip install onnxruntime "
+                                     "(or drop --verify)") from exc
+    return onnxruntime
+
+
 def session(path: str | os.PathLike, threads: int | None = None):
     """An onnxruntime CPU session for a file written by :func:`write_onnx`."""
-    import onnxruntime as ort
+    ort = require_onnxruntime()
 
     options = ort.SessionOptions()
     if threads:

@@ -61,3 +61,23 @@ def test_generation_past_the_context_is_refused(tiny_gpt2, tiny_llama):
     result = CliRunner().invoke(main, ["generate", str(tiny_llama), "--prompt", "hello", "--max-new-tokens", "5000"])
     assert result.exit_code == 1 and "context is 256 tokens" in result.output
     assert result.output.startswith("error: ") and result.output.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_a_device_this_torch_lacks(tiny_llama):
+    with pytest.raises(InvalidArgumentError, match="'cuda'.*use --device cpu"):
+        ak.Engine.from_pretrained(tiny_llama, device="cuda")
+    with pytest.raises(InvalidArgumentError, match="not a device name"):
+        ak.Engine.from_pretrained(tiny_llama, device="gpu0")
+    result = CliRunner().invoke(main, ["bench", str(tiny_llama), "--device", "cuda", "--repeats", "1"])
+    assert result.exit_code == 1 and result.output.startswith("error: ") and result.output.count("\n") == 1
+
+
+def test_onnx_verify_without_onnxruntime(tiny_llama, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    result = CliRunner().invoke(main, ["export", "onnx", str(tiny_llama), "-o", str(tmp_path / "m.onnx"), "--verify"])
+    assert result.exit_code == 1 and "needs onnxruntime; pip install onnxruntime" in result.output
+    assert not (tmp_path / "m.onnx").exists()
+    assert result.output.count("\n") == 1
