@@ -39,6 +39,10 @@ class OutputExistsError(AdaptkitError):
     """An output path already exists and overwriting was not asked for."""
 
 
+class OutputWriteError(AdaptkitError):
+    """An output could not be written (disk full, read-only folder, ...); nothing was left behind."""
+
+
 class InvalidArgumentError(AdaptkitError):
     """An argument value is out of range or of the wrong form."""
 

@@ -15,13 +15,25 @@ class _Group(click.Group):
     """Turns adaptkit errors into one line on stderr and a non-zero exit, without a traceback."""
 
     def invoke(self, ctx):
+        import signal
+        import threading
+
         from adaptkit.errors import AdaptkitError
 
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminated)  # like Ctrl-C: outputs in progress are removed
         try:
             return super().invoke(ctx)
         except AdaptkitError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; outputs in progress were removed", err=True)
+            sys.exit(130)
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _float_list(value: str | None) -> list[float] | None:

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adaptkit.errors import BaseModelError, OutputExistsError
+from adaptkit.errors import BaseModelError, OutputExistsError, OutputWriteError
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -97,18 +97,30 @@ def open_checkpoint(folder: str | os.PathLike) -> Checkpoint:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: str | os.PathLike, force: bool = False, inputs=()) -> Iterator[Path]:
     """A temporary folder beside ``out``, renamed to ``out`` only if the block completes.
 
-    An existing ``out`` is an error unless ``force``; then it is replaced only after success.
+    An existing ``out`` is an error unless ``force``; then it is replaced only after success. ``out``
+    may not be, hold or sit inside any of ``inputs`` (what the block reads): ``--force`` would
+    otherwise replace the base being merged. Temporary folders that killed runs left beside ``out``
+    are removed first (each carries its writer's process id).
     """
     out = Path(out)
+    check_not_an_input(out, inputs)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; choose another output folder or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {out}: {exc}; choose a folder you can write to") from exc
     try:
         yield tmp
+    except OSError as exc:  # disk full, read-only file system, ...
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputWriteError(f"writing {out} failed: {exc}; nothing was written (free some space or choose "
+                               "another folder)") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -119,6 +131,46 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def check_not_an_input(out: Path, inputs) -> None:
+    """Refuse an output that is, holds or sits inside one of the paths being read."""
+    target = out.resolve()
+    for source in inputs:
+        source = getattr(source, "source", source)  # a loaded adapter: the folder it was read from
+        if source is None or not isinstance(source, (str, os.PathLike)):
+            continue  # an adapter built in memory is not on disk
+        source = Path(source).resolve()
+        if target == source or target in source.parents or source in target.parents:
+            raise OutputExistsError(f"output {out} would overwrite {source}, which this command reads; "
+                                    "choose an output folder outside the inputs")
+
+
+def remove_stale_temporaries(out: Path) -> int:
+    """Remove ``.OUT.tmp-PID-*`` / ``.OUT.old-PID`` folders whose process is gone (and unnamed legacy ones)."""
+    removed = 0
+    for leftover in out.parent.glob(f".{out.name}.*"):
+        kind, _, rest = leftover.name[len(out.name) + 2 :].partition("-")
+        if kind not in ("tmp", "old"):
+            continue
+        pid = rest.split("-")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:

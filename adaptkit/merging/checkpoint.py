@@ -192,7 +192,7 @@ def merge_checkpoint(
             yield merged
 
     n_shards = len(checkpoint.shards)
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force, inputs=[base, *adapters]) as tmp:
         shards = tqdm(merged_shards(), total=n_shards, desc="merging shards", unit="shard", disable=not progress)
         write_shards(tmp, shards, n_shards, {key: t.to(out_dtype or t.dtype) for key, t in added.items()})
         config_updates = {}

@@ -192,7 +192,7 @@ def combine_adapters(
         from adaptkit.formats.checkpoint import atomic_output_dir
         from adaptkit.formats.peft import write_lora
 
-        with atomic_output_dir(out, force=force) as tmp:
+        with atomic_output_dir(out, force=force, inputs=adapters) as tmp:
             write_lora(combined, tmp)
         path = Path(out)
         combined.source = str(path)

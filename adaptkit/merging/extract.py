@@ -186,7 +186,7 @@ def extract_lora(
     result.adapter = LoraAdapter(config=config, layers=layers, fingerprint=checkpoint_fingerprint(base_ckpt, base_config),
                                  base_class=architectures[0])
     if out is not None:
-        with atomic_output_dir(out, force=force) as tmp:
+        with atomic_output_dir(out, force=force, inputs=[finetuned, base]) as tmp:
             write_lora(result.adapter, tmp)
         result.path = Path(out)
         result.adapter.source = str(out)

@@ -157,7 +157,7 @@ def _merge_dequantized(base: Path, loaded: LoadedBase, adapters, weights, out, d
             yield merged
 
     n_shards = len(checkpoint.shards)
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force, inputs=[base, *adapters]) as tmp:
         shards = tqdm(merged_shards(), total=n_shards, desc="merging shards", unit="shard", disable=not progress)
         write_shards(tmp, shards, n_shards, {key: t.to(out_dtype or t.dtype) for key, t in added.items()})
         copy_side_files(base, tmp)
@@ -235,7 +235,7 @@ def _save_nf4(loaded: LoadedBase, out, force: bool, record=None) -> Path:
     if _has_wrappers(loaded):
         raise InvalidArgumentError("the model has adapters attached; save the base before adding adapters")
     quant.restore_loaded_layout(loaded.model)  # bitsandbytes' own inverse of its CPU layout is lossy
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force, inputs=[loaded.path]) as tmp:
         loaded.model.save_pretrained(str(tmp))
         for name in SIDE_FILES:
             if (loaded.path / name).is_file() and not (tmp / name).exists():

@@ -404,7 +404,7 @@ def train(method: str, base: str | os.PathLike, data: str | os.PathLike, out: st
             save_checkpoint(checkpoints, setup, optimizer, state, signature)
         final_eval = run.evaluate()
     seconds = time.perf_counter() - started
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force, inputs=[base, data]) as tmp:
         setup.save(tmp)
         record = {**signature, "base": str(base), "data": str(data), "epochs": epochs, "steps": state.step,
                   "losses": state.losses, "initial_eval": state.initial_eval, "evals": state.evals, "final_eval": final_eval,

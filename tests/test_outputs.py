@@ -1,0 +1,121 @@
+"""Outputs lose nothing and litter nothing: no output over an input, no temp folder outliving its run,
+SIGTERM like Ctrl-C, a full disk as one line."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import make_peft_lora
+from safetensors.torch import load_file
+
+from adaptkit.cli.main import main
+from adaptkit.demo import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_llama, tmp_path_factory):
+    return make_peft_lora(tiny_llama, tmp_path_factory.mktemp("out-lora") / "lora", seed=2)
+
+
+def merge(*args) -> object:
+    return CliRunner().invoke(main, ["merge", *map(str, args), "-q"])
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_output_over_an_input_is_refused(tiny_llama, lora, tmp_path):
+    before_base, before_lora = snapshot(tiny_llama), snapshot(lora)
+    for out in (tiny_llama, lora, tiny_llama / "sub", tiny_llama.parent):
+        result = merge(tiny_llama, lora, "-o", out, "--force")
+        assert result.exit_code == 1 and "which this command reads" in result.output, out
+        assert result.output.count("\n") == 1
+    assert snapshot(tiny_llama) == before_base and snapshot(lora) == before_lora
+
+
+def test_temp_folders_of_dead_runs_are_removed(tiny_llama, lora, tmp_path):
+    out = tmp_path / "merged"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [tmp_path / f".merged.tmp-{dead.pid}-abc", tmp_path / ".merged.tmp-legacy", tmp_path / f".merged.old-{dead.pid}"]
+    live = tmp_path / f".merged.tmp-{os.getppid()}-live"  # a run still going (our parent process is alive)
+    for folder in [*stale, live]:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 1000)
+    assert merge(tiny_llama, lora, "-o", out).exit_code == 0
+    assert not any(p.exists() for p in stale) and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "merged"])
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_llama, lora, tmp_path, monkeypatch):
+    from adaptkit.formats import checkpoint
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_shard", full)
+    result = merge(tiny_llama, lora, "-o", tmp_path / "merged")
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "No space left on device" in result.output and "nothing was written" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def slow_base(tmp_path_factory):
+    """A base of many small shards, so a merge takes long enough to be killed in the middle."""
+    root = tmp_path_factory.mktemp("slow")
+    base = build_tiny_model(root / "base", "llama", hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                            max_shard_size="200KB")
+    adapter = make_peft_lora(base, root / "lora", seed=5, target_modules=["q_proj", "v_proj", "down_proj"])
+    reference = root / "reference"
+    assert merge(base, adapter, "-o", reference).exit_code == 0
+    return base, adapter, reference
+
+
+def _merge_process(base, adapter, out) -> subprocess.Popen:
+    code = "import sys; from adaptkit.cli.main import main; sys.argv = ['adaptkit'] + sys.argv[1:]; main()"
+    return subprocess.Popen([sys.executable, "-c", code, "merge", str(base), str(adapter), "-o", str(out), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_temp(out: Path, process: subprocess.Popen) -> Path:
+    end = time.monotonic() + 120
+    while time.monotonic() < end and process.poll() is None:
+        found = [p for p in out.parent.glob(f".{out.name}.tmp-*") if any(p.glob("*.safetensors"))]
+        if found:
+            return found[0]
+        time.sleep(0.005)
+    raise AssertionError(f"no temporary folder appeared (exit {process.poll()}): {process.stderr.read()}")
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_merge_killed_midway_then_rerun(slow_base, tmp_path, how):
+    """Killed while writing shards: nothing at OUT; SIGTERM cleans up itself, SIGKILL's leftover is removed by
+    the next run; the re-run equals the reference merge bit for bit."""
+    base, adapter, reference = slow_base
+    out = tmp_path / "merged"
+    process = _merge_process(base, adapter, out)
+    temp = _wait_for_temp(out, process)
+    process.send_signal(getattr(signal, how))
+    code = process.wait(60)
+    assert not out.exists()
+    if how == "SIGTERM":
+        assert code == 130 and "interrupted" in process.stderr.read()
+        assert not temp.exists()
+    else:
+        assert code == -signal.SIGKILL and temp.exists()
+    assert merge(base, adapter, "-o", out).exit_code == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+    assert snapshot(out).keys() == snapshot(reference).keys()
+    for name in (p for p in snapshot(out) if str(p).endswith(".safetensors")):
+        expected, got = load_file(str(reference / name)), load_file(str(out / name))
+        assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
