@@ -22,8 +22,11 @@ with ``adaptkit_train.json`` (settings, losses, evaluations) beside it.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -33,13 +36,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from adaptkit import quant
 from adaptkit.adapters.pet import label_log_probs
 from adaptkit.errors import InvalidArgumentError, OutputExistsError, TrainingError
 from adaptkit.formats.checkpoint import atomic_output_dir
+from adaptkit.formats.tensors import load_adapter_tensors
 from adaptkit.generation import positions_from_mask
 from adaptkit.prefix_cache import add_virtual_inputs
 from adaptkit.routing import route_rows, use_plan
@@ -174,8 +178,12 @@ def latest_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: Path, setup: MethodSetup, optimizer, signature: dict) -> RunState:
-    """Restore parameters, optimizer and RNG from ``path``; the run's settings must match its own."""
-    record = json.loads((path / "trainer_state.json").read_text())
+    """Restore parameters, optimizer and RNG from ``path``; the run's settings must match its own.
+
+    Everything is checked before anything is restored: a truncated or hand-edited file, tensors of
+    other shapes, non-finite values (a diverged run) or an impossible position is one clear error.
+    """
+    record = _read_state_record(path / "trainer_state.json")
     for key in _SIGNATURE_KEYS:
         theirs, ours = record["signature"].get(key), signature.get(key)
         if theirs != ours:
@@ -183,13 +191,66 @@ def load_checkpoint(path: Path, setup: MethodSetup, optimizer, signature: dict) 
                 f"{path}: the checkpoint was made with {key}={theirs!r}, this run has {key}={ours!r}; resume with "
                 "the same settings (only epochs, max_steps and save_every may change)"
             )
-    setup.trainable.load_state_dict(load_file(str(path / "trainable.safetensors")), strict=True)
-    saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    if "cuda" in saved["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    return RunState(**record["state"])
+    state = _run_state(record, path / "trainer_state.json")
+    trainable = load_adapter_tensors(path / "trainable.safetensors")  # readable, floating point, finite
+    expected = {k: tuple(v.shape) for k, v in setup.trainable.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in trainable.items()}
+    if found != expected:
+        wrong = sorted(set(found.items()) ^ set(expected.items()))[:3]
+        raise InvalidArgumentError(f"{path / 'trainable.safetensors'}: its tensors do not fit this run's method "
+                                   f"(first differences: {wrong}); resume with the settings it was made with")
+    try:
+        saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer_state, rng = saved["optimizer"], saved["rng"]
+    except Exception as exc:
+        raise InvalidArgumentError(f"{path / 'optimizer.pt'}: unreadable ({type(exc).__name__}: {exc}); the checkpoint "
+                                   "is damaged: resume from an earlier one or start over") from exc
+    moments = [v for s in optimizer_state.get("state", {}).values() for v in s.values() if isinstance(v, torch.Tensor)]
+    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in moments):
+        raise InvalidArgumentError(f"{path / 'optimizer.pt'}: the optimizer state holds NaN or inf (the run had "
+                                   "diverged); resume from an earlier checkpoint or lower the learning rate")
+    backup = copy.deepcopy(optimizer.state_dict())
+    try:
+        optimizer.load_state_dict(optimizer_state)
+        torch.set_rng_state(rng["torch"])
+    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+        optimizer.load_state_dict(backup)
+        raise InvalidArgumentError(f"{path / 'optimizer.pt'}: does not fit this run ({exc}); resume with the settings "
+                                   "it was made with") from exc
+    setup.trainable.load_state_dict(trainable, strict=True)
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+def _read_state_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgumentError(f"{path}: unreadable ({exc}); the checkpoint is damaged: resume from an earlier "
+                                   "one or start over") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("signature"), dict) or \
+            not isinstance(record.get("state"), dict):
+        raise InvalidArgumentError(f"{path}: expected {{\"signature\": ..., \"state\": ...}}; the checkpoint is damaged")
+    return record
+
+
+def _run_state(record: dict, path: Path) -> RunState:
+    """The saved position, checked: counters are integers >= 0, losses finite numbers."""
+    fields = record["state"]
+    known = {f.name for f in dataclasses.fields(RunState)}
+    if set(fields) - known:
+        raise InvalidArgumentError(f"{path}: unknown state fields {sorted(set(fields) - known)}")
+    for key in ("step", "epoch", "batch", "tokens"):
+        value = fields.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgumentError(f"{path}: state.{key} must be an integer >= 0, got {value!r}")
+    for key in ("losses", "pretrain_losses"):
+        values = fields.get(key, [])
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise InvalidArgumentError(f"{path}: state.{key} must be a list of finite numbers (a NaN loss means the "
+                                       "run diverged: resume from an earlier checkpoint)")
+    return RunState(**fields)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -228,6 +289,9 @@ class _Run:
         for batch in group:
             batch = batch.to(self.engine.device)
             loss = batch_loss(forward_logits(self.engine, self.setup, batch), batch, self.objective)[0]
+            if not torch.isfinite(loss.detach()):
+                raise TrainingError(f"the training loss became {float(loss.detach())} (the run diverged); nothing is written: "
+                                    "lower the learning rate, or resume from the last checkpoint")
             if not loss.requires_grad:
                 raise TrainingError(_no_gradient_message([n for n, p in self.setup.trainable.named_parameters()
                                                           if p.requires_grad]))
@@ -260,8 +324,8 @@ def _check_settings(epochs, lr, batch_size, grad_accum, max_steps, save_every, m
     for name, value in (("max_steps", max_steps), ("save_every", save_every)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise InvalidArgumentError(f"{name} must be a positive integer or None, got {value!r}")
-    if lr is not None and not lr > 0:
-        raise InvalidArgumentError(f"lr must be positive, got {lr!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise InvalidArgumentError(f"lr must be a positive finite number, got {lr!r}")
 
 
 def _pretrain(run: _Run, state: RunState, lr: float, weight_decay: float, max_length: int, progress: bool) -> None:
