@@ -109,10 +109,10 @@ def merge(base, adapters, out, weights, method, density, seed, rank, into_adapte
     if recipe is not None:
         given = {"BASE/ADAPTERS": base or adapters, "--into-adapter": into_adapter, "--weights": weights,
                  "--method": method != "linear", **{f"--{k}": v is not None for k, v in method_params.items()},
-                 **checkpoint_only}
+                 **{k: v for k, v in checkpoint_only.items() if k != "-o"}}
         if any(given.values()):
             raise click.UsageError(f"--recipe describes the whole merge; drop {', '.join(k for k, v in given.items() if v)}")
-        _merge_recipe(recipe, force, quiet)
+        _merge_recipe(recipe, force, quiet, out)
         return
     if into_adapter is not None:
         if any(checkpoint_only.values()):
@@ -172,10 +172,10 @@ def _echo_merge_energy(path) -> None:
             click.echo(f"  {key}: {value:.4f}")
 
 
-def _merge_recipe(path, force: bool, quiet: bool) -> None:
+def _merge_recipe(path, force: bool, quiet: bool, out=None) -> None:
     from adaptkit.merging.recipe import load_recipe, run_recipe
 
-    recipe = load_recipe(path)
+    recipe = load_recipe(path, out=out)
     result = run_recipe(recipe, force=force, progress=not quiet)
     if recipe.into == "adapter":
         _echo_combined(result)

@@ -118,3 +118,39 @@ def test_missing_fields(pair, tmp_path):
     recipe.write_text("base: .\nadapters: [sql]\n")
     with pytest.raises(InvalidArgumentError, match="missing required field 'out'"):
         load_recipe(recipe)
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+
+
+@pytest.mark.parametrize("text, message", [
+    (ALIAS_BOMB, "anchors and aliases"),                                  # 9 levels: 9**9 items when expanded
+    ("adapters: &loop [*loop]\nout: x\n", "anchors and aliases"),         # a recursive alias
+])
+def test_yaml_aliases_are_refused_before_any_expansion(text, message, tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    with pytest.raises(InvalidArgumentError, match=message):
+        load_recipe(path)
+
+
+def test_a_recipe_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("adapters: [caf\xe9]\nout: x\n".encode("latin-1"))
+    with pytest.raises(InvalidArgumentError, match="not UTF-8 text"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("out", ["../../../x", "/etc/x", "sub/../../x"])
+def test_a_recipe_writes_only_inside_its_folder(out, pair, tiny_llama, tmp_path):
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text(json.dumps({"base": str(tiny_llama), "adapters": [str(pair / "sql")], "out": out}))
+    with pytest.raises(InvalidArgumentError, match="leads outside the recipe's folder"):
+        load_recipe(recipe)
+    cli = CliRunner().invoke(main, ["merge", "--recipe", str(recipe), "-q"])
+    assert cli.exit_code == 1 and "pass -o OUT" in cli.output and cli.output.count("\n") == 1
+    given = CliRunner().invoke(main, ["merge", "--recipe", str(recipe), "-o", str(tmp_path / "chosen"), "-q"])
+    assert given.exit_code == 0, given.output
+    assert (tmp_path / "chosen" / "model.safetensors").is_file()

@@ -83,6 +83,11 @@ def _parse(path: Path, text: str):
         except json.JSONDecodeError as exc:
             raise InvalidArgumentError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
     try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events are not expanded: cheap for any input
+            if isinstance(event, (yaml.AliasEvent,)) or getattr(event, "anchor", None):
+                raise InvalidArgumentError(
+                    f"{path}:{event.start_mark.line + 1}: YAML anchors and aliases (&name, *name) are not accepted in "
+                    "recipes (they can expand without bound); write the values out")
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -121,6 +126,16 @@ class _Checker:
             self.fail(path, f"expected a finite number, got {value!r}")
         return float(value)
 
+    def output_folder(self, value, path: tuple) -> Path:
+        """An output: relative to the recipe file and inside its folder (a recipe cannot write elsewhere)."""
+        given = Path(self.text(value, path))
+        root = self.source.parent.resolve()
+        folder = (root / given).resolve()
+        if given.is_absolute() or not (folder == root or root in folder.parents):
+            self.fail(path, f"{str(given)!r} leads outside the recipe's folder {str(root)!r}; give a path relative to "
+                            "the recipe that stays inside it, or pass -o OUT on the command line")
+        return folder
+
     def folder(self, value, path: tuple, must_exist: bool = True) -> Path:
         folder = Path(self.text(value, path))
         folder = folder if folder.is_absolute() else self.source.parent / folder
@@ -129,18 +144,26 @@ class _Checker:
         return folder
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read and validate a recipe; every error names the file, line and field."""
+def load_recipe(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Recipe:
+    """Read and validate a recipe; every error names the file, line and field.
+
+    ``out`` (``adaptkit merge --recipe r.yaml -o OUT``) replaces the recipe's own ``out``, which must
+    otherwise stay inside the recipe's folder.
+    """
     from adaptkit.merging.methods import check_method, make_method
 
     source = Path(path)
     if not source.is_file():
         raise InvalidArgumentError(f"{source}: no such recipe file")
-    text = source.read_text()
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") \
+            from None
     data = _parse(source, text)
     check = _Checker(source, _line_table(text))
     check.mapping(data, (), FIELDS)
-    for required in ("adapters", "out"):
+    for required in ("adapters",) if out is not None else ("adapters", "out"):
         if required not in data:
             check.fail((), f"missing required field {required!r}")
 
@@ -196,7 +219,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         except AdaptkitError as exc:
             check.fail(("dtype",), str(exc))
     return Recipe(
-        source=source, method=method, into=into, out=check.folder(data["out"], ("out",), must_exist=False),
+        source=source, method=method, into=into,
+        out=Path(out) if out is not None else check.output_folder(data["out"], ("out",)),
         adapters=tuple(paths), weights=tuple(weights), base=base, dtype=dtype, parameters=dict(params),
     )
 
