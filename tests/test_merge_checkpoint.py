@@ -102,7 +102,9 @@ def test_existing_output_needs_force_and_failure_writes_nothing(tiny_llama, tmp_
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint, "save_shard", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    from adaptkit.errors import OutputWriteError
+
+    with pytest.raises(OutputWriteError, match="disk full; nothing was written"):
         ak.merge_checkpoint(tiny_llama, [adapter], out, force=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora", "merged"]  # temp folder removed
     assert (out / "keep.txt").read_text() == "user data"  # the old output is intact
