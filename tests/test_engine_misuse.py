@@ -81,3 +81,21 @@ def test_onnx_verify_without_onnxruntime(tiny_llama, tmp_path, monkeypatch):
     assert result.exit_code == 1 and "needs onnxruntime; pip install onnxruntime" in result.output
     assert not (tmp_path / "m.onnx").exists()
     assert result.output.count("\n") == 1
+
+
+def test_names_mixes_and_an_adapter_for_a_deeper_base(engine, tiny_llama, tmp_path):
+    """``training`` (a Module attribute) is a reserved name; NaN Mix weights are refused; a LoRA made for a
+    4-layer model of the same family on this 2-layer base is an AdapterMismatchError, not a rollback crash."""
+    from adaptkit.demo import build_tiny_model
+    from adaptkit.errors import AdapterMismatchError
+
+    with pytest.raises(InvalidArgumentError, match="'training' is reserved"):
+        engine.add_adapter("training", random_lora(tiny_llama))
+    with pytest.raises(InvalidArgumentError, match="Mix weight of 'a' is nan"):
+        ak.Mix({"a": float("nan")})
+    deeper = build_tiny_model(tmp_path / "deeper", "llama", num_hidden_layers=4)
+    foreign = random_lora(deeper, seed=1)
+    foreign.fingerprint = None  # as a PEFT adapter from elsewhere: only the shapes and names can tell
+    with pytest.raises(AdapterMismatchError, match="does not exist"):
+        engine.add_adapter("deep", foreign)
+    assert engine.adapters == {}
