@@ -124,6 +124,7 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False, inputs=()) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    readable_as_saved(tmp)
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -131,6 +132,38 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False, inputs=()) ->
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output_file(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """A temporary file path beside ``out``, renamed to ``out`` only if the block completes."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; choose another file name or pass --force to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)
+        os.close(handle)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {out}: {exc}; choose a folder you can write to") from exc
+    tmp = Path(name)
+    try:
+        yield tmp
+        readable_as_saved(tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise OutputWriteError(f"writing {out} failed: {exc}; nothing was written") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def readable_as_saved(path: Path) -> None:
+    """Give ``path`` (and what it holds) the permissions a plain ``save_pretrained`` would: 0666/0777 less
+    the umask (temporary files and folders are created private, and some writers keep that)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 def check_not_an_input(out: Path, inputs) -> None:

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from adaptkit.errors import OutputExistsError
+from adaptkit.formats.checkpoint import atomic_output_file
 
 OPSET = 17
 
@@ -96,22 +95,6 @@ def _example_inputs(model: nn.Module, facts) -> tuple[torch.Tensor, ...]:
     return (ids, mask, positions, *kv)
 
 
-@contextlib.contextmanager
-def _atomic_file(out: Path, force: bool):
-    """A temporary path beside ``out``, renamed to ``out`` only if the block completes."""
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; choose another file name or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_onnx(
     model: nn.Module, facts, out: str | os.PathLike, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     opset: int = OPSET, force: bool = False,
@@ -129,7 +112,7 @@ def write_onnx(
                "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
     dynamic.update({n: {0: "batch", 2: "past_sequence"} for n in names_in[3:]})
     dynamic.update({n: {0: "batch", 2: "total_sequence"} for n in names_out[1:]})
-    with _atomic_file(out, force) as tmp, torch.no_grad(), _quiet_export():
+    with atomic_output_file(out, force) as tmp, torch.no_grad(), _quiet_export():
         torch.onnx.export(decoder, _example_inputs(model, facts), str(tmp), dynamo=False, input_names=names_in,
                           output_names=names_out, dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True)
         onnx.checker.check_model(str(tmp))

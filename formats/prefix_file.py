@@ -12,14 +12,14 @@ A prompt's cache (``method = prompt_cache``) holds K/V computed on one base: it 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from adaptkit.adapters.prefix import PrefixAdapter, PrefixConfig
-from adaptkit.errors import AdapterFormatError, OutputExistsError
+from adaptkit.errors import AdapterFormatError
+from adaptkit.formats.checkpoint import atomic_output_file
 from adaptkit.formats.fields import check_tensor
 
 FORMAT = "adaptkit-prefix-cache"
@@ -80,20 +80,11 @@ def read_prefix_file(path: str | os.PathLike) -> PrefixAdapter:
 def write_prefix_file(adapter: PrefixAdapter, path: str | os.PathLike, force: bool = False) -> Path:
     """Write ``adapter``'s K/V and sizes to ``path`` atomically (a temporary file, then a rename)."""
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass force=True (CLI: --force) to replace it")
     cfg = adapter.config
     meta = {"format": FORMAT, "version": VERSION, "method": cfg.method,
             "base_fingerprint": adapter.fingerprint or "", "base_class": adapter.base_class or ""}
     meta.update({k: str(getattr(cfg, k)) for k in _SIZES})
     tensors = {"keys": adapter.keys.detach().contiguous().cpu(), "values": adapter.values.detach().contiguous().cpu()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output_file(path, force=force) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path

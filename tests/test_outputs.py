@@ -119,3 +119,27 @@ def test_a_merge_killed_midway_then_rerun(slow_base, tmp_path, how):
     for name in (p for p in snapshot(out) if str(p).endswith(".safetensors")):
         expected, got = load_file(str(reference / name)), load_file(str(out / name))
         assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_respect_the_umask(tiny_llama, lora, tmp_path, umask):
+    """Folders and files come out as ``save_pretrained``'s would: 0777/0666 less the umask (temporary folders
+    and some writers create them private)."""
+    from adaptkit.export import export_prefix_cache
+
+    previous = os.umask(umask)
+    try:
+        merged = tmp_path / "merged"
+        assert merge(tiny_llama, lora, "-o", merged).exit_code == 0
+        onnx = CliRunner().invoke(main, ["export", "onnx", str(tiny_llama), "-o", str(tmp_path / "m.onnx")])
+        assert onnx.exit_code == 0, onnx.output
+        from serve_helpers import write_adapters
+
+        prefix = write_adapters(tiny_llama, tmp_path / "adapters", names=("prefix",))["prefix"]
+        export_prefix_cache(prefix, tiny_llama, tmp_path / "prefix.safetensors")
+    finally:
+        os.umask(previous)
+    written = [merged, *merged.iterdir(), tmp_path / "m.onnx", tmp_path / "prefix.safetensors"]
+    for path in written:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == expected, (path, oct(path.stat().st_mode & 0o777))
