@@ -80,9 +80,15 @@ def export_onnx(
     :mod:`adaptkit.formats.onnx`. A LoRA is merged into the weights; a prefix/prompt adapter's K/V
     become constants. Float32; written atomically. Check it with :func:`verify_onnx`.
 
+    ``out`` is a folder (the layout Optimum and ONNX Runtime GenAI users expect): ``model.onnx``
+    with the base's ``config.json``, ``generation_config.json`` and tokenizer files beside it, so
+    onnxruntime alone can run it. An ``out`` ending in ``.onnx`` writes the graph file alone.
+    Returns the path of the graph.
+
     Example:
-        >>> export_onnx("tiny-llama", "model.onnx", adapter="adapters/sql")
+        >>> export_onnx("tiny-llama", "sql-onnx/", adapter="adapters/sql")   # sql-onnx/model.onnx + tokenizer
     """
+    from adaptkit.formats.checkpoint import atomic_output_dir, copy_side_files
     from adaptkit.formats.onnx import OPSET, write_onnx
     from adaptkit.routing import route_rows, use_plan
 
@@ -90,11 +96,25 @@ def export_onnx(
     if out.exists() and not force:
         from adaptkit.errors import OutputExistsError
 
-        raise OutputExistsError(f"{out} already exists; choose another file name or pass --force to replace it")
+        raise OutputExistsError(f"{out} already exists; choose another output or pass --force to replace it")
     engine, prefix, routed = _onnx_ready_engine(base, adapter)
     plan = route_rows([routed]) if routed else None  # one entry: every row of any batch uses it
     with use_plan(plan) if plan is not None else contextlib.nullcontext():
-        return write_onnx(engine.model, engine.base.facts, out, prefix=prefix, opset=opset or OPSET, force=force)
+        if out.suffix == ".onnx":
+            return write_onnx(engine.model, engine.base.facts, out, prefix=prefix, opset=opset or OPSET, force=force)
+        with atomic_output_dir(out, force=force, inputs=[base, adapter]) as tmp:
+            write_onnx(engine.model, engine.base.facts, tmp / ONNX_NAME, prefix=prefix, opset=opset or OPSET)
+            copy_side_files(Path(base), tmp)
+    return out / ONNX_NAME
+
+
+ONNX_NAME = "model.onnx"  # the graph's name inside an exported folder (Optimum's)
+
+
+def onnx_graph(path: str | os.PathLike) -> Path:
+    """The graph file of an export: ``path`` itself, or ``path/model.onnx`` for a folder."""
+    path = Path(path)
+    return path / ONNX_NAME if path.is_dir() else path
 
 
 def verify_onnx(
@@ -119,7 +139,7 @@ def verify_onnx(
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, engine.base.facts.vocab_size, (n,), generator=gen).tolist() for n in (7, 4)]
     ids, mask = left_pad(prompts, 0, "cpu")
-    sess = session(onnx_path)
+    sess = session(onnx_graph(onnx_path))
     step_ids, positions, past = ids, positions_from_mask(mask), empty_past(sess, len(prompts))
     worst = 0.0
     for _ in range(steps + 1):

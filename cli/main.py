@@ -539,7 +539,8 @@ def prefix_cache(adapter, base, out, dtype, force):
 @export.command("onnx")
 @click.argument("base", type=click.Path())
 @click.option("--adapter", default=None, type=click.Path(), help="Adapter baked in: LoRA merged, prefix/prompt K/V as constants.")
-@click.option("-o", "--out", required=True, type=click.Path(), help="Output file, e.g. model.onnx.")
+@click.option("-o", "--out", required=True, type=click.Path(),
+              help="Output folder (model.onnx + config + tokenizer), or a file ending in .onnx for the graph alone.")
 @click.option("--verify", is_flag=True, help="Run prefill + 3 decode steps in onnxruntime vs torch; print the max difference.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def onnx_command(base, adapter, out, verify, force):

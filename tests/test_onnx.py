@@ -113,3 +113,48 @@ def test_bottleneck_adapter_traced_in(tmp_path):
     path = export_onnx(base, tmp_path / "bn.onnx", adapter=adapter)
     assert max(ort_vs_torch(path, base, adapter)) <= 1e-4
     assert max(ort_vs_torch(path, base, None, steps=0)) > 1e-3  # the adapter matters
+
+
+def greedy_with_onnxruntime_alone(folder, text: str, steps: int) -> tuple[list[int], list[int]]:
+    """Greedy decoding of an exported folder with onnxruntime, tokenizers and numpy only (README's loop)."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    config = json.loads((folder / "config.json").read_text())
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    heads = config["num_attention_heads"]
+    kv_heads, head_dim = config.get("num_key_value_heads", heads), config["hidden_size"] // heads
+    past = {f"past_key_values.{i}.{kind}": np.zeros((1, kv_heads, 0, head_dim), np.float32)
+            for i in range(config["num_hidden_layers"]) for kind in ("key", "value")}
+    prompt = tokenizer.encode(text).ids
+    step, generated = prompt, []
+    for _ in range(steps):
+        total = len(prompt) + len(generated)
+        logits, *presents = session.run(None, {
+            "input_ids": np.array([step], np.int64), "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.arange(total - len(step), total, dtype=np.int64)[None], **past})
+        generated.append(int(logits[0, -1].argmax()))
+        past = dict(zip(past, presents))  # present.{i}.key/value, in the order of the past inputs
+        step = generated[-1:]
+    return prompt, generated
+
+
+def test_exported_folder_decodes_with_onnxruntime_alone(tiny_llama, tmp_path):
+    """The folder layout: model.onnx with the base's config, generation config and tokenizer beside it."""
+    import adaptkit as ak
+
+    adapter = make_peft_lora(tiny_llama, tmp_path / "lora", seed=8)
+    folder = tmp_path / "exported"
+    result = CliRunner().invoke(main, ["export", "onnx", str(tiny_llama), "--adapter", str(adapter), "-o", str(folder),
+                                       "--verify"])
+    assert result.exit_code == 0, result.output
+    assert float(result.output.rsplit("=", 1)[1]) <= 1e-4
+    assert {"model.onnx", "config.json", "generation_config.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    prompt, generated = greedy_with_onnxruntime_alone(folder, "the quick brown fox", 8)
+    engine = ak.Engine.from_pretrained(tiny_llama)
+    engine.add_adapter("lora", adapter)
+    assert generated == engine.generate_ids([prompt], ["lora"], max_new_tokens=8, eos_token_id=-1)[0]
