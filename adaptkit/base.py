@@ -38,6 +38,14 @@ def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.fl
     return DTYPES[name]
 
 
+def checkpoint_dtype(config) -> torch.dtype:
+    """``dtype="auto"``: the dtype the checkpoint was saved in (config ``dtype`` / ``torch_dtype``), float32
+    when it names none or one adaptkit does not compute in."""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(stored).removeprefix("torch.") if stored is not None else None
+    return DTYPES.get(name, torch.float32)
+
+
 def read_config(path: str | os.PathLike):
     """The transformers config of a base folder, with a clear error when it is not one."""
     from transformers import AutoConfig
@@ -170,7 +178,8 @@ def load_base(
 
     Args:
         path: folder written by ``save_pretrained``.
-        dtype: ``float32`` | ``float16`` | ``bfloat16`` (the compute dtype with ``quantize``).
+        dtype: ``float32`` | ``float16`` | ``bfloat16`` (the compute dtype with ``quantize``), or
+            ``"auto"``: the checkpoint's own dtype.
         device: where the weights go.
         quantize: None, or ``"nf4"`` for a 4-bit NF4 base (bitsandbytes, see ``quant.py``). A folder
             saved in NF4 (``config.json`` has a ``quantization_config``) loads in NF4 without it.
@@ -184,7 +193,7 @@ def load_base(
     path = Path(path)
     device = check_device(device)
     config = read_config(path)
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = checkpoint_dtype(config) if dtype == "auto" else parse_dtype(dtype)
     facts = facts_from_config(config)
     weight_files = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
     if not weight_files:

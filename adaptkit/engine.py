@@ -399,8 +399,11 @@ class Engine:
         top_k: int = 0,
         seed: int | None = None,
         eos_token_id: int | None = None,
+        on_token=None,
     ) -> list[list[int]]:
-        """Like :meth:`generate` on token ids; returns the new tokens of each row (up to eos)."""
+        """Like :meth:`generate` on token ids; returns the new tokens of each row (up to eos).
+
+        ``on_token(row, token_id)`` is called for each token as soon as it is chosen (streaming)."""
         if not self.base.facts.spec.is_causal:
             raise EngineStateError(f"{self.base.facts.model_type} is an encoder; generate needs a causal LM")
         check_sampling(temperature, top_p, top_k, max_new_tokens)
@@ -423,6 +426,8 @@ class Engine:
             token = torch.where(finished, torch.full_like(token, pad_id), token)
             for row in (~finished).nonzero().flatten().tolist():
                 new_tokens[row].append(int(token[row]))
+                if on_token is not None:
+                    on_token(row, int(token[row]))
             if eos is not None:
                 finished |= torch.isin(token, eos)
             if bool(finished.all()) or step == max_new_tokens - 1:

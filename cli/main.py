@@ -281,12 +281,17 @@ def inspect(adapter, base, load):
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--top-k", default=0, show_default=True)
 @click.option("--seed", default=None, type=int)
-@click.option("--dtype", default="float32", show_default=True)
-def generate(base, adapter_specs, use, prompts, max_new_tokens, temperature, top_p, top_k, seed, dtype):
-    """Generate from BASE with an adapter."""
+@click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16, float16 or auto (the checkpoint's).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt (prompt, text, tokens), for scripts.")
+def generate(base, adapter_specs, use, prompts, max_new_tokens, temperature, top_p, top_k, seed, dtype, device,
+             as_json):
+    """Generate from BASE with an adapter; one prompt's text streams as it is generated."""
+    import json
+
     import adaptkit as ak
 
-    engine = ak.Engine.from_pretrained(base, dtype=dtype)
+    engine = ak.Engine.from_pretrained(base, dtype=dtype, device=device)
     pairs = _named_paths(adapter_specs)
     for name, path in pairs:
         engine.add_adapter(name, path)
@@ -294,10 +299,30 @@ def generate(base, adapter_specs, use, prompts, max_new_tokens, temperature, top
         use = None
     elif use is None and pairs:
         use = pairs[0][0]
-    outputs = engine.generate(list(prompts), adapters=[use] * len(prompts), max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    for prompt, text in zip(prompts, outputs):
-        click.echo(f"{prompt}{text}")
+    prompt_ids = engine.encode(list(prompts))
+    stream = len(prompts) == 1 and not as_json
+    tokens: list[int] = []
+    printed = 0
+
+    def show(row, token):  # print what the tokens so far add to the text, whole characters only
+        nonlocal printed
+        if not tokens:
+            click.echo(prompts[0], nl=False)  # once generation has started (bad requests fail before)
+        tokens.append(token)
+        text = engine.tokenizer.decode(tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            click.echo(text[printed:], nl=False)
+            printed = len(text)
+
+    outputs = engine.generate_ids(prompt_ids, [use] * len(prompts), max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                  on_token=show if stream else None)
+    texts = [engine.tokenizer.decode(t, skip_special_tokens=True) for t in outputs]
+    if stream:
+        click.echo(("" if tokens else prompts[0]) + texts[0][printed:])
+        return
+    for prompt, text, new in zip(prompts, texts, outputs):
+        click.echo(json.dumps({"prompt": prompt, "text": text, "tokens": new}) if as_json else f"{prompt}{text}")
 
 
 @main.command()
@@ -384,6 +409,7 @@ def bench(base, adapter_values, batch, prompt_len, new_tokens, quantize, dtype, 
 @click.option("--served-model-name", default=None, help="The base's model name (default: BASE's folder name).")
 @click.option("--quantize", type=click.Choice(["nf4"]), default=None, help="Load BASE in 4-bit NF4 (QLoRA).")
 @click.option("--dtype", default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--api-key", envvar="ADAPTKIT_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on /v1/* (also from ADAPTKIT_API_KEY).")
 @click.option("--max-body-bytes", default=4 * 2**20, show_default=True, help="Larger request bodies get 413.")
@@ -395,7 +421,7 @@ def bench(base, adapter_values, batch, prompt_len, new_tokens, quantize, dtype, 
               "connection is closed.")
 @click.option("--max-connections", default=1024, show_default=True, help="Open connections; more are closed at once.")
 def serve(base, adapter_values, adapter_dir, allow_runtime_loading, register_all, host, port, max_batch, max_queue,
-          max_resident, request_timeout, default_max_tokens, served_model_name, quantize, dtype, api_key,
+          max_resident, request_timeout, default_max_tokens, served_model_name, quantize, dtype, device, api_key,
           max_body_bytes, max_prompt_chars, read_timeout, keep_alive_timeout, max_connections):
     """Serve BASE and its adapters over an OpenAI-compatible HTTP API; the request's model names the adapter.
 
@@ -410,7 +436,8 @@ def serve(base, adapter_values, adapter_dir, allow_runtime_loading, register_all
     names = [name for name, _ in pairs]
     if len(set(names)) != len(names):
         raise click.UsageError(f"adapter names must be unique (got {', '.join(names)}); use NAME=PATH")
-    run_server(base, dict(pairs), host=host, port=port, quantize=quantize, dtype=dtype, base_name=served_model_name,
+    run_server(base, dict(pairs), host=host, port=port, quantize=quantize, dtype=dtype, device=device,
+               base_name=served_model_name,
                adapter_dir=adapter_dir, allow_runtime_loading=allow_runtime_loading, max_batch=max_batch,
                max_queue=max_queue, max_resident=max_resident, request_timeout=request_timeout,
                default_max_tokens=default_max_tokens, register_all=register_all, api_key=api_key,

@@ -73,3 +73,35 @@ def test_demo_runs_and_verifies(tmp_path):
     merged = float(result.output.split("max logit difference ")[-1].split()[0])
     assert alone < 1e-5 and merged < 1e-4
     assert (tmp_path / "merged-sql" / "model.safetensors").is_file()
+
+
+def test_generate_streams_prints_json_and_takes_dtype_auto_and_device(tiny_llama, tmp_path):
+    import json
+
+    import torch
+
+    import adaptkit as ak
+    from adaptkit.demo import build_tiny_model
+
+    engine = ak.Engine.from_pretrained(tiny_llama)
+    expected = engine.generate(["the quick", "SELECT"], max_new_tokens=6)
+    runner = CliRunner()
+    one = runner.invoke(main, ["generate", str(tiny_llama), "--prompt", "the quick", "--max-new-tokens", "6"])
+    assert one.exit_code == 0 and one.output == f"the quick{expected[0]}\n"
+    both = runner.invoke(main, ["generate", str(tiny_llama), "--prompt", "the quick", "--prompt", "SELECT",
+                                "--max-new-tokens", "6", "--json"])
+    rows = [json.loads(line) for line in both.output.splitlines()]
+    assert [r["text"] for r in rows] == expected and all(len(r["tokens"]) <= 6 for r in rows)
+    streamed = []
+    engine.generate_ids(engine.encode(["the quick"]), max_new_tokens=6, on_token=lambda row, t: streamed.append(t))
+    assert engine.tokenizer.decode(streamed, skip_special_tokens=True) == expected[0]
+    half = build_tiny_model(tmp_path / "bf16", "llama", torch_dtype="bfloat16")
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(half), dtype=torch.bfloat16)
+    model.save_pretrained(str(half))
+    assert ak.Engine.from_pretrained(half, dtype="auto").base.dtype == torch.bfloat16
+    assert ak.Engine.from_pretrained(tiny_llama, dtype="auto").base.dtype == torch.float32
+    if not torch.cuda.is_available():
+        cuda = runner.invoke(main, ["generate", str(tiny_llama), "--prompt", "x", "--device", "cuda"])
+        assert cuda.exit_code == 1 and cuda.output.startswith("error: ") and "--device cpu" in cuda.output

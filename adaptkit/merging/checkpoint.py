@@ -176,7 +176,7 @@ def merge_checkpoint(
                     f"{adapter.source}: a DoRA adapter merges only with method 'linear' (alone, weight 1); "
                     f"method {merge_method.name!r} needs additive deltas, which DoRA (row-normalised) does not have"
                 )
-    out_dtype = None if dtype is None else parse_dtype(dtype)
+    out_dtype = None if dtype in (None, "auto") else parse_dtype(dtype)  # auto: as stored
     shapes = checkpoint.keys_and_shapes()
     facts = facts_from_config(config)
     check_fits_checkpoint(loaded, base)

@@ -136,7 +136,7 @@ def _merge_dequantized(base: Path, loaded: LoadedBase, adapters, weights, out, d
     layers = _quantized_layers(loaded.model)
     weight_keys, shapes, state_keys = _checkpoint_layout(checkpoint, layers, set(spec.conv1d_modules))
     updates, added = plan_tensor_updates(adapters, weights, shapes, spec, where=str(base))
-    out_dtype = None if dtype is None else parse_dtype(dtype)
+    out_dtype = None if dtype in (None, "auto") else parse_dtype(dtype)  # auto: as stored
 
     def merged_shards():  # one input shard in memory at a time
         for _, tensors in checkpoint.iter_shards():

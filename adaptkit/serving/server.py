@@ -226,7 +226,8 @@ def warn_if_unprotected(host: str, api_key: str | None) -> bool:
 
 
 def serve(base: str | os.PathLike, adapters: dict[str, str | os.PathLike] | None = None, host: str = "127.0.0.1",
-          port: int = 8000, quantize: str | None = None, dtype: str = "float32", **options) -> None:
+          port: int = 8000, quantize: str | None = None, dtype: str = "float32", device: str = "cpu",
+          **options) -> None:
     """Load ``base`` and ``adapters`` and serve them until interrupted (``options``: see :class:`Server`)."""
     try:
         import uvicorn
@@ -236,7 +237,7 @@ def serve(base: str | os.PathLike, adapters: dict[str, str | os.PathLike] | None
     from adaptkit.serving.guards import uvicorn_options
 
     warn_if_unprotected(host, options.get("api_key"))
-    engine = Engine.from_pretrained(base, dtype=dtype, quantize=quantize)
+    engine = Engine.from_pretrained(base, dtype=dtype, quantize=quantize, device=device)
     server = Server(engine, adapters, **options).start()
     try:
         uvicorn.run(server.app(), host=host, port=port, log_level="info", **uvicorn_options(server.limits))
