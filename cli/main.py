@@ -366,9 +366,10 @@ def _bench_adapters(values) -> list[str]:
 @click.option("--threads", default=None, type=int, help="torch CPU threads (default: as set); 1 is steadiest on a busy machine.")
 @click.option("--json", "json_path", default=None, type=click.Path(), help="Write the record (every raw sample) here.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(), help="Write a PNG bar chart of added latency here.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--compare", type=click.Choice(["peft"]), default=None, help="Also run the cases PEFT has through PEFT.")
 def bench(base, adapter_values, batch, prompt_len, new_tokens, quantize, dtype, device, repeats, warmup, threads,
-          json_path, plot_path, compare):
+          json_path, plot_path, compare, quiet):
     """The latency each adapter adds to BASE: prefill, decode, tokens/s, memory, load and switch time.
 
     \b
@@ -382,7 +383,7 @@ def bench(base, adapter_values, batch, prompt_len, new_tokens, quantize, dtype, 
         raise click.BadParameter(f"{batch!r}: expected comma-separated integers like 1,8", param_hint="--batch") from exc
     result = ak.bench(base, _bench_adapters(adapter_values), batch=sizes, prompt_len=prompt_len, new_tokens=new_tokens,
                       quantize=quantize, repeats=repeats, warmup=warmup, dtype=dtype, device=device, compare=compare,
-                      json_path=json_path, plot_path=plot_path, threads=threads)
+                      json_path=json_path, plot_path=plot_path, threads=threads, progress=not quiet)
     click.echo(result.table())
     for label, path in (("record", result.json_path), ("plot", result.plot_path)):
         if path is not None:

@@ -219,3 +219,12 @@ def test_lora_macs_are_rank_times_in_plus_out(tiny_gpt2):
 
     lora = random_lora(tiny_gpt2, ("c_attn",), r=4)
     assert adapter_macs(lora) == 2 * 4 * (64 + 192)  # 2 layers of c_attn: 64 -> 192
+
+
+def test_progress_names_the_case_and_round(capfd):
+    from adaptkit.benchmarking.timing import time_interleaved
+
+    timings = time_interleaved({"a": lambda: None, "b": lambda: None}, repeats=2, warmup=1, progress="bench")
+    err = capfd.readouterr().err
+    assert "bench" in err and "6/6" in err and "round 2/2: b" in err
+    assert sorted(timings) == ["a", "b"] and all(len(t.samples) == 2 for t in timings.values())

@@ -199,7 +199,7 @@ def _case_record(label, engine_name, matches, spec: CaseSpec, timing: Timing, pe
     return record
 
 
-def _run_batch(engine, adapters, batch, work, settings, side, device) -> tuple[list[dict], list[dict]]:
+def _run_batch(engine, adapters, batch, work, settings, side, device, progress=False) -> tuple[list[dict], list[dict]]:
     """Every case of one batch size, interleaved; returns (case records, skipped)."""
     prompt_len, new_tokens = settings["prompt_len"], settings["new_tokens"]
     specs, skipped = plan_cases(engine, adapters, batch, work, prompt_len, new_tokens)
@@ -231,7 +231,7 @@ def _run_batch(engine, adapters, batch, work, settings, side, device) -> tuple[l
                 cases[f"peft {spec.label}"] = case
                 meta[f"peft {spec.label}"] = ("peft", spec.label, spec)
         timings = time_interleaved(cases, baseline="base", repeats=settings["repeats"], warmup=settings["warmup"],
-                                   device=device)
+                                   device=device, progress=f"bench, batch {batch}" if progress else None)
         if side is not None:
             set_ratios({k: t for k, t in timings.items() if meta[k][0] != "adaptkit"}, peft_side.BASE_LABEL)
         peaks = _peak_memory(cases, device)
@@ -275,6 +275,7 @@ def bench(
     plot_path: str | os.PathLike | None = None,
     seed: int = 0,
     threads: int | None = None,
+    progress: bool = False,
 ) -> BenchResult:
     """Measure the latency, throughput and memory each adapter adds to ``base``, in every mode that applies.
 
@@ -287,6 +288,7 @@ def bench(
         json_path, plot_path: write the record (every raw sample) and the PNG bar chart there.
         threads: torch CPU threads for the run (restored after); None keeps the current setting.
             On a loaded machine 1 thread is far steadier than several.
+        progress: a progress bar per batch size, naming the case and round being timed.
 
     Example:
         >>> result = ak.bench("tiny-llama", {"sql": "adapters/sql"}, batch=(1, 8), json_path="bench.json")
@@ -308,7 +310,7 @@ def bench(
         torch.set_num_threads(threads)
     try:
         record = _measure(base, pairs, batch, prompt_len, new_tokens, quantize, repeats, warmup, dtype, device,
-                          compare, seed)
+                          compare, seed, progress)
     finally:
         torch.set_num_threads(before)
     result = BenchResult(record)
@@ -324,7 +326,7 @@ def bench(
 
 
 def _measure(base, pairs, batch, prompt_len, new_tokens, quantize, repeats, warmup, dtype, device, compare,
-             seed) -> dict:
+             seed, progress=False) -> dict:
     """Everything ``bench`` measures, as the JSON record."""
     from adaptkit.benchmarking.overhead import base_work
     from adaptkit.engine import Engine
@@ -350,7 +352,7 @@ def _measure(base, pairs, batch, prompt_len, new_tokens, quantize, repeats, warm
     if side is not None:
         skipped += side.skipped
     for size in batch:
-        found, missed = _run_batch(engine, loaded, size, work, settings, side, engine.device)
+        found, missed = _run_batch(engine, loaded, size, work, settings, side, engine.device, progress)
         cases += found
         skipped += missed
     return {

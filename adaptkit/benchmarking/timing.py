@@ -98,25 +98,38 @@ def time_interleaved(
     repeats: int = 20,
     warmup: int = 3,
     device: torch.device | str | None = None,
+    progress: str | None = None,
 ) -> dict[str, Timing]:
     """Time every case ``repeats`` times, round-robin, after ``warmup`` rounds; ratios vs ``baseline``.
 
     A case returning a mapping adds parts: float values are samples of that part (summarised and
     compared with the baseline's part of the same name), lists are kept raw in ``Timing.extra``.
+    ``progress``: a label; a progress bar then counts every case run, naming the case and round.
     """
     names = list(cases)
     steps = {name: c if isinstance(c, Case) else Case(c) for name, c in cases.items()}
-    for _ in range(warmup):
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=(warmup + repeats) * len(names), desc=progress, unit="case")
+    for round_ in range(warmup):
         for name in names:
             for step in (steps[name].setup, steps[name].run, steps[name].teardown):
                 if step is not None:
                     step()
+            if bar is not None:
+                bar.set_postfix_str(f"warm-up {round_ + 1}/{warmup}: {name}", refresh=False)
+                bar.update()
     _sync(device)
     samples: dict[str, list[float]] = {name: [] for name in names}
     parts: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     extra: dict[str, dict[str, list]] = {name: {} for name in names}
-    for _ in range(repeats):
+    for round_ in range(repeats):
         for name in names:
+            if bar is not None:
+                bar.set_postfix_str(f"round {round_ + 1}/{repeats}: {name}", refresh=False)
+                bar.update()
             case = steps[name]
             setup_s, _ = _timed(case.setup, device)
             run_s, result = _timed(case.run, device)
@@ -129,6 +142,8 @@ def time_interleaved(
                     extra[name].setdefault(key, []).append(value)
                 else:
                     parts[name].setdefault(key, []).append(float(value))
+    if bar is not None:
+        bar.close()
     timings = {
         name: Timing(name, s, extra=extra[name], parts={k: Timing(f"{name}/{k}", v) for k, v in parts[name].items()})
         for name, s in samples.items()
