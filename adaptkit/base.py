@@ -17,6 +17,7 @@ from torch import nn
 
 from adaptkit.arch import ModelFacts, facts_from_config
 from adaptkit.errors import BaseModelError, InvalidArgumentError
+from adaptkit.hub import local_path
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
@@ -50,7 +51,7 @@ def read_config(path: str | os.PathLike):
     """The transformers config of a base folder, with a clear error when it is not one."""
     from transformers import AutoConfig
 
-    path = Path(path)
+    path = local_path(path)
     if not (path / "config.json").is_file():
         raise BaseModelError(f"{path}: no config.json; give the folder of a Hugging Face model (save_pretrained output)")
     try:
@@ -108,7 +109,7 @@ class LoadedBase:
 
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer saved beside a model, or None when the folder has none."""
-    path = Path(path)
+    path = local_path(path)
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
     if not any((path / n).is_file() for n in names):
         return None
@@ -190,7 +191,7 @@ def load_base(
     Example:
         >>> base = load_base("tiny-llama", dtype="bfloat16")
     """
-    path = Path(path)
+    path = local_path(path)
     device = check_device(device)
     config = read_config(path)
     torch_dtype = checkpoint_dtype(config) if dtype == "auto" else parse_dtype(dtype)

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adaptkit.errors import BaseModelError, OutputExistsError, OutputWriteError
+from adaptkit.hub import local_path
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -78,7 +79,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def open_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     """Find a model folder's weight files (safetensors preferred)."""
-    folder = Path(folder)
+    folder = local_path(folder)
     for index_name, single, is_safe in ((SAFE_INDEX, "model.safetensors", True), (BIN_INDEX, "pytorch_model.bin", False)):
         index = folder / index_name
         if index.is_file():
@@ -246,6 +247,7 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> No
 
 def copy_side_files(src: Path, dst: Path, config_updates: dict | None = None) -> None:
     """Copy config, generation config and tokenizer files; apply ``config_updates`` to config.json."""
+    src = local_path(src)
     for name in SIDE_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)

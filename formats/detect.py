@@ -9,11 +9,12 @@ from pathlib import Path
 from adaptkit.adapters.lora import LoraAdapter
 from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
 from adaptkit.formats import adapterhub, peft, pet, prefix_file
+from adaptkit.hub import local_path
 
 
 def read_adapter(path: str | os.PathLike):
     """Read any supported adapter (PEFT folder, AdapterHub folder, adaptkit file or PET folder) from ``path``."""
-    _, read = _reader_for(Path(path))
+    _, read = _reader_for(local_path(path))
     return read()
 
 
@@ -21,7 +22,7 @@ def detect_kind(path: str | os.PathLike) -> str:
     """The kind of the adapter at ``path`` from its config files alone (no tensor is read): ``lora``,
     ``prefix``, ``prompt``, ``bottleneck``, ``fusion`` or ``pet``. Raises as :func:`read_adapter` would
     for a folder that is not a supported adapter."""
-    kind, _ = _reader_for(Path(path))
+    kind, _ = _reader_for(local_path(path))
     return kind
 
 

@@ -28,6 +28,7 @@ from adaptkit.describe import check_fits_checkpoint
 from adaptkit.engine import Engine
 from adaptkit.errors import AdapterMismatchError, UnsupportedAdapterError
 from adaptkit.formats.detect import load_lora_adapters
+from adaptkit.hub import local_path
 from adaptkit.lowrank import LowRank
 from adaptkit.merging.methods import MERGE_METHODS, MergeMethod, check_method, make_method  # noqa: F401 (re-exported)
 from adaptkit.routing import Mix
@@ -163,7 +164,7 @@ def merge_checkpoint(
     )
 
     merge_method = make_method(method, density=density, seed=seed, rank=rank)
-    base = Path(base)
+    base = local_path(base)
     config = read_config(base)
     checkpoint = open_checkpoint(base)
     loaded = load_lora_adapters(adapters)
