@@ -105,7 +105,9 @@ def test_a_merge_killed_midway_then_rerun(slow_base, tmp_path, how):
     out = tmp_path / "merged"
     process = _merge_process(base, adapter, out)
     temp = _wait_for_temp(out, process)
+    process.send_signal(signal.SIGSTOP)  # frozen mid-write at once, however busy this machine is
     process.send_signal(getattr(signal, how))
+    process.send_signal(signal.SIGCONT)
     code = process.wait(60)
     assert not out.exists()
     if how == "SIGTERM":
