@@ -25,15 +25,25 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except AdaptkitError as exc:
+            if _signalled:  # the interrupt surfaced as another error (a write it cut short)
+                _interrupted()
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("error: interrupted; outputs in progress were removed", err=True)
-            sys.exit(130)
+            _interrupted()
+
+
+_signalled: list[int] = []
 
 
 def _terminated(signum, frame):
+    _signalled.append(signum)
     raise KeyboardInterrupt
+
+
+def _interrupted():
+    click.echo("error: interrupted; outputs in progress were removed", err=True)
+    sys.exit(130)
 
 
 def _float_list(value: str | None) -> list[float] | None:

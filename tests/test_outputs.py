@@ -111,7 +111,8 @@ def test_a_merge_killed_midway_then_rerun(slow_base, tmp_path, how):
     code = process.wait(60)
     assert not out.exists()
     if how == "SIGTERM":
-        assert code == 130 and "interrupted" in process.stderr.read()
+        stderr = process.stderr.read()
+        assert code == 130 and "interrupted" in stderr, stderr
         assert not temp.exists()
     else:
         assert code == -signal.SIGKILL and temp.exists()
