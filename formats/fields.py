@@ -17,11 +17,11 @@ from adaptkit.errors import AdapterFormatError
 MAX_RANK = 65536  # far beyond any published adapter; a larger r is a corrupt config
 
 
-def _bad(path: Path, key: str, expected: str, value) -> AdapterFormatError:
+def _bad(path: Path | str, key: str, expected: str, value) -> AdapterFormatError:
     return AdapterFormatError(f"{path}: {key} must be {expected}, got {value!r}; fix the config or re-save the adapter")
 
 
-def get_int(config: Mapping, key: str, path: Path, default=None, minimum: int = 1, maximum: int = MAX_RANK) -> int:
+def get_int(config: Mapping, key: str, path: Path | str, default=None, minimum: int = 1, maximum: int = MAX_RANK) -> int:
     """An integer field within [minimum, maximum] (a bool or float is not an integer here)."""
     value = config.get(key, default)
     if value is None:
@@ -31,7 +31,7 @@ def get_int(config: Mapping, key: str, path: Path, default=None, minimum: int = 
     return value
 
 
-def get_float(config: Mapping, key: str, path: Path, default=None) -> float:
+def get_float(config: Mapping, key: str, path: Path | str, default=None) -> float:
     """A finite number field."""
     value = config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -81,7 +81,7 @@ def get_pattern(config: Mapping, key: str, path: Path, integer: bool) -> dict:
     if not isinstance(value, dict):
         raise _bad(path, key, "an object {module pattern: value}", value)
     for pattern in value:
-        (get_int if integer else get_float)(value, pattern, Path(f"{path}: {key}"))
+        (get_int if integer else get_float)(value, pattern, f"{path}: {key}")
     return dict(value)
 
 

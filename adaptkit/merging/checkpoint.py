@@ -225,19 +225,24 @@ def probe_ids(vocab_size: int, batch: int = 2, length: int = 12, seed: int = 0) 
     return torch.randint(3, vocab_size, (batch, length), generator=gen)
 
 
+def attach_unmerged(engine, adapters: Sequence, weights: Sequence[float] | None = None):
+    """Add the LoRAs to ``engine`` (as a0, a1, ...); returns the row entry that applies them with ``weights``
+    unmerged: the reference a merge is checked against."""
+    loaded = load_lora_adapters(adapters)
+    weights = check_merge_weights(loaded, weights)
+    names = [f"a{i}" for i in range(len(loaded))]
+    for name, adapter in zip(names, loaded):
+        engine.add_adapter(name, adapter)
+    return Mix(dict(zip(names, weights))) if len(names) > 1 or weights != [1.0] else names[0]
+
+
 def verify_merged_checkpoint(
     base: str | os.PathLike, adapters: Sequence, merged: str | os.PathLike, weights: Sequence[float] | None = None
 ) -> float:
     """Max abs logit difference between ``merged`` (loaded as a plain model) and base + adapters unmerged."""
-    loaded = load_lora_adapters(adapters)
-    weights = check_merge_weights(loaded, weights)
     engine = Engine.from_pretrained(base)
-    names = []
-    for i, adapter in enumerate(loaded):
-        names.append(f"a{i}")
-        engine.add_adapter(names[-1], adapter)
+    entry = attach_unmerged(engine, adapters, weights)
     ids = probe_ids(engine.base.facts.vocab_size)
-    entry = Mix(dict(zip(names, weights))) if len(names) > 1 or weights != [1.0] else names[0]
     expected = engine.logits(ids, adapters=entry)
     plain = load_base(merged).model
     with torch.inference_mode():

@@ -280,17 +280,11 @@ def qlora_merge_error(
     kernel adapters are trained with), so the figure measures the merge, not the CPU's 4-bit kernel.
     """
     from adaptkit.engine import Engine
-    from adaptkit.merging.checkpoint import probe_ids
-    from adaptkit.routing import Mix
+    from adaptkit.merging.checkpoint import attach_unmerged, probe_ids
 
-    adapters = load_lora_adapters(adapters)
-    weights = check_merge_weights(adapters, weights)
     engine = Engine(_load_nf4(base, compute_dtype, quantize_options))
-    names = [f"a{i}" for i in range(len(adapters))]
-    for name, adapter in zip(names, adapters):
-        engine.add_adapter(name, adapter)
+    entry = attach_unmerged(engine, adapters, weights)
     ids = probe_ids(engine.base.facts.vocab_size)
-    entry = Mix(dict(zip(names, weights))) if len(names) > 1 or weights != [1.0] else names[0]
     with quant.dequantizing_kernels(engine.model):
         reference = engine.logits(ids, adapters=entry)
     del engine
