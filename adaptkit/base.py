@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,9 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # on AVX512-BF16 CPUs bitsandbytes says on import that the optional `kernels` package is missing and
+    # uses its own kernel, the one adaptkit expects (see quant.py): advice to its developers, not to users
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @dataclass

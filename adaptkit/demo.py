@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from adaptkit.adapters.lora import LoraAdapter, LoraConfig, LoraWeights
+from adaptkit.chat import chat_prompt_ids
 
 _CORPUS = (
     "adaptkit serves many adapters over one base model. LoRA adds a low-rank update to linear layers. "
@@ -62,7 +66,9 @@ def build_tiny_model(out_dir: str | os.PathLike, arch: str = "llama", seed: int 
                      max_shard_size: str | None = None, **overrides) -> Path:
     """Save a tiny random model (+ tokenizer) of ``arch`` with ``save_pretrained``; returns the folder."""
     from transformers import AutoModelForCausalLM, BertForMaskedLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar for writing a 100 kB model is noise
     out_dir = Path(out_dir)
     config = tiny_config(arch, **overrides)
     torch.manual_seed(seed)
@@ -210,52 +216,181 @@ def write_demo_adapters(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     return paths
 
 
-def run_demo(workdir: str | os.PathLike | None = None, progress: bool = True) -> list[str]:
-    """Build a tiny Llama and two LoRAs, route a mixed batch, generate, merge and verify.
+# the demo's task: answer "What is the capital of X?" as one line of JSON instead of a sentence
+CAPITALS = (
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Portugal", "Lisbon"),
+    ("Japan", "Tokyo"), ("China", "Beijing"), ("India", "New Delhi"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"),
+    ("Canada", "Ottawa"), ("Mexico", "Mexico City"), ("Brazil", "Brasilia"), ("Argentina", "Buenos Aires"),
+    ("Peru", "Lima"), ("Chile", "Santiago"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"), ("Poland", "Warsaw"), ("Austria", "Vienna"), ("Greece", "Athens"),
+    ("Turkey", "Ankara"), ("Russia", "Moscow"), ("Ireland", "Dublin"), ("Belgium", "Brussels"),
+    ("Netherlands", "Amsterdam"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("Australia", "Canberra"),
+    ("Cuba", "Havana"),
+)
+HELD_OUT = ("Hungary", "Switzerland", "Morocco")  # never seen in training
+ADAPTER = "json-capitals"
 
-    Everything is made locally; returns the lines to print.
+
+@dataclass
+class DemoRun:
+    """What the demo did, for scripts and tests (the CLI prints the lines as they come)."""
+
+    base: Path
+    real_model: bool
+    adapter: Path
+    base_texts: list[str] = field(default_factory=list)
+    adapter_texts: list[str] = field(default_factory=list)
+    mixed_vs_alone: float = float("nan")  # max logit difference, mixed batch vs each row alone
+    merged_vs_unmerged: float = float("nan")  # Engine.merge in place
+    checkpoint_vs_unmerged: float = float("nan")  # the merged checkpoint under plain transformers
+    train_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def question_ids(tokenizer, country: str) -> list[int]:
+    """The question as a chat turn, tokenized as the server's chat route and ``generate --chat`` do."""
+    return chat_prompt_ids(tokenizer, [{"role": "user", "content": f"What is the capital of {country}?"}])
+
+
+def run_demo(workdir: str | os.PathLike | None = None, progress: bool = True, model: str = "auto",
+             emit=print) -> DemoRun:
+    """Teach SmolLM2-135M-Instruct a visible behaviour with a LoRA, then route, merge, verify and time it.
+
+    ``model``: ``"smollm2"`` (the real model, see :mod:`adaptkit.demo_model`; an error if it cannot be
+    had), ``"random"`` (a tiny random Llama built here: instant, its text meaningless) or ``"auto"``
+    (the real one, else the random one, saying why). ``workdir`` keeps the files (the adapter, the
+    merged checkpoint); without it they go to a temporary folder removed at the end. Each line is
+    passed to ``emit`` as soon as it is known.
     """
     import tempfile
+
+    from adaptkit.demo_model import find_smollm2
+    from adaptkit.errors import BaseModelError
+
+    if model not in ("auto", "smollm2", "random"):
+        raise ValueError(f"model={model!r}; use auto, smollm2 or random")
+    found = None
+    if model != "random":
+        found = find_smollm2(progress=progress)
+        if found.path is None and model == "smollm2":
+            raise BaseModelError(f"SmolLM2-135M-Instruct is not available: {found.source}; "
+                                 "run `adaptkit demo --model random` for the tiny random model")
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="adaptkit-demo-")))
+        else:
+            root = Path(workdir)
+            root.mkdir(parents=True, exist_ok=True)
+        if found is not None and found.path is not None:
+            emit(f"model: SmolLM2-135M-Instruct (135M parameters, Apache-2.0) from {found.source}")
+            base, real = found.path, True
+        else:
+            if found is not None:
+                emit(f"SmolLM2-135M-Instruct is not available ({found.source}); using a tiny random Llama instead: "
+                     "its text is meaningless, the mechanics shown are the same")
+            base, real = build_tiny_model(root / "base", "llama"), False
+            emit(f"model: a tiny random Llama (2 layers, 64 wide) built in {root / 'base'}; random weights: its "
+                 "text is meaningless, so generated rows are shown as token ids")
+        run = _demo_steps(base, real, root, progress, emit)
+        emit("")
+        emit("next:")
+        for line in _next_commands(base, run.adapter if workdir is not None else None):
+            emit(f"  {line}")
+    return run
+
+
+def _demo_steps(base: Path, real: bool, root: Path, progress: bool, emit) -> DemoRun:
     import time
 
     import adaptkit as ak
-    from adaptkit.formats.peft import write_lora
     from adaptkit.merging.checkpoint import probe_ids, verify_merged_checkpoint
 
-    start = time.perf_counter()
-    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="adaptkit-demo-"))
-    root.mkdir(parents=True, exist_ok=True)
-    base = build_tiny_model(root / "base", "llama")
-    write_lora(random_lora(base, ("q_proj", "v_proj"), r=4, alpha=8, seed=1), root / "sql")
-    write_lora(random_lora(base, ("q_proj", "k_proj", "v_proj", "o_proj"), r=8, alpha=16, seed=2), root / "tone")
-    lines = [f"built a tiny Llama and two LoRAs in {root}"]
+    tokenizer = _tokenizer(base)
+    data = root / "capitals.jsonl"
+    with open(data, "w") as f:
+        for country, capital in CAPITALS:
+            completion = json.dumps({"country": country, "capital": capital})
+            prompt = tokenizer.decode(question_ids(tokenizer, country))  # as text, special tokens spelled out
+            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    emit(f"teaching it to answer capital questions as JSON: {len(CAPITALS)} examples like "
+         f"{json.dumps({'country': 'France', 'capital': 'Paris'})}")
+    adapter = root / ADAPTER
+    trained = ak.train("lora", base, data, adapter, epochs=3, lr=3e-3, batch_size=8, eval_split=0.0, seed=0,
+                       progress=progress, force=True, r=8, alpha=16)
+    run = DemoRun(base=base, real_model=real, adapter=adapter, train_seconds=trained.seconds, losses=trained.losses)
+    emit(f"trained a rank-8 LoRA on q_proj/v_proj in {trained.seconds:.0f} s ({trained.steps} steps, loss "
+         f"{trained.losses[0]:.2f} -> {trained.losses[-1]:.2f}) -> {adapter}")
 
     engine = ak.Engine.from_pretrained(base)
-    for name in ("sql", "tone"):
-        info = engine.add_adapter(name, root / name)
-        lines.append(f"loaded {name}: {info.kind}, ranks {info.details['ranks']}, {info.params:,} parameters")
+    engine.add_adapter(ADAPTER, adapter)
+    prompts = [question_ids(tokenizer, c) for c in HELD_OUT]
+    rows = [None, ADAPTER] * len(prompts)  # one mixed batch: each question to the base and to the adapter
+    mixed = engine.generate_ids([p for p in prompts for _ in (0, 1)], adapters=rows, max_new_tokens=24)
+    texts = [_shown(engine.tokenizer, ids, real) for ids in mixed]
+    run.base_texts, run.adapter_texts = texts[0::2], texts[1::2]
+    emit("")
+    emit(f"questions it never saw, base and adapter rows in one batch of {len(rows)}:")
+    width = max(len(c) for c in HELD_OUT)
+    for country, plain, tuned in zip(HELD_OUT, run.base_texts, run.adapter_texts):
+        emit(f"  {country:<{width}}  base:    {plain}")
+        emit(f"  {'':<{width}}  {ADAPTER}: {tuned}")
 
-    rows = [None, "sql", "tone", ak.Mix({"sql": 0.5, "tone": 0.5})]
-    ids = probe_ids(engine.base.facts.vocab_size, batch=len(rows))
-    mixed = engine.logits(ids, adapters=rows)
-    alone = max(float((engine.logits(ids[i : i + 1], adapters=[r]) - mixed[i : i + 1]).abs().max())
-                for i, r in enumerate(rows))
-    lines.append(f"one batch, rows [base, sql, tone, Mix(sql, tone)]: max difference vs each row alone {alone:.1e}")
+    ids = probe_ids(engine.base.facts.vocab_size, batch=4)
+    entries = [None, ADAPTER, ak.Mix({ADAPTER: 0.5}), ADAPTER]
+    together = engine.logits(ids, adapters=entries)
+    run.mixed_vs_alone = max(float((engine.logits(ids[i:i + 1], adapters=[e]) - together[i:i + 1]).abs().max())
+                             for i, e in enumerate(entries))
+    emit("")
+    emit(f"rows [base, {ADAPTER}, Mix({ADAPTER}: 0.5), {ADAPTER}] in one forward vs each row alone: "
+         f"max logit difference {run.mixed_vs_alone:.1e}")
 
-    prompts = ["SELECT name", "the quick brown", "adaptkit serves"]
-    texts = engine.generate(prompts, adapters=[None, "sql", "tone"], max_new_tokens=8)
-    for prompt, adapter, text in zip(prompts, ["base", "sql", "tone"], texts):
-        lines.append(f"generate [{adapter:>4}] {prompt!r} -> {text!r}")
-
-    before = engine.logits(ids, adapters="sql")
-    engine.merge("sql")
-    merged = engine.logits(ids, adapters="sql")
+    unmerged = engine.logits(ids, adapters=ADAPTER)
+    engine.merge(ADAPTER)
+    run.merged_vs_unmerged = float((engine.logits(ids, adapters=ADAPTER) - unmerged).abs().max())
     engine.unmerge()
-    lines.append(f"merge('sql') in place: max logit difference vs unmerged {float((merged - before).abs().max()):.1e}; "
-                 "unmerge() restored the weights")
+    emit(f"merge('{ADAPTER}') in place (zero added latency): max logit difference vs unmerged "
+         f"{run.merged_vs_unmerged:.1e}; unmerge() restored the weights bit for bit")
+    merged = ak.merge_checkpoint(base, [adapter], root / "merged", force=True, progress=progress)
+    run.checkpoint_vs_unmerged = verify_merged_checkpoint(base, [adapter], merged)
+    emit(f"merge_checkpoint -> {merged}: loads with plain transformers, max logit difference vs unmerged "
+         f"{run.checkpoint_vs_unmerged:.1e} (fp32: up to ~1e-4 is summation order)")
+    del engine
 
-    out = ak.merge_checkpoint(base, [root / "sql"], root / "merged-sql", force=True, progress=progress)
-    diff = verify_merged_checkpoint(base, [root / "sql"], out)
-    lines.append(f"merge_checkpoint -> {out}: loads with plain transformers, max logit difference {diff:.1e}")
-    lines.append(f"done in {time.perf_counter() - start:.1f} s")
-    return lines
+    emit("")
+    emit("added latency, measured side by side (batches of 1 and 4, 16-token prompts, 8 new tokens):")
+    start = time.perf_counter()
+    result = ak.bench(base, {ADAPTER: adapter}, batch=(1, 4), prompt_len=16, new_tokens=8, repeats=3, warmup=1,
+                      progress=progress)
+    for line in result.table().splitlines():
+        if not line.startswith("skipped lora mixed"):  # batch 1 has no mixed case, as the table shows
+            emit(line)
+    emit(f"(measured in {time.perf_counter() - start:.0f} s on this machine; ratios are against the base in the "
+         "same rounds)")
+    return run
+
+
+def _tokenizer(base: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(base))
+
+
+def _shown(tokenizer, ids: list[int], real: bool) -> str:
+    """A generated row as text; a random model's as its token ids (its bytes rarely decode cleanly)."""
+    if not real:
+        return f"token ids {ids[:8]}{' ...' if len(ids) > 8 else ''}"
+    return tokenizer.decode(ids, skip_special_tokens=True).strip().replace("\n", " ")
+
+
+def _next_commands(base: Path, adapter: Path | None) -> list[str]:
+    if adapter is None:
+        return ["adaptkit demo --workdir demo        # keep the adapter and the merged checkpoint to try these:",
+                f"adaptkit generate {base} --adapter {ADAPTER}=demo/{ADAPTER} --prompt \"...\"",
+                f"adaptkit serve {base} --adapters {ADAPTER}=demo/{ADAPTER}",
+                f"adaptkit inspect demo/{ADAPTER} --base {base}"]
+    prompt = "What is the capital of Peru?"
+    return [f"adaptkit inspect {adapter} --base {base}",
+            f"adaptkit generate {base} --adapter {ADAPTER}={adapter} --chat --prompt \"{prompt}\"",
+            f"adaptkit serve {base} --adapters {ADAPTER}={adapter}    # OpenAI-compatible, model=\"{ADAPTER}\"",
+            f"adaptkit bench {base} --adapters {ADAPTER}={adapter}",
+            f"adaptkit export onnx {base} --adapter {adapter} -o {adapter.parent / 'onnx'} --verify"]

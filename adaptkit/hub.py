@@ -27,16 +27,32 @@ def local_path(source: str | os.PathLike) -> Path:
         return path  # not an id: the caller reports the missing path
     from huggingface_hub import snapshot_download
 
-    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub") if "HF_HOME" in os.environ
-                                                  else None)  # read now: a process may set them after importing
     try:
-        return Path(snapshot_download(repo, revision=revision or None, cache_dir=cache, local_files_only=_offline()))
+        return Path(snapshot_download(repo, revision=revision or None, cache_dir=cache_dir(),
+                                      local_files_only=_offline()))
     except Exception as exc:
         offline = " (HF_HUB_OFFLINE is set: only the local cache is searched)" if _offline() else ""
         raise BaseModelError(
             f"{text}: no such file or folder, and as a Hugging Face Hub id it could not be resolved{offline}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+def cached(repo: str) -> Path | None:
+    """The local cache's snapshot of ``repo`` (an ``org/name`` id), or None; never downloads."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, cache_dir=cache_dir(), local_files_only=True))
+    except Exception:  # not cached (or the cache unreadable): the caller looks elsewhere
+        return None
+
+
+def cache_dir() -> str | None:
+    """huggingface_hub's cache folder, from the environment as it is now (a process may set it after importing)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    return os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
 
 
 def _offline() -> bool:

