@@ -18,7 +18,7 @@ def _size(nbytes: int) -> str:
 
 
 def describe_adapter(
-    path: str | os.PathLike, base: str | os.PathLike | None = None, load: str | None = None
+    path: str | os.PathLike, base: str | os.PathLike | None = None, load: str | None = None, device: str = "cpu"
 ) -> tuple[list[str], bool]:
     """Lines describing the adapter at ``path``; with ``base``, whether it fits (False = it does not).
 
@@ -47,17 +47,18 @@ def describe_adapter(
         lines.append(f"compatible with {base}: no ({exc})")
         return lines, False
     lines.append(f"compatible with {base}: yes")
-    return lines + base_memory_lines(base, path, load), True
+    return lines + base_memory_lines(base, path, load, device), True
 
 
-def base_memory_lines(base: str | os.PathLike, adapter: str | os.PathLike | None = None, load: str | None = None) -> list[str]:
+def base_memory_lines(base: str | os.PathLike, adapter: str | os.PathLike | None = None, load: str | None = None,
+                      device: str = "cpu") -> list[str]:
     """The base's bytes in float32 / 16-bit / NF4 (QLoRA: LM head, embeddings, norms in 16-bit)."""
     sizes = base_memory(base)
     lines = [f"base memory: float32 {_size(sizes['float32'])}, 16-bit {_size(sizes['16-bit'])}, "
              f"NF4 {_size(sizes['nf4'])} (double quant; from shapes)"]
     if load is not None:
         quantize, dtype = (load, "bfloat16") if load == "nf4" else (None, load)
-        got = measure_load(base, dtype=dtype, quantize=quantize, adapter=adapter)
+        got = measure_load(base, dtype=dtype, quantize=quantize, adapter=adapter, device=device)
         lines.append(f"loaded as {load} with the adapter: {_size(got['model_bytes'])} held, {got['load_s']:.2f} s, "
                      f"peak RSS {_size(got['peak_rss'])} (before loading {_size(got['peak_rss_before'])})")
     return lines
@@ -118,7 +119,7 @@ def base_memory(base: str | os.PathLike, double_quant: bool = True, skip_modules
 
 
 def measure_load(base: str | os.PathLike, dtype: str = "bfloat16", quantize: str | None = None,
-                 adapter: str | os.PathLike | None = None, **quantize_options) -> dict:
+                 adapter: str | os.PathLike | None = None, device: str = "cpu", **quantize_options) -> dict:
     """Load ``base`` (and ``adapter``) in this process: seconds, bytes held, peak RSS before and after.
 
     Peak RSS is the process's high-water mark (``getrusage``), so a fresh process measures one load.
@@ -130,7 +131,7 @@ def measure_load(base: str | os.PathLike, dtype: str = "bfloat16", quantize: str
 
     before = peak_rss_bytes()
     start = time.perf_counter()
-    engine = Engine.from_pretrained(base, dtype=dtype, quantize=quantize, **quantize_options)
+    engine = Engine.from_pretrained(base, dtype=dtype, quantize=quantize, device=device, **quantize_options)
     if adapter is not None:
         engine.add_adapter("adapter", adapter)
     seconds = time.perf_counter() - start

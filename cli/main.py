@@ -102,8 +102,10 @@ def main():
 @click.option("--requantize", is_flag=True, help="With --quantize: keep NF4 in OUT and print the error it adds.")
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="With --quantize: QLoRA double quantization.")
 @click.option("--skip-modules", default=None, help="With --quantize: comma-separated modules kept unquantized.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where --quantize loads the NF4 base and --verify runs the models: cpu, cuda or cuda:N.")
 def merge(base, adapters, out, weights, method, density, seed, rank, into_adapter, recipe, dtype, verify, force, quiet,
-          quantize, requantize, double_quant, skip_modules):
+          quantize, requantize, double_quant, skip_modules, device):
     """Merge LoRA ADAPTERS into BASE, shard by shard, into a checkpoint plain transformers loads.
 
     \b
@@ -141,7 +143,7 @@ def merge(base, adapters, out, weights, method, density, seed, rank, into_adapte
         if any(v is not None for v in method_params.values()):
             raise click.UsageError("--quantize merges with --method linear, which takes no --density/--seed/--rank")
         _merge_qlora(base, list(adapters), out, weight_list, method, dtype, verify, force, quiet, requantize,
-                     double_quant=double_quant, skip_modules=skip_modules)
+                     device=device, double_quant=double_quant, skip_modules=skip_modules)
         return
     path = ak.merge_checkpoint(base, list(adapters), out, weights=weight_list, dtype=dtype, method=method,
                                force=force, progress=not quiet, **method_params)
@@ -150,10 +152,10 @@ def merge(base, adapters, out, weights, method, density, seed, rank, into_adapte
     if verify and method not in ("linear", "task_arithmetic"):
         click.echo(f"verify: skipped; the unmerged reference (ak.Mix) equals method 'linear' only, not {method!r}")
     elif verify:
-        from adaptkit.merging.checkpoint import verify_merged_checkpoint
+        from adaptkit.merging.checkpoint import storage_rounding, verify_merged_checkpoint, verify_verdict
 
-        diff = verify_merged_checkpoint(base, list(adapters), path, weights=weight_list)
-        click.echo(f"verify: max abs logit difference merged vs unmerged = {diff:.3e}")
+        diff = verify_merged_checkpoint(base, list(adapters), path, weights=weight_list, device=device)
+        click.echo(verify_verdict(diff, storage_rounding(base, dtype, device=device), dtype))
 
 
 def _echo_combined(result) -> None:
@@ -194,7 +196,8 @@ def _merge_recipe(path, force: bool, quiet: bool, out=None) -> None:
         _echo_merge_energy(result)
 
 
-def _merge_qlora(base, adapters, out, weights, method, dtype, verify, force, quiet, requantize, **quantize_options):
+def _merge_qlora(base, adapters, out, weights, method, dtype, verify, force, quiet, requantize, device="cpu",
+                 **quantize_options):
     """``merge --quantize nf4``: dequantize path (16/32-bit output), or ``--requantize`` (NF4 output)."""
     import adaptkit as ak
     from adaptkit.errors import InvalidArgumentError
@@ -204,12 +207,12 @@ def _merge_qlora(base, adapters, out, weights, method, dtype, verify, force, qui
     if requantize and dtype is not None:
         raise InvalidArgumentError("--requantize writes NF4; drop --dtype (it sets a 16/32-bit output dtype)")
     path = ak.merge_qlora_checkpoint(base, adapters, out, weights=weights, dtype=dtype, requantize=requantize,
-                                     force=force, progress=not quiet, **quantize_options)
+                                     force=force, progress=not quiet, device=device, **quantize_options)
     click.echo(f"wrote {path}" + (" (NF4)" if requantize else ""))
     if requantize or verify:
         from adaptkit.merging.qlora import qlora_merge_error
 
-        error = qlora_merge_error(base, adapters, path, weights=weights, **quantize_options)
+        error = qlora_merge_error(base, adapters, path, weights=weights, device=device, **quantize_options)
         what = "added by re-quantizing" if requantize else "merged vs unmerged QLoRA"
         click.echo(f"relative logit error {what}: {error:.3e} (||merged - unmerged|| / ||unmerged|| on a probe)")
 
@@ -221,13 +224,14 @@ def _merge_qlora(base, adapters, out, weights, method, dtype, verify, force, qui
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="QLoRA double quantization.")
 @click.option("--skip-modules", default=None, help="Comma-separated modules kept unquantized (besides the LM head).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def quantize(base, out, compute_dtype, double_quant, skip_modules, force):
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+def quantize(base, out, compute_dtype, double_quant, skip_modules, force, device):
     """Save BASE with its linear layers in 4-bit NF4 (bitsandbytes), to ship the QLoRA base."""
     import adaptkit as ak
     from adaptkit.describe import base_memory
 
     path = ak.quantize_base(base, out, compute_dtype=compute_dtype, force=force, double_quant=double_quant,
-                            skip_modules=skip_modules)
+                            skip_modules=skip_modules, device=device)
     sizes = base_memory(base, double_quant=double_quant, skip_modules=skip_modules)
     click.echo(f"wrote {path}: NF4 {_mib(sizes['nf4'])} MiB vs 16-bit {_mib(sizes['16-bit'])} MiB")
 
@@ -268,13 +272,14 @@ def extract(finetuned, base, rank, out, targets, force, quiet):
 @click.option("--base", default=None, type=click.Path(), help="Check compatibility with this base model folder.")
 @click.option("--load", type=click.Choice(["nf4", "bfloat16", "float32"]), default=None,
               help="With --base: load it this way with ADAPTER; print bytes held and peak RSS.")
-def inspect(adapter, base, load):
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+def inspect(adapter, base, load, device):
     """Kind, ranks, targets, parameter count and size of ADAPTER (and whether it fits BASE)."""
     from adaptkit.describe import describe_adapter
 
     if load is not None and base is None:
         raise click.UsageError("--load needs --base")
-    lines, compatible = describe_adapter(adapter, base, load=load)
+    lines, compatible = describe_adapter(adapter, base, load=load, device=device)
     for line in lines:
         click.echo(line)
     if not compatible:

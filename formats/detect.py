@@ -18,6 +18,17 @@ def read_adapter(path: str | os.PathLike):
     return read()
 
 
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """True for a model checkpoint folder (config.json and model weights, no adapter config): a full
+    fine-tune where a merge takes adapters."""
+    from adaptkit.formats.checkpoint import BIN_INDEX, SAFE_INDEX
+
+    folder = local_path(path)
+    weights = ("model.safetensors", SAFE_INDEX, "pytorch_model.bin", BIN_INDEX)
+    return (folder.is_dir() and (folder / "config.json").is_file() and not (folder / peft.CONFIG_NAME).exists()
+            and any((folder / name).is_file() for name in weights))
+
+
 def detect_kind(path: str | os.PathLike) -> str:
     """The kind of the adapter at ``path`` from its config files alone (no tensor is read): ``lora``,
     ``prefix``, ``prompt``, ``bottleneck``, ``fusion`` or ``pet``. Raises as :func:`read_adapter` would

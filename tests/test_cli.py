@@ -109,3 +109,41 @@ def test_generate_chat_sends_the_prompt_as_a_user_turn(tiny_llama):
                                        "--max-new-tokens", "5"])
     assert result.exit_code == 0 and result.output == f"{expected}\n"  # the reply only, not the rendered turn
     assert ids != engine.encode(["SELECT name"])[0]
+
+
+def test_verify_says_what_error_the_output_dtype_makes_expected(lora, tiny_llama, tmp_path):
+    import transformers
+
+    from adaptkit.merging.checkpoint import probe_ids, storage_rounding, verify_verdict
+
+    runner = CliRunner()
+    half = runner.invoke(main, ["merge", str(tiny_llama), str(lora), "-o", str(tmp_path / "bf16"), "--dtype",
+                                "bfloat16", "--verify", "-q"])
+    full = runner.invoke(main, ["merge", str(tiny_llama), str(lora), "-o", str(tmp_path / "f32"), "--verify", "-q"])
+    assert half.exit_code == 0 and full.exit_code == 0, half.output + full.output
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    load(str(tiny_llama), dtype=torch.bfloat16).save_pretrained(str(tmp_path / "base-bf16"))  # the base stored in bf16
+    model, stored = load(str(tiny_llama), dtype=torch.float32), load(str(tmp_path / "base-bf16"), dtype=torch.float32)
+    ids = probe_ids(model.config.vocab_size)
+    with torch.no_grad():
+        reference, rounded = model(input_ids=ids).logits, stored(input_ids=ids).logits
+    expected_rounding = float((rounded - reference).abs().max())
+    assert storage_rounding(tiny_llama, "bfloat16") == pytest.approx(expected_rounding, abs=1e-5)  # fp32 sums
+    assert expected_rounding > 1e-3 and storage_rounding(tiny_llama, "float32") == 0.0
+    assert f"moves its logits by {expected_rounding:.1e}" in half.output and half.output.rstrip().endswith(": fine")
+    assert "float32: only summation order differs" in full.output and full.output.rstrip().endswith(": fine")
+    assert "MORE than expected" in verify_verdict(5 * expected_rounding, expected_rounding, "bfloat16")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a device this machine lacks")
+@pytest.mark.parametrize("args", [
+    ["quantize", "{base}", "-o", "{tmp}/q"],
+    ["inspect", "{lora}", "--base", "{base}", "--load", "nf4"],
+    ["merge", "{base}", "{lora}", "-o", "{tmp}/m", "--quantize", "nf4"],
+    ["merge", "{base}", "{lora}", "-o", "{tmp}/m", "--verify"],
+])
+def test_every_command_that_loads_a_model_takes_device(args, lora, tiny_llama, tmp_path):
+    filled = [a.format(base=tiny_llama, lora=lora, tmp=tmp_path) for a in args] + ["--device", "cuda"]
+    result = CliRunner().invoke(main, filled)
+    assert result.exit_code == 1 and "device 'cuda'" in result.output and "--device cpu" in result.output
+    assert not (tmp_path / "q").exists()

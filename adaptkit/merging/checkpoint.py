@@ -58,15 +58,18 @@ def _checkpoint_key(module: str, param: str, shapes: dict) -> str | None:
 
 
 def plan_tensor_updates(
-    adapters: Sequence[LoraAdapter], weights: Sequence[float], shapes: dict[str, tuple[int, ...]], spec, where: str
+    adapters: Sequence[LoraAdapter], weights: Sequence[float], shapes: dict[str, tuple[int, ...]], spec, where: str,
+    positions: Sequence[int] | None = None,
 ) -> tuple[dict[str, _TensorUpdate], dict[str, torch.Tensor]]:
     """Map every adapter tensor onto checkpoint keys, checking shapes before anything is written.
 
+    ``positions``: each adapter's place in the whole merge (default 0, 1, ...), which seeds random methods.
     Returns the per-key updates and the new tensors that the checkpoint lacks (an untied lm_head).
     """
     updates: dict[str, _TensorUpdate] = {}
     added: dict[str, torch.Tensor] = {}
-    for index, (adapter, w) in enumerate(zip(adapters, weights)):
+    positions = range(len(adapters)) if positions is None else positions
+    for index, adapter, w in zip(positions, adapters, weights):
         source = adapter.source or "adapter"
         for module, factors in adapter.layers.items():
             key = _checkpoint_key(module, "weight", shapes)
@@ -104,6 +107,39 @@ def plan_tensor_updates(
     return updates, added
 
 
+class FineTune:
+    """A full fine-tune of the base as a merge source: its delta on a tensor is ``W_ft - W_base``.
+
+    The fine-tune must hold every tensor of the base with the same shape (checked from the headers
+    before anything is written); its tensors are read one at a time, as the base's shards stream by.
+    """
+
+    def __init__(self, folder: str | os.PathLike, base_shapes: dict[str, tuple[int, ...]], base_config):
+        from adaptkit.formats.checkpoint import open_checkpoint
+
+        self.folder = local_path(folder)
+        self.checkpoint = open_checkpoint(self.folder)
+        config = read_config(self.folder)
+        for field_name in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+            mine, theirs = getattr(config, field_name, None), getattr(base_config, field_name, None)
+            if mine != theirs:
+                raise AdapterMismatchError(
+                    f"{self.folder}: config.json has {field_name} = {mine!r} but the base has {theirs!r}; a full "
+                    "fine-tune merges only into the model it was tuned from")
+        shapes = self.checkpoint.keys_and_shapes()
+        for key, shape in base_shapes.items():
+            if key not in shapes:
+                raise AdapterMismatchError(f"{self.folder}: has no tensor {key!r}, which the base has; "
+                                           "a full fine-tune must hold every tensor of its base")
+            if tuple(shapes[key]) != tuple(shape):
+                raise AdapterMismatchError(f"{self.folder}: {key} has shape {tuple(shapes[key])}, the base "
+                                           f"{tuple(shape)} (a resized vocabulary cannot be merged as a delta)")
+        self.source = str(self.folder)
+
+    def delta(self, key: str, base_tensor: torch.Tensor) -> torch.Tensor:
+        return self.checkpoint.read_tensor(key).float() - base_tensor.float()
+
+
 def apply_update(tensor: torch.Tensor, update: _TensorUpdate, method: MergeMethod | None = None) -> torch.Tensor:
     """The merged tensor (float32) for one checkpoint tensor; ``method`` combines the deltas (default linear)."""
     if update.replacement is not None:
@@ -115,6 +151,31 @@ def apply_update(tensor: torch.Tensor, update: _TensorUpdate, method: MergeMetho
     weight = tensor.float().T if update.transposed else tensor.float()
     merged = merged_weight(weight, update.contributions)
     return merged.T.contiguous() if update.transposed else merged
+
+
+def apply_with_fine_tunes(tensor: torch.Tensor, key: str, update: _TensorUpdate | None,
+                          tuned: Sequence[tuple[int, FineTune, float]], method: MergeMethod) -> torch.Tensor:
+    """``W + method(deltas)`` where full fine-tunes (``(position, fine-tune, weight)``) change this tensor too.
+
+    Every delta is in the checkpoint's orientation; the method's seed key is the checkpoint key.
+    """
+    if update is not None and update.replacement is not None:
+        raise UnsupportedAdapterError(f"{key} is replaced by an adapter's modules_to_save and changed by a full "
+                                      "fine-tune; merge one of them")
+    deltas, weights, positions = [], [], []
+    for factors, w in update.contributions if update is not None else ():
+        if update.is_bias:
+            deltas.append(factors.scale * factors.lora_B_bias.float())
+        else:
+            low_rank = LowRank(B=factors.scale * factors.lora_B.float(), A=factors.lora_A.float())
+            deltas.append(LowRank(B=low_rank.A.T, A=low_rank.B.T) if update.transposed else low_rank)
+        weights.append(w)
+    positions.extend(update.indices if update is not None else ())
+    for position, fine_tune, w in tuned:
+        deltas.append(fine_tune.delta(key, tensor))
+        weights.append(w)
+        positions.append(position)
+    return tensor.float() + method.combine(deltas, weights, key, positions)
 
 
 def _apply_method(tensor: torch.Tensor, update: _TensorUpdate, method: MergeMethod) -> torch.Tensor:
@@ -141,17 +202,22 @@ def merge_checkpoint(
     density: float | None = None,
     seed: int | None = None,
     rank: int | None = None,
+    normalize: bool | None = None,
 ) -> Path:
-    """Merge LoRA adapters into a base checkpoint, one shard at a time, into a standalone folder.
+    """Merge LoRA adapters (and full fine-tunes) into a base checkpoint, one shard at a time.
 
     ``out`` holds sharded safetensors (the base's shard layout), an index, the config, tokenizer and
     generation config: ``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads it without
     adaptkit. Each merged tensor is ``W + sum_i w_i * dW_i`` computed in float32, then cast to
     ``dtype`` (default: the tensor's own dtype). Nothing is written to ``out`` unless it all works.
 
+    An entry of ``adapters`` may also be a full fine-tune of ``base`` (a model folder): its delta
+    on each tensor is ``W_ft - W`` (task arithmetic on checkpoints, as mergekit merges models).
+
     ``method`` (see :mod:`adaptkit.merging.methods`) combines the deltas of each tensor: ``linear``
     (default), ``svd`` (``rank``), ``ties``/``magnitude_prune`` (``density``), ``dare_linear``/``dare_ties``
-    (``density``, ``seed``). For ``svd`` the energy kept per tensor is written to ``adaptkit_merge.json``.
+    (``density``, ``seed``); ``ties``/``dare_ties`` take ``normalize``. For ``svd`` the energy kept per
+    tensor is written to ``adaptkit_merge.json``.
 
     Example:
         >>> merge_checkpoint("tiny-llama", ["sql-lora", "tone-lora"], "merged", weights=[0.7, 0.3])
@@ -162,15 +228,20 @@ def merge_checkpoint(
         open_checkpoint,
         write_shards,
     )
+    from adaptkit.formats.detect import is_model_folder
 
-    merge_method = make_method(method, density=density, seed=seed, rank=rank)
+    merge_method = make_method(method, density=density, seed=seed, rank=rank, normalize=normalize)
     base = local_path(base)
     config = read_config(base)
     checkpoint = open_checkpoint(base)
-    loaded = load_lora_adapters(adapters)
-    weights = check_merge_weights(loaded, weights)
+    shapes = checkpoint.keys_and_shapes()
+    full = [i for i, a in enumerate(adapters) if not isinstance(a, LoraAdapter) and is_model_folder(a)]
+    tuned = {i: FineTune(adapters[i], shapes, config) for i in full}
+    lora_positions = [i for i in range(len(adapters)) if i not in tuned]
+    loaded = load_lora_adapters([adapters[i] for i in lora_positions])
+    weights = check_merge_weights(adapters, weights)
     merge_method.check_weights(weights)
-    if not merge_method.is_linear:
+    if not merge_method.is_linear or tuned:
         for adapter in loaded:
             if adapter.config.use_dora:
                 raise UnsupportedAdapterError(
@@ -178,22 +249,28 @@ def merge_checkpoint(
                     f"method {merge_method.name!r} needs additive deltas, which DoRA (row-normalised) does not have"
                 )
     out_dtype = None if dtype in (None, "auto") else parse_dtype(dtype)  # auto: as stored
-    shapes = checkpoint.keys_and_shapes()
     facts = facts_from_config(config)
     check_fits_checkpoint(loaded, base)
-    updates, added = plan_tensor_updates(loaded, weights, shapes, facts.spec, where=str(base))
+    updates, added = plan_tensor_updates(loaded, [weights[i] for i in lora_positions], shapes, facts.spec,
+                                         where=str(base), positions=lora_positions)
+    changed_by_all = [(i, fine_tune, weights[i]) for i, fine_tune in tuned.items()]
+
+    def merged_tensor(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if changed_by_all and tensor.is_floating_point():
+            return apply_with_fine_tunes(tensor, key, updates.get(key), changed_by_all, merge_method)
+        return apply_update(tensor, updates[key], merge_method) if key in updates else tensor
 
     def merged_shards():  # one input shard in memory at a time
         for _, tensors in checkpoint.iter_shards():
             merged = {}
             for key, tensor in tensors.items():
-                new = apply_update(tensor, updates[key], merge_method) if key in updates else tensor
+                new = merged_tensor(key, tensor)
                 target = out_dtype if (out_dtype is not None and tensor.is_floating_point()) else tensor.dtype
                 merged[key] = new.to(target)
             yield merged
 
     n_shards = len(checkpoint.shards)
-    with atomic_output_dir(out, force=force, inputs=[base, *adapters]) as tmp:
+    with atomic_output_dir(out, force=force, inputs=[base, *[a for a in adapters if not isinstance(a, LoraAdapter)]]) as tmp:
         shards = tqdm(merged_shards(), total=n_shards, desc="merging shards", unit="shard", disable=not progress)
         write_shards(tmp, shards, n_shards, {key: t.to(out_dtype or t.dtype) for key, t in added.items()})
         config_updates = {}
@@ -202,10 +279,12 @@ def merge_checkpoint(
         if added:
             config_updates["tie_word_embeddings"] = False
         copy_side_files(base, tmp, config_updates)
+        sources = {i: a.source for i, a in zip(lora_positions, loaded)} | {i: t.source for i, t in tuned.items()}
         record = {
             "adaptkit_merge": {
                 "base": str(base),
-                "adapters": [a.source for a in loaded],
+                "adapters": [sources[i] for i in range(len(adapters))],
+                "full_fine_tunes": [sources[i] for i in sorted(tuned)],
                 "weights": weights,
                 "method": method if isinstance(method, str) else merge_method.name,
                 "method_params": merge_method.params(),
@@ -237,15 +316,44 @@ def attach_unmerged(engine, adapters: Sequence, weights: Sequence[float] | None 
 
 
 def verify_merged_checkpoint(
-    base: str | os.PathLike, adapters: Sequence, merged: str | os.PathLike, weights: Sequence[float] | None = None
+    base: str | os.PathLike, adapters: Sequence, merged: str | os.PathLike, weights: Sequence[float] | None = None,
+    device: str = "cpu",
 ) -> float:
     """Max abs logit difference between ``merged`` (loaded as a plain model) and base + adapters unmerged."""
-    engine = Engine.from_pretrained(base)
+    engine = Engine.from_pretrained(base, device=device)
     entry = attach_unmerged(engine, adapters, weights)
     ids = probe_ids(engine.base.facts.vocab_size)
     expected = engine.logits(ids, adapters=entry)
-    plain = load_base(merged).model
+    plain = load_base(merged, device=device).model
     with torch.inference_mode():
-        out = plain(input_ids=ids)
+        out = plain(input_ids=ids.to(device))
     got = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
     return float((got.float() - expected.float()).abs().max())
+
+
+def storage_rounding(base: str | os.PathLike, dtype: str | torch.dtype | None, device: str = "cpu") -> float:
+    """Max abs logit change, on the verification probe, from storing the *base's* weights in ``dtype``.
+
+    A checkpoint merged into ``dtype`` carries this rounding whatever the adapters: it is the error
+    a correct merge is expected to show (0 for float32, where only summation order differs).
+    """
+    target = None if dtype in (None, "auto") else parse_dtype(dtype)
+    if target is None or target == torch.float32:
+        return 0.0
+    model = load_base(base, device=device).model
+    ids = probe_ids(facts_from_config(read_config(base)).vocab_size).to(device)
+    with torch.inference_mode():
+        reference = model(input_ids=ids).logits.float()
+        for param in model.parameters():
+            param.data = param.data.to(target).float()
+        rounded = model(input_ids=ids).logits.float()
+    return float((rounded - reference).abs().max())
+
+
+def verify_verdict(diff: float, rounding: float, dtype) -> str:
+    """The ``--verify`` line: the figure, what the output dtype makes expected, and whether it is fine."""
+    expected = max(2.0 * rounding, 1e-4)
+    why = ("float32: only summation order differs, up to ~1e-4" if rounding == 0.0 else
+           f"storing the base alone in {dtype} moves its logits by {rounding:.1e}; up to 2x that is expected")
+    verdict = "fine" if diff <= expected else "MORE than expected: check the adapters, weights and --dtype"
+    return f"verify: max abs logit difference merged vs unmerged = {diff:.3e} ({why}): {verdict}"

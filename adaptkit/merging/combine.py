@@ -69,12 +69,12 @@ def check_same_base(adapters: Sequence[LoraAdapter]) -> None:
                 )
 
 
-def _resolve_method(method, density, seed, rank) -> tuple[MergeMethod, int | None]:
+def _resolve_method(method, density, seed, rank, normalize=None) -> tuple[MergeMethod, int | None]:
     """The method object, and the rank at which a non-exact, non-``svd`` result is factored."""
     cls = type(method) if isinstance(method, MergeMethod) else check_method(method) if isinstance(method, str) else None
     if cls is not None and "rank" in cls.parameters:
-        return make_method(method, density, seed, rank), None
-    merge_method = make_method(method, density, seed)
+        return make_method(method, density, seed, rank, normalize), None
+    merge_method = make_method(method, density, seed, normalize=normalize)
     if merge_method.is_linear and rank is not None:
         raise InvalidArgumentError(
             f"method {merge_method.name!r} is exact as an adapter of rank sum(r_i), so it takes no rank; "
@@ -131,6 +131,7 @@ def combine_adapters(
     density: float | None = None,
     seed: int | None = None,
     rank: int | None = None,
+    normalize: bool | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Combined:
@@ -141,7 +142,7 @@ def combine_adapters(
         weights: one per adapter (default all 1); negative weights subtract (``linear``).
         method: a name from :data:`~adaptkit.merging.methods.MERGE_METHODS` or a method object.
         out: folder to write (atomically: nothing is left behind on failure); None keeps it in memory.
-        density, seed: for ``ties``, ``dare_*``, ``magnitude_prune``.
+        density, seed: for ``ties``, ``dare_*``, ``magnitude_prune``; normalize: ``ties``, ``dare_ties``.
         rank: ``svd``: the target rank; ``ties``/``dare_*``/``magnitude_prune``: the rank the combined
             delta is factored at (default ``sum_i r_i``); not accepted by ``linear`` (exact).
 
@@ -150,7 +151,7 @@ def combine_adapters(
         >>> res.exact
         True
     """
-    merge_method, out_rank = _resolve_method(method, density, seed, rank)
+    merge_method, out_rank = _resolve_method(method, density, seed, rank, normalize)
     loaded = load_lora_adapters(adapters)
     weights = check_merge_weights(loaded, weights)
     merge_method.check_weights(weights)

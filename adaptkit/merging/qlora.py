@@ -41,8 +41,8 @@ def relative_logit_error(reference: torch.Tensor, other: torch.Tensor) -> float:
     return float(torch.linalg.norm(other - reference) / torch.linalg.norm(reference))
 
 
-def _load_nf4(base, compute_dtype, quantize_options: dict) -> LoadedBase:
-    return load_base(base, dtype=compute_dtype, quantize="nf4", quantize_options=quantize_options)
+def _load_nf4(base, compute_dtype, quantize_options: dict, device: str = "cpu") -> LoadedBase:
+    return load_base(base, dtype=compute_dtype, quantize="nf4", quantize_options=quantize_options, device=device)
 
 
 def _quantized_layers(model) -> dict[str, torch.nn.Module]:
@@ -83,6 +83,7 @@ def merge_qlora_checkpoint(
     force: bool = False,
     progress: bool = True,
     loaded: LoadedBase | None = None,
+    device: str = "cpu",
     **quantize_options,
 ) -> Path:
     """Merge LoRAs trained on the NF4-quantized ``base`` into a standalone checkpoint.
@@ -99,6 +100,8 @@ def merge_qlora_checkpoint(
         requantize: keep NF4: ``Q(W + dW)`` saved with transformers' 4-bit serialization.
         loaded: an NF4 base already in memory (e.g. ``engine.base`` after serving, with no LoRA
             merged into it in place); its layers are read as loaded, whatever forwards did since.
+        device: where the base is loaded and dequantized (``cuda``: bitsandbytes' GPU kernels); the
+            merge arithmetic and the output are on the CPU.
 
     Example:
         >>> merge_qlora_checkpoint("llama-7b", ["qlora-sql"], "merged-sql", dtype="bfloat16")
@@ -106,7 +109,7 @@ def merge_qlora_checkpoint(
     adapters = load_lora_adapters(adapters)
     weights = check_merge_weights(adapters, weights)
     if loaded is None:
-        loaded = _load_nf4(base, compute_dtype, quantize_options)
+        loaded = _load_nf4(base, compute_dtype, quantize_options, device)
     elif loaded.quantize is None or requantize or Path(base).resolve() != loaded.path.resolve():
         raise InvalidArgumentError(
             f"{loaded.path}: loaded= takes the NF4 base loaded from {base}, and not with requantize (which "
@@ -146,7 +149,7 @@ def _merge_dequantized(base: Path, loaded: LoadedBase, adapters, weights, out, d
                     continue
                 if key in weight_keys:
                     stored = tensor.dtype if tensor.is_floating_point() else loaded.dtype  # NF4 folder: codes
-                    tensor = quant.dequantize_weight(layers[weight_keys[key]])  # [out, in] float32, as loaded
+                    tensor = quant.dequantize_weight(layers[weight_keys[key]]).cpu()  # [out, in] float32, as loaded
                     if weight_keys[key].rpartition(".")[2] in spec.conv1d_modules:
                         tensor = tensor.T  # Conv1D stores [in, out]
                     target = out_dtype or stored
@@ -182,23 +185,24 @@ def _merge_requantized(loaded: LoadedBase, adapters, weights, out, force) -> Pat
         for name, factors in adapter.layers.items():
             per_module.setdefault(name, []).append((factors, w))
     # every new tensor is computed before any is written: a failure leaves the model as loaded
-    new_weights = {name: merged_weight(weight_out_in(modules[name]), c) for name, c in per_module.items()}
+    new_weights = {name: merged_weight(weight_out_in(modules[name]).cpu(), c) for name, c in per_module.items()}
     new_params = []  # (parameter, value): lora_bias, modules_to_save
     for name, contributions in per_module.items():
         if any(f.lora_B_bias is not None for f, _ in contributions):
-            new_params.append((modules[name].bias, merged_bias(modules[name].bias, contributions)))
+            new_params.append((modules[name].bias, merged_bias(modules[name].bias.cpu(), contributions)))
     for adapter in adapters:
         for name, params in adapter.saved_modules.items():
             owned = dict(modules[name].named_parameters())
             new_params += [(owned[p], t.float()) for p, t in params.items()]
     for name, value in new_weights.items():
         module = modules[name]
+        value = value.to(module.weight.device)
         if quant.is_quantized(module):
             quant.replace_weight(module, value)
         else:  # a layer kept dense (skip_modules)
             module.weight.data.copy_((value.T if is_conv1d(module) else value).to(module.weight.dtype))
     for param, value in new_params:
-        param.data.copy_(value.to(param.dtype))
+        param.data.copy_(value.to(param.device, param.dtype))
     return _save_nf4(loaded, out, force, record=lambda tmp: _write_record(
         tmp, loaded.path, loaded, adapters, weights, "requantize", "nf4"))
 
@@ -250,9 +254,10 @@ def quantize_base(
     out: str | os.PathLike,
     compute_dtype: str | torch.dtype = "bfloat16",
     force: bool = False,
+    device: str = "cpu",
     **quantize_options,
 ) -> Path:
-    """Save ``base`` with its linear layers in NF4, so the 4-bit base can be shipped.
+    """Save ``base`` with its linear layers in NF4, so the 4-bit base can be shipped (quantized on ``device``).
 
     The folder is transformers' own 4-bit serialization (codes + quant state per weight,
     ``quantization_config`` in config.json): ``from_pretrained(out)`` and
@@ -261,7 +266,7 @@ def quantize_base(
     Example:
         >>> quantize_base("llama-7b", "llama-7b-nf4", compute_dtype="bfloat16", double_quant=True)
     """
-    return _save_nf4(_load_nf4(base, compute_dtype, quantize_options), out, force)
+    return _save_nf4(_load_nf4(base, compute_dtype, quantize_options, device), out, force)
 
 
 def qlora_merge_error(
@@ -270,6 +275,7 @@ def qlora_merge_error(
     merged: str | os.PathLike,
     weights: Sequence[float] | None = None,
     compute_dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
     **quantize_options,
 ) -> float:
     """Relative logit error of a merged checkpoint vs the unmerged QLoRA model, on a fixed probe.
@@ -282,12 +288,12 @@ def qlora_merge_error(
     from adaptkit.engine import Engine
     from adaptkit.merging.checkpoint import attach_unmerged, probe_ids
 
-    engine = Engine(_load_nf4(base, compute_dtype, quantize_options))
+    engine = Engine(_load_nf4(base, compute_dtype, quantize_options, device))
     entry = attach_unmerged(engine, adapters, weights)
     ids = probe_ids(engine.base.facts.vocab_size)
     with quant.dequantizing_kernels(engine.model):
         reference = engine.logits(ids, adapters=entry)
     del engine
-    other = Engine.from_pretrained(merged, dtype=compute_dtype)
+    other = Engine.from_pretrained(merged, dtype=compute_dtype, device=device)
     with quant.dequantizing_kernels(other.model):
         return relative_logit_error(reference, other.logits(ids))

@@ -12,7 +12,8 @@
       - {path: sql, weight: 0.7}
       - tone
 
-Relative paths are relative to the recipe file. Every problem is reported with the file, the line
+mergekit's YAML configs are accepted too (``merge_method``, ``models``, ``base_model``; see
+:mod:`adaptkit.merging.mergekit`). Relative paths are relative to the recipe file. Every problem is reported with the file, the line
 and the field (``r.yaml:7: adapters[1].weight: ...``) before anything is read or written.
 """
 
@@ -28,7 +29,7 @@ from adaptkit.errors import AdaptkitError, InvalidArgumentError
 
 FIELDS = ("adapters", "base", "dtype", "into", "method", "out", "parameters")
 ADAPTER_FIELDS = ("path", "weight")
-PARAMETERS = ("density", "rank", "seed")
+PARAMETERS = ("density", "rank", "seed", "normalize")
 INTO = ("adapter", "checkpoint")
 
 
@@ -45,6 +46,7 @@ class Recipe:
     base: Path | None = None
     dtype: str | None = None
     parameters: dict = field(default_factory=dict)
+    scale: float = 1.0  # a factor on the combined delta (mergekit's lambda where weights cannot carry it)
 
 
 def _line_table(text: str) -> dict[tuple, int]:
@@ -162,6 +164,10 @@ def load_recipe(path: str | os.PathLike, out: str | os.PathLike | None = None) -
             from None
     data = _parse(source, text)
     check = _Checker(source, _line_table(text))
+    from adaptkit.merging import mergekit
+
+    if mergekit.is_mergekit(data):
+        return mergekit.translate(data, check, out)
     check.mapping(data, (), FIELDS)
     for required in ("adapters",) if out is not None else ("adapters", "out"):
         if required not in data:
@@ -233,6 +239,9 @@ def run_recipe(recipe: Recipe, force: bool = False, progress: bool = True):
         return combine_adapters(list(recipe.adapters), list(recipe.weights), recipe.method, out=recipe.out,
                                 force=force, progress=progress, **recipe.parameters)
     from adaptkit.merging.checkpoint import merge_checkpoint
+    from adaptkit.merging.methods import Scaled, make_method
 
+    method = make_method(recipe.method, **recipe.parameters)
     return merge_checkpoint(recipe.base, list(recipe.adapters), recipe.out, weights=list(recipe.weights),
-                            dtype=recipe.dtype, method=recipe.method, force=force, progress=progress, **recipe.parameters)
+                            dtype=recipe.dtype, method=Scaled(method, recipe.scale) if recipe.scale != 1.0 else method,
+                            force=force, progress=progress)

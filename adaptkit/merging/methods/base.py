@@ -69,12 +69,13 @@ class MergeMethod:
     """
 
     name: ClassVar[str] = ""
-    parameters: ClassVar[tuple[str, ...]] = ()  # of "density", "seed", "rank"
+    parameters: ClassVar[tuple[str, ...]] = ()  # of "density", "seed", "rank", "normalize"
     is_linear: ClassVar[bool] = False  # result == sum_i w_i dW_i (exact as a rank-concatenated LoRA)
     signs_elected: ClassVar[bool] = False  # elects a sign across adapters: weights must be positive
 
-    def __init__(self, density: float | None = None, seed: int | None = None, rank: int | None = None):
-        given = {"density": density, "seed": seed, "rank": rank}
+    def __init__(self, density: float | None = None, seed: int | None = None, rank: int | None = None,
+                 normalize: bool | None = None):
+        given = {"density": density, "seed": seed, "rank": rank, "normalize": normalize}
         extra = sorted(k for k, v in given.items() if v is not None and k not in self.parameters)
         if extra:
             takes = ", ".join(self.parameters) or "no parameters"
@@ -82,6 +83,9 @@ class MergeMethod:
         self.density = check_density(density, self.name) if "density" in self.parameters else None
         self.seed = _check_int("seed", 0 if seed is None else seed, 0) if "seed" in self.parameters else None
         self.rank = None if rank is None else _check_int("rank", rank, 1)
+        if normalize is not None and not isinstance(normalize, bool):
+            raise InvalidArgumentError(f"normalize must be true or false, got {normalize!r}")
+        self.normalize = (True if normalize is None else normalize) if "normalize" in self.parameters else None
         self.energy: dict[str, float] = {}  # tensor key -> share of ||delta||_F^2 kept (methods that truncate)
 
     def params(self) -> dict:
@@ -127,15 +131,39 @@ def keep_largest(delta: torch.Tensor, density: float) -> torch.Tensor:
     return (flat * mask).view_as(delta)
 
 
-def disjoint_mean(weighted: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+def disjoint_mean(weighted: torch.Tensor, weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
     """TIES' elect + disjoint merge over stacked weighted deltas ``v_i = w_i * dW_i`` [n, ...].
 
     Elect ``gamma = sign(sum_i v_i)`` (0 counts as +), keep the ``v_i`` whose sign agrees and
-    average them with their weights: ``sum_i m_i v_i / sum_i m_i w_i`` (an entry nobody keeps is 0).
+    average them with their weights: ``sum_i m_i v_i / sum_i m_i w_i`` (an entry nobody keeps is 0);
+    ``normalize=False`` keeps the sum ``sum_i m_i v_i`` (mergekit's ``normalize: false``).
     With all weights 1 this is Yadav et al. (2023), Algorithm 1, steps 2-3.
     """
     elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
     agrees = (weighted.sign() == elected).float()
+    kept = (weighted * agrees).sum(dim=0)
+    if not normalize:
+        return kept
     w = torch.tensor(list(weights), dtype=weighted.dtype).view(-1, *([1] * (weighted.ndim - 1)))
     divisor = (agrees * w).sum(dim=0)
-    return (weighted * agrees).sum(dim=0) / torch.where(divisor == 0, 1.0, divisor)
+    return kept / torch.where(divisor == 0, 1.0, divisor)
+
+
+class Scaled(MergeMethod):
+    """Another method's combined delta times ``factor`` (mergekit's ``lambda``)."""
+
+    def __init__(self, inner: MergeMethod, factor: float):
+        super().__init__()
+        self.inner, self.factor = inner, float(factor)
+        self.name, self.parameters = inner.name, inner.parameters
+        self.is_linear, self.signs_elected = inner.is_linear, inner.signs_elected
+        self.energy = inner.energy
+
+    def params(self) -> dict:
+        return {**self.inner.params(), "lambda": self.factor}
+
+    def check_weights(self, weights: Sequence[float]) -> None:
+        self.inner.check_weights(weights)
+
+    def combine(self, deltas: Sequence[Delta], weights: Sequence[float], key: str, indices: Sequence[int]) -> torch.Tensor:
+        return self.factor * self.inner.combine(deltas, weights, key, indices)

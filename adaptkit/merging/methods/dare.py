@@ -5,7 +5,8 @@ is the paper's drop rate) and the kept entries are divided by ``density``, so th
 unchanged: ``dare(dW) = m * dW / density``, ``m ~ Bernoulli(density)``.
 
 - ``dare_linear``: ``sum_i w_i dare(dW_i)``;
-- ``dare_ties``: TIES' sign election and weighted disjoint mean over ``w_i dare(dW_i)``.
+- ``dare_ties``: TIES' sign election and weighted disjoint mean over ``w_i dare(dW_i)``
+  (``normalize=False``: the weighted sum of the agreeing entries, mergekit's default for dare_ties).
 
 The masks are drawn from ``torch.Generator`` seeded by :func:`~adaptkit.merging.methods.base.seed_for`
 (``seed``, tensor key, adapter index): the same seed gives the same merge, whatever the shard order.
@@ -51,7 +52,8 @@ class DareTies(_Dare):
     """DARE on each delta, then TIES' sign election and weighted disjoint mean."""
 
     name = "dare_ties"
+    parameters = ("density", "seed", "normalize")
     signs_elected = True
 
     def combine(self, deltas: Sequence[Delta], weights: Sequence[float], key: str, indices: Sequence[int]) -> torch.Tensor:
-        return disjoint_mean(self._dropped(deltas, weights, key, indices), weights)
+        return disjoint_mean(self._dropped(deltas, weights, key, indices), weights, self.normalize)
