@@ -45,7 +45,7 @@ def test_merge_verify_and_output_loads(lora, tiny_llama, tmp_path):
     out = tmp_path / "merged"
     result = CliRunner().invoke(main, ["merge", str(tiny_llama), str(lora), "-o", str(out), "--verify", "-q"])
     assert result.exit_code == 0, result.output
-    diff = float(result.output.split("=")[-1])
+    diff = float(result.output.split("= ")[-1].split()[0])
     assert diff < 1e-4
     ids = random_ids(seed=2)
     engine = ak.Engine.from_pretrained(tiny_llama)
