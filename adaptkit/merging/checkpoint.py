@@ -350,10 +350,10 @@ def storage_rounding(base: str | os.PathLike, dtype: str | torch.dtype | None, d
     return float((rounded - reference).abs().max())
 
 
-def verify_verdict(diff: float, rounding: float, dtype) -> str:
+def verify_verdict(diff: float, rounding: float, dtype, what: str = "merged vs unmerged") -> str:
     """The ``--verify`` line: the figure, what the output dtype makes expected, and whether it is fine."""
     expected = max(2.0 * rounding, 1e-4)
     why = ("float32: only summation order differs, up to ~1e-4" if rounding == 0.0 else
            f"storing the base alone in {dtype} moves its logits by {rounding:.1e}; up to 2x that is expected")
     verdict = "fine" if diff <= expected else "MORE than expected: check the adapters, weights and --dtype"
-    return f"verify: max abs logit difference merged vs unmerged = {diff:.3e} ({why}): {verdict}"
+    return f"verify: max abs logit difference {what} = {diff:.3e} ({why}): {verdict}"
