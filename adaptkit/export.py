@@ -14,7 +14,8 @@ from adaptkit.engine import Engine
 
 
 def export_prefix_cache(
-    adapter, base: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32", force: bool = False
+    adapter, base: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32", force: bool = False,
+    device: str = "cpu",
 ) -> Path:
     """Write the K/V a prefix or prompt ``adapter`` puts in every layer of ``base`` to one safetensors file.
 
@@ -36,7 +37,7 @@ def export_prefix_cache(
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass force=True (CLI: --force) to replace it")
     loaded = read_adapter(adapter) if isinstance(adapter, (str, os.PathLike)) else adapter
-    engine = Engine.from_pretrained(base, dtype=dtype)
+    engine = Engine.from_pretrained(base, dtype=dtype, device=device)
     engine.add_adapter("export", loaded)
     return write_prefix_file(prefix_cache_for(loaded, engine.model, engine.base.fingerprint), out, force=force)
 

@@ -93,7 +93,7 @@ def main():
               help="Combine the LoRAs (all positional arguments; no base) into one LoRA folder instead.")
 @click.option("--recipe", default=None, type=click.Path(),
               help="Read the whole merge from a YAML/JSON recipe file (no positional arguments).")
-@click.option("--dtype", default=None, help="Output dtype: float32, float16 or bfloat16 (default: as stored).")
+@click.option("--dtype", default=None, help="Output dtype: float32, float16, bfloat16 or auto (default, auto: as stored).")
 @click.option("--verify", is_flag=True, help="Compare merged vs unmerged logits on a probe and print the max difference.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -386,7 +386,8 @@ def _bench_adapters(values) -> list[str]:
 @click.option("--prompt-len", default=128, show_default=True, help="Prompt tokens per row.")
 @click.option("--new-tokens", default=32, show_default=True, help="Tokens generated per row (>= 2).")
 @click.option("--quantize", type=click.Choice(["nf4"]), default=None, help="Load BASE in 4-bit NF4 (QLoRA).")
-@click.option("--dtype", default="float32", show_default=True, help="float32, float16 or bfloat16 (compute dtype with NF4).")
+@click.option("--dtype", default="float32", show_default=True,
+              help="float32, float16, bfloat16 or auto (the checkpoint's); the compute dtype with NF4.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--repeats", default=10, show_default=True, help="Timed rounds (every case once per round).")
 @click.option("--warmup", default=2, show_default=True, help="Untimed rounds first.")
@@ -436,7 +437,7 @@ def bench(base, adapter_values, batch, prompt_len, new_tokens, quantize, dtype, 
 @click.option("--default-max-tokens", default=16, show_default=True, help="max_tokens when a request gives none.")
 @click.option("--served-model-name", default=None, help="The base's model name (default: BASE's folder name).")
 @click.option("--quantize", type=click.Choice(["nf4"]), default=None, help="Load BASE in 4-bit NF4 (QLoRA).")
-@click.option("--dtype", default="float32", show_default=True)
+@click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16, float16 or auto (the checkpoint's).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--api-key", envvar="ADAPTKIT_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on /v1/* (also from ADAPTKIT_API_KEY).")
@@ -523,7 +524,8 @@ _TRAIN_METHOD_OPTIONS = {
 @click.option("--weight-decay", default=0.0, show_default=True)
 @click.option("--pattern", default=None, help='Classification: pattern with {text} and one {mask}, e.g. "{text} It was {mask}."')
 @click.option("--verbalizer", default=None, help='Classification: label=word,... or a JSON object (default: label itself).')
-@click.option("--dtype", default="float32", show_default=True, help="Base dtype (compute dtype for qlora).")
+@click.option("--dtype", default="float32", show_default=True,
+              help="Base dtype: float32, bfloat16, float16 or auto (the checkpoint's); the compute dtype for qlora.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--rank", default=None, type=int, help="lora/qlora/pet: LoRA rank (default 8).")
 @click.option("--alpha", default=None, type=float, help="lora/qlora/pet: LoRA alpha (default 16).")
@@ -581,13 +583,14 @@ def export():
 @click.argument("adapter", type=click.Path())
 @click.option("--base", required=True, type=click.Path(), help="Base model folder the K/V are computed on.")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output file, FILE.safetensors.")
-@click.option("--dtype", default="float32", show_default=True, help="float32, float16 or bfloat16.")
+@click.option("--dtype", default="float32", show_default=True, help="float32, float16, bfloat16 or auto (the checkpoint's).")
+@click.option("--device", default="cpu", show_default=True, help="Where the K/V are computed: cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def prefix_cache(adapter, base, out, dtype, force):
+def prefix_cache(adapter, base, out, dtype, device, force):
     """Write the per-layer K/V of a prefix or prompt ADAPTER on BASE to one file that loads as an adapter."""
     from adaptkit.export import export_prefix_cache
 
-    path = export_prefix_cache(adapter, base, out, dtype=dtype, force=force)
+    path = export_prefix_cache(adapter, base, out, dtype=dtype, force=force, device=device)
     click.echo(f"wrote {path}")
 
 
@@ -599,7 +602,11 @@ def prefix_cache(adapter, base, out, dtype, force):
 @click.option("--verify", is_flag=True, help="Run prefill + 3 decode steps in onnxruntime vs torch; print the max difference.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def onnx_command(base, adapter, out, verify, force):
-    """Write BASE (+ ADAPTER) as one ONNX graph for prefill and decode, with KV-cache inputs and outputs."""
+    """Write BASE (+ ADAPTER) as one ONNX graph for prefill and decode, with KV-cache inputs and outputs.
+
+    The graph is traced from a float32 copy on the CPU (so it takes no --device or --dtype): it runs
+    wherever onnxruntime does, on the execution provider the user picks.
+    """
     from adaptkit.export import export_onnx, verify_onnx
 
     if verify:  # before the export: a missing verifier should not cost the export first

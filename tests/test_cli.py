@@ -141,8 +141,12 @@ def test_verify_says_what_error_the_output_dtype_makes_expected(lora, tiny_llama
     ["inspect", "{lora}", "--base", "{base}", "--load", "nf4"],
     ["merge", "{base}", "{lora}", "-o", "{tmp}/m", "--quantize", "nf4"],
     ["merge", "{base}", "{lora}", "-o", "{tmp}/m", "--verify"],
+    ["export", "prefix-cache", "{lora}", "--base", "{base}", "-o", "{tmp}/kv.safetensors"],
+    ["bench", "{base}", "--dtype", "auto"],
+    ["train", "--method", "lora", "--base", "{base}", "--data", "{tmp}/data.jsonl", "-o", "{tmp}/t", "--dtype", "auto"],
 ])
 def test_every_command_that_loads_a_model_takes_device(args, lora, tiny_llama, tmp_path):
+    (tmp_path / "data.jsonl").write_text('{"text": "SELECT name FROM users"}\n' * 4)
     filled = [a.format(base=tiny_llama, lora=lora, tmp=tmp_path) for a in args] + ["--device", "cuda"]
     result = CliRunner().invoke(main, filled)
     assert result.exit_code == 1 and "device 'cuda'" in result.output and "--device cpu" in result.output
