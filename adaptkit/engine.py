@@ -27,12 +27,20 @@ from adaptkit import inject, prefix_cache, sites
 from adaptkit.adapters.bottleneck import bottleneck_details
 from adaptkit.adapters.compose import check_row_entries
 from adaptkit.adapters.fusion import fusion_details
-from adaptkit.adapters.lora import LoraAdapter, LoraWeights, merged_bias, merged_weight
+from adaptkit.adapters.lora import (
+    RESIDUAL_INITS,
+    LoraAdapter,
+    LoraWeights,
+    fold_base_residual,
+    merged_bias,
+    merged_weight,
+)
 from adaptkit.adapters.pet import pet_details
 from adaptkit.adapters.prefix import prefix_details
 from adaptkit.adapters.prompt import prompt_details
 from adaptkit.base import LoadedBase, check_made_for, load_base
 from adaptkit.errors import (
+    AdapterMismatchError,
     EngineStateError,
     InvalidArgumentError,
     UnknownAdapterError,
@@ -65,16 +73,29 @@ class AdapterInfo:
 
 
 def _lora_details(adapter: LoraAdapter) -> dict:
+    cfg = adapter.config
     ranks = sorted(set(adapter.ranks().values()))
-    return {
+    details = {
         "ranks": ranks,
-        "alpha": adapter.config.alpha,
+        "alpha": cfg.alpha,
         "targets": sorted({m.rpartition(".")[2] for m in adapter.layers}),
         "modules": len(adapter.layers),
-        "dora": adapter.config.use_dora,
-        "rslora": adapter.config.use_rslora,
+        "dora": cfg.use_dora,
+        "rslora": cfg.use_rslora,
         "modules_to_save": sorted(adapter.saved_modules),
     }
+    # every other option in use, so that inspect names all of them
+    used = {"lora_bias": cfg.lora_bias, "fan_in_fan_out": cfg.fan_in_fan_out, "rank_pattern": dict(cfg.rank_pattern),
+            "alpha_pattern": dict(cfg.alpha_pattern), "layers_to_transform": cfg.layers_to_transform,
+            "exclude_modules": cfg.exclude_modules}
+    details.update({k: v for k, v in used.items() if v})
+    if cfg.init_lora_weights in RESIDUAL_INITS:
+        state = "folded in: rank doubled" if adapter.residual_folded else "recomputed from the base when loaded"
+        details["init_lora_weights"] = (f"{cfg.init_lora_weights} (PEFT subtracts s*B0*A0 from the base at load; "
+                                        f"{state}, exact)")
+    elif cfg.init_lora_weights is not True:
+        details["init_lora_weights"] = f"{cfg.init_lora_weights} (sets A and B only: nothing to do at load)"
+    return details
 
 
 # kind -> (attach, detach, details). A new kind adds one entry here.
@@ -189,6 +210,8 @@ class Engine:
         if handlers is None:
             raise UnsupportedAdapterError(f"adapter kind {loaded.kind!r} cannot be served by this engine")
         self._check_base(loaded)
+        if isinstance(loaded, LoraAdapter) and loaded.needs_base_residual:
+            loaded = fold_base_residual(loaded, self._base_weight)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise InvalidArgumentError(f"scale must be a finite number, got {scale!r}")
         if scale != 1.0:
@@ -203,6 +226,21 @@ class Engine:
         info = AdapterInfo(name, loaded.kind, loaded.parameter_count, loaded.nbytes, loaded.source, details(loaded))
         self._infos[name] = info
         return info
+
+    def _base_weight(self, module_name: str):
+        """(the base weight of ``module_name`` as [out, in] float32, whether it is a Conv1D)."""
+        from adaptkit import quant
+        from adaptkit.inject import base_modules, is_conv1d, weight_out_in
+
+        module = base_modules(self.model).get(module_name)
+        if module is None:
+            raise AdapterMismatchError(f"{module_name} is not a module of {self.base.path}")
+        if quant.is_quantized(module):
+            raise UnsupportedAdapterError(
+                f"{module_name} is a 4-bit layer: PEFT's PiSSA/OLoRA inits change the base weight at load, which on "
+                "an NF4 base means re-quantizing it; load the base in 16/32-bit, or convert the adapter to a plain "
+                "LoRA with PEFT (path_initial_model_for_weight_conversion)")
+        return weight_out_in(module), is_conv1d(module)
 
     def _check_base(self, adapter) -> None:
         check_made_for(adapter, self.base.facts, self.base.fingerprint)

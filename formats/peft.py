@@ -48,11 +48,11 @@ LORA_FIELD_TO_KEY = {field: key for key, field in reversed(LORA_KEY_TABLE.items(
 _LORA_FIELDS = {
     "r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias",
     "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules",
-    "modules_to_save", "bias",
+    "modules_to_save", "bias", "init_lora_weights",
 }
 _TRAINING_ONLY = {
     "peft_type", "task_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
-    "lora_dropout", "init_lora_weights", "loftq_config", "auto_mapping", "megatron_core", "qalora_group_size",
+    "lora_dropout", "loftq_config", "auto_mapping", "megatron_core", "qalora_group_size",
     "eva_config", "corda_config", "runtime_config", "ensure_weight_tying", "lora_ga_config",
 }
 # Fields whose non-empty value changes the forward pass in a way adaptkit does not implement.
@@ -103,6 +103,24 @@ def _check_fields(config: dict, path: Path) -> None:
         )
 
 
+def _init_lora_weights(config: dict, path: Path) -> bool | str:
+    """``init_lora_weights``: PEFT re-runs it at load, and some inits change the base weights then."""
+    from adaptkit.adapters.lora import PLAIN_INITS, RESIDUAL_INITS
+
+    value = config.get("init_lora_weights", True)
+    if value in PLAIN_INITS or value in RESIDUAL_INITS:
+        return value
+    if isinstance(value, str) and value.startswith(("pissa_niter_", "corda", "loftq", "lora_ga")):
+        raise UnsupportedAdapterError(
+            f"{path}: init_lora_weights={value!r}: PEFT changes the base weights when it loads this adapter, from a "
+            "randomized SVD, calibration data or quantization that cannot be recomputed exactly here. Convert it to a "
+            "plain LoRA with PEFT: keep the adapter as initialised (model.save_pretrained('init') before training), "
+            "then model.save_pretrained(OUT, path_initial_model_for_weight_conversion='init'); adaptkit serves OUT "
+            "exactly")
+    raise UnsupportedAdapterError(f"{path}: init_lora_weights={value!r} is not an init adaptkit knows; known: "
+                                  f"{', '.join(map(str, PLAIN_INITS + RESIDUAL_INITS))}")
+
+
 def lora_config_from_peft(config: dict, path: Path) -> LoraConfig:
     """Build a :class:`LoraConfig` from a PEFT LoRA config dict."""
     _check_fields(config, path)
@@ -124,6 +142,7 @@ def lora_config_from_peft(config: dict, path: Path) -> LoraConfig:
         layers_pattern=pattern or None,
         exclude_modules=fields.get_names(config, "exclude_modules", path, allow_regex=True),
         modules_to_save=fields.get_names(config, "modules_to_save", path) or (),
+        init_lora_weights=_init_lora_weights(config, path),
     )
 
 
@@ -232,6 +251,8 @@ def lora_config_to_peft(config: LoraConfig, base_class: str | None = None) -> di
         "inference_mode": True,
         "base_model_name_or_path": None,
     }
+    if config.init_lora_weights not in (True, False):  # PEFT re-runs it at load: keep it (pissa, olora, ...)
+        out["init_lora_weights"] = config.init_lora_weights
     if base_class:
         out["auto_mapping"] = {"base_model_class": base_class, "parent_library": "transformers"}
     return out
@@ -254,6 +275,10 @@ def lora_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
 def write_lora(adapter: LoraAdapter, folder: str | os.PathLike) -> Path:
     """Write a LoRA in the PEFT layout into an existing (normally temporary) folder."""
     folder = Path(folder)
+    if adapter.residual_folded:
+        raise UnsupportedAdapterError(
+            f"{adapter.source or 'adapter'}: its factors carry the base residual of init_lora_weights="
+            f"{adapter.config.init_lora_weights!r} (folded at load); write the adapter as it was read instead")
     folder.mkdir(parents=True, exist_ok=True)
     config = lora_config_to_peft(adapter.config, adapter.base_class)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -56,6 +56,7 @@ class LoraConfig:
     layers_pattern: tuple[str, ...] | None = None
     exclude_modules: tuple[str, ...] | str | None = None
     modules_to_save: tuple[str, ...] = ()
+    init_lora_weights: bool | str = True  # PEFT's; "pissa"/"olora" change the base at load (see fold_base_residual)
 
     def __post_init__(self):
         if self.r <= 0:
@@ -174,6 +175,13 @@ class LoraAdapter:
     kind = KIND
 
     @property
+    def needs_base_residual(self) -> bool:
+        """True until :func:`fold_base_residual` has folded the base change PEFT's init makes at load."""
+        return self.config.init_lora_weights in RESIDUAL_INITS and not self.residual_folded
+
+    residual_folded: bool = False  # the layers already carry the init's base residual as extra rank
+
+    @property
     def parameter_count(self) -> int:
         count = sum(p.numel() for w in self.layers.values() for p in w.parameters())
         return count + sum(t.numel() for sd in self.saved_modules.values() for t in sd.values())
@@ -185,6 +193,56 @@ class LoraAdapter:
 
     def ranks(self) -> dict[str, int]:
         return {name: w.rank for name, w in self.layers.items()}
+
+
+# ----------------------------------------------------------------------------- inits that change the base
+# PEFT re-runs ``init_lora_weights`` when it loads an adapter. Most inits only set A and B (which the
+# file then overwrites); these two also subtract ``s * B0 A0`` from the base weight, computed from
+# the base weight itself, deterministically (a full SVD, a QR), so adaptkit recomputes it exactly.
+RESIDUAL_INITS = ("pissa", "olora")
+# inits that leave the base as it is at load
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+
+
+def residual_factors(init: str, weight: torch.Tensor, conv1d: bool, rank: int, scale: float):
+    """(B0, A0), [out, r] and [r, in], with ``scale * B0 @ A0`` what PEFT's ``init`` subtracts from
+    ``weight`` ([out, in], float32) when it loads the adapter (``peft.tuners.lora.layer``).
+
+    - ``pissa``: the top-``rank`` SVD of W: ``s B0 A0 = V_r S_r U_r^T`` (Meng et al., 2024);
+    - ``olora``: the first ``rank`` columns/rows of the QR of the weight *as stored* (GPT-2's Conv1D
+      stores [in, out]; PEFT factors that): ``s B0 A0 = s Q_r R_r`` (Büyükakyüz, 2024).
+    """
+    weight = weight.float()
+    if init == "pissa":
+        V, S, Uh = torch.linalg.svd(weight, full_matrices=False)
+        return V[:, :rank] * (S[:rank] / scale), Uh[:rank]
+    if init == "olora":
+        Q, R = torch.linalg.qr(weight.T if conv1d else weight)
+        Qr, Rr = Q[:, :rank], R[:rank]
+        return (Rr.T.contiguous(), Qr.T.contiguous()) if conv1d else (Qr, Rr)
+    raise InvalidArgumentError(f"init {init!r} has no base residual to recompute")
+
+
+def fold_base_residual(adapter: LoraAdapter, weight_of) -> LoraAdapter:
+    """The adapter with PEFT's load-time base change folded into its factors, as a plain LoRA.
+
+    PEFT serves ``(W - s B0 A0) + s B A``; that is ``W + s [B, -B0] [A; A0]``: the same LoRA with
+    rank ``2r`` on the unchanged base, so other rows (and other adapters) keep the original base.
+    ``weight_of(module)`` gives the base weight ([out, in] float32) and whether it is a Conv1D.
+    """
+    if not adapter.needs_base_residual:
+        return adapter
+    init, layers = adapter.config.init_lora_weights, {}
+    for name, w in adapter.layers.items():
+        weight, conv1d = weight_of(name)
+        B0, A0 = residual_factors(init, weight, conv1d, w.rank, w.scale)
+        layers[name] = LoraWeights(torch.cat([w.lora_A.data.float(), A0]).to(w.lora_A.dtype),
+                                   torch.cat([w.lora_B.data.float(), -B0], dim=1).to(w.lora_B.dtype), w.scale,
+                                   lora_B_bias=None if w.lora_B_bias is None else w.lora_B_bias.data,
+                                   magnitude=None if w.magnitude is None else w.magnitude.data)
+    import dataclasses
+
+    return dataclasses.replace(adapter, layers=layers, residual_folded=True)
 
 
 # ----------------------------------------------------------------------------- merging into weights

@@ -19,6 +19,7 @@ from adaptkit.adapters.lora import (
     Contribution,
     LoraAdapter,
     check_merge_weights,
+    fold_base_residual,
     merged_bias,
     merged_weight,
 )
@@ -238,7 +239,9 @@ def merge_checkpoint(
     full = [i for i, a in enumerate(adapters) if not isinstance(a, LoraAdapter) and is_model_folder(a)]
     tuned = {i: FineTune(adapters[i], shapes, config) for i in full}
     lora_positions = [i for i in range(len(adapters)) if i not in tuned]
+    facts = facts_from_config(config)
     loaded = load_lora_adapters([adapters[i] for i in lora_positions])
+    loaded = [fold_base_residual(a, _stored_weight(checkpoint, shapes, facts.spec)) for a in loaded]
     weights = check_merge_weights(adapters, weights)
     merge_method.check_weights(weights)
     if not merge_method.is_linear or tuned:
@@ -249,7 +252,6 @@ def merge_checkpoint(
                     f"method {merge_method.name!r} needs additive deltas, which DoRA (row-normalised) does not have"
                 )
     out_dtype = None if dtype in (None, "auto") else parse_dtype(dtype)  # auto: as stored
-    facts = facts_from_config(config)
     check_fits_checkpoint(loaded, base)
     updates, added = plan_tensor_updates(loaded, [weights[i] for i in lora_positions], shapes, facts.spec,
                                          where=str(base), positions=lora_positions)
@@ -296,6 +298,20 @@ def merge_checkpoint(
             record["adaptkit_merge"]["energy_kept"] = merge_method.energy
         (tmp / "adaptkit_merge.json").write_text(json.dumps(record, indent=2))
     return Path(out)
+
+
+def _stored_weight(checkpoint, shapes: dict, spec):
+    """``weight_of`` for :func:`fold_base_residual` from a checkpoint: ([out, in] float32, is Conv1D)."""
+
+    def weight_of(module: str):
+        key = _checkpoint_key(module, "weight", shapes)
+        if key is None:
+            raise AdapterMismatchError(f"{module}.weight is not in {checkpoint.folder}; the adapter is for another base")
+        conv1d = module.rpartition(".")[2] in spec.conv1d_modules
+        tensor = checkpoint.read_tensor(key).float()
+        return (tensor.T if conv1d else tensor), conv1d
+
+    return weight_of
 
 
 def probe_ids(vocab_size: int, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:

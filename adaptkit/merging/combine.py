@@ -161,6 +161,11 @@ def combine_adapters(
                 f"{adapter.source}: DoRA adapters cannot be combined into a LoRA (the DoRA update depends on the base "
                 "weights and is not low rank); merge it into the base with merge_checkpoint instead"
             )
+        if adapter.needs_base_residual:
+            raise UnsupportedAdapterError(
+                f"{adapter.source}: init_lora_weights={adapter.config.init_lora_weights!r} changes the base weights "
+                "(PEFT subtracts a part of them at load), which a combination without the base cannot carry; merge "
+                "it into the base with merge_checkpoint instead")
     check_same_base(loaded)
     saved = _saved_modules(loaded, weights)
 

@@ -25,7 +25,7 @@ import torch
 from adaptkit import quant
 from adaptkit.adapters.lora import check_merge_weights, merged_bias, merged_weight
 from adaptkit.base import LoadedBase, check_made_for, load_base, parse_dtype
-from adaptkit.errors import AdapterMismatchError, InvalidArgumentError
+from adaptkit.errors import AdapterMismatchError, InvalidArgumentError, UnsupportedAdapterError
 from adaptkit.formats.detect import load_lora_adapters
 from adaptkit.inject import base_modules, check_lora_fits
 from adaptkit.merging.checkpoint import apply_update, plan_tensor_updates
@@ -108,6 +108,11 @@ def merge_qlora_checkpoint(
     """
     adapters = load_lora_adapters(adapters)
     weights = check_merge_weights(adapters, weights)
+    for adapter in adapters:
+        if adapter.needs_base_residual:
+            raise UnsupportedAdapterError(
+                f"{adapter.source}: init_lora_weights={adapter.config.init_lora_weights!r} changes the base weights "
+                "at load, which on an NF4 base means re-quantizing them; merge it into the 16/32-bit base instead")
     if loaded is None:
         loaded = _load_nf4(base, compute_dtype, quantize_options, device)
     elif loaded.quantize is None or requantize or Path(base).resolve() != loaded.path.resolve():
