@@ -591,7 +591,12 @@ class Engine:
             switched = inject.locate(self.model, module_name)
             for param_name, value in switched.replacements[name].named_parameters():
                 writes.append((switched.base, param_name, value))
+        shared = _shared_parameters(self.model)
         for module, param_name, value in writes:
+            if not isinstance(value, torch.nn.Parameter) and id(module.get_parameter(param_name)) in shared:
+                # a weight tied to another module's (an lm_head tied to the input embeddings): the merged
+                # head gets its own tensor, the embeddings keep theirs; unmerge puts the shared one back
+                value = torch.nn.Parameter(value.to(module.get_parameter(param_name).dtype), requires_grad=False)
             if isinstance(value, torch.nn.Parameter):
                 # a stored module (modules_to_save) replaces the parameter object, which also unties
                 # it from a tied embedding; unmerge puts the original object back
@@ -623,6 +628,14 @@ class Engine:
                 module.get_parameter(param_name).data.copy_(original)
         self._merge_backup.clear()
         self._merged = None
+
+
+def _shared_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of parameters that more than one module holds (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        seen[id(param)] = seen.get(id(param), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
 
 
 def _first_not_none(*values):

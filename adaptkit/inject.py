@@ -293,7 +293,11 @@ def check_lora_fits(modules: dict[str, nn.Module], adapter, where: str = "the ba
 
 def attach_lora(model: nn.Module, name: str, adapter, dtype: torch.dtype, device: torch.device) -> None:
     """Wrap the adapter's target layers (once) and register its factors under ``name``."""
-    check_lora_fits(base_modules(model), adapter)
+    from adaptkit.adapters.lora import check_saved_base_weights
+
+    modules = base_modules(model)
+    check_lora_fits(modules, adapter)
+    check_saved_base_weights(adapter, lambda module, param: getattr(modules.get(module), param, None))
     for module_name, weights in adapter.layers.items():
         if weights.lora_A.dtype != dtype or weights.lora_A.device != torch.device(device):
             weights = weights.to(device=device, dtype=dtype)

@@ -177,6 +177,8 @@ def _echo_merge_energy(path) -> None:
     from pathlib import Path
 
     record = json.loads((Path(path) / "adaptkit_merge.json").read_text()).get("adaptkit_merge", {})
+    if record.get("untied"):
+        click.echo(f"untied: {record['untied']}")
     energy = record.get("energy_kept")
     if energy:
         click.echo("energy kept per tensor (share of ||combined delta||_F^2):")

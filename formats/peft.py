@@ -170,6 +170,7 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
     state = load_adapter_tensors(weight_file)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {}
+    base_weights: dict[str, dict[str, torch.Tensor]] = {}
     for raw_key, tensor in state.items():
         key = _strip_prefix(raw_key)
         if ".lora_embedding_" in key:
@@ -180,6 +181,9 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
             factors.setdefault(module, {})[field] = tensor
             continue
         module, _, param = key.rpartition(".")
+        if module.endswith(".base_layer") and lora_config.targets(module[: -len(".base_layer")]):
+            base_weights.setdefault(module[: -len(".base_layer")], {})[param] = tensor  # PEFT's embedding layers
+            continue
         module = module.replace(".modules_to_save.default", "")
         if lora_config.saves_module(module):
             saved.setdefault(module, {})[param] = tensor
@@ -211,6 +215,7 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
         config=lora_config,
         layers=layers,
         saved_modules=saved,
+        base_weights=base_weights,
         fingerprint=meta.get("base_fingerprint"),
         source=str(folder),
         base_class=(config.get("auto_mapping") or {}).get("base_model_class"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -70,8 +71,8 @@ def test_every_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
                 exec(compile(body, f"README python block {len(ran)}", "exec"), {"__name__": "__readme__"})
                 ran.append(body.splitlines()[0])
     finally:
-        for server in servers:
-            server.terminate()
+        for server in servers:  # the shell and the server it started: the whole process group
+            os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
     out = capsys.readouterr().out
     assert "'accuracy'" in out and "'pos'" in out  # the training block printed its evaluation and probabilities

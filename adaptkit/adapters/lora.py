@@ -171,6 +171,9 @@ class LoraAdapter:
     fingerprint: str | None = None  # base fingerprint, when the writer recorded one
     source: str | None = None  # where it was read from
     base_class: str | None = None  # the transformers class it was trained on, when recorded
+    # the base layers' own tensors PEFT saves beside a LoRA on an embedding or output layer
+    # ({module: {param: tensor}}); they must equal the base's (checked when attached and merged)
+    base_weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     kind = KIND
 
@@ -221,6 +224,27 @@ def residual_factors(init: str, weight: torch.Tensor, conv1d: bool, rank: int, s
         Qr, Rr = Q[:, :rank], R[:rank]
         return (Rr.T.contiguous(), Qr.T.contiguous()) if conv1d else (Qr, Rr)
     raise InvalidArgumentError(f"init {init!r} has no base residual to recompute")
+
+
+def check_saved_base_weights(adapter: LoraAdapter, base_tensor) -> None:
+    """Raise unless each base tensor stored in the adapter equals the base's own (``base_tensor(module,
+    param)``, None when the base lacks it): PEFT loads them *over* the base, so a different one would be
+    a different base (another checkpoint, or a resized vocabulary)."""
+    for module, params in adapter.base_weights.items():
+        for param, stored in params.items():
+            actual = base_tensor(module, param)
+            if actual is None or tuple(actual.shape) != tuple(stored.shape):
+                shape = None if actual is None else tuple(actual.shape)
+                raise UnsupportedAdapterError(
+                    f"{adapter.source or 'adapter'}: stores {module}.base_layer.{param} with shape {tuple(stored.shape)} "
+                    f"but the base has {shape}: it was saved from a model with a resized vocabulary; resize this "
+                    "base the same way and save it, then serve the adapter on that")
+            diff = float((actual.detach().float().cpu() - stored.float()).abs().max())
+            if diff > 0:
+                raise UnsupportedAdapterError(
+                    f"{adapter.source or 'adapter'}: stores {module}.base_layer.{param}, which PEFT loads over the base, "
+                    f"and it differs from this base's (max difference {diff:.3g}): the adapter belongs to another "
+                    "base checkpoint (or one with trained embeddings); serve it on the base it was saved from")
 
 
 def fold_base_residual(adapter: LoraAdapter, weight_of) -> LoraAdapter:

@@ -19,6 +19,7 @@ from adaptkit.adapters.lora import (
     Contribution,
     LoraAdapter,
     check_merge_weights,
+    check_saved_base_weights,
     fold_base_residual,
     merged_bias,
     merged_weight,
@@ -253,8 +254,22 @@ def merge_checkpoint(
                 )
     out_dtype = None if dtype in (None, "auto") else parse_dtype(dtype)  # auto: as stored
     check_fits_checkpoint(loaded, base)
-    updates, added = plan_tensor_updates(loaded, [weights[i] for i in lora_positions], shapes, facts.spec,
+    tied = tied_head(base, config, shapes)
+    plan_shapes = shapes if tied is None else {**shapes, tied[0]: shapes[tied[1]]}  # the head, as its own tensor
+    updates, added = plan_tensor_updates(loaded, [weights[i] for i in lora_positions], plan_shapes, facts.spec,
                                          where=str(base), positions=lora_positions)
+    for adapter in loaded:
+        check_saved_base_weights(adapter, _stored_tensor(checkpoint, plan_shapes, tied))
+    untied = None
+    if tied is not None and (tied[0] in updates or tied[1] in updates):
+        # the head (or the embeddings) changes alone: write the head as its own tensor and untie them,
+        # so the merged model computes what the unmerged adapters do (PEFT's merge_and_unload does not)
+        head_key, embed_key = tied
+        embeddings = checkpoint.read_tensor(embed_key)
+        update = updates.pop(head_key, None)
+        added[head_key] = apply_update(embeddings, update, merge_method) if update is not None else embeddings
+        untied = (f"{head_key} written as its own tensor (tie_word_embeddings: false): the adapters change "
+                  f"{'the output head' if update is not None else 'the input embeddings'} only")
     changed_by_all = [(i, fine_tune, weights[i]) for i, fine_tune in tuned.items()]
 
     def merged_tensor(key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -296,8 +311,41 @@ def merge_checkpoint(
         }
         if merge_method.energy:
             record["adaptkit_merge"]["energy_kept"] = merge_method.energy
+        if untied:
+            record["adaptkit_merge"]["untied"] = untied
         (tmp / "adaptkit_merge.json").write_text(json.dumps(record, indent=2))
     return Path(out)
+
+
+def tied_head(base, config, shapes: dict) -> tuple[str, str] | None:
+    """(head key, embeddings key) when ``base`` ties its output head to its input embeddings and the
+    checkpoint stores the embeddings only; else None."""
+    if not getattr(config, "tie_word_embeddings", False):
+        return None
+    from adaptkit.base import meta_model
+
+    model = meta_model(base)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    head_key = _checkpoint_key(names[id(head)], "weight", shapes)
+    embed_key = _checkpoint_key(names[id(embed)], "weight", shapes)
+    if head_key is not None or embed_key is None:
+        return None  # the checkpoint stores the head itself: nothing to untie
+    return f"{names[id(head)]}.weight", embed_key
+
+
+def _stored_tensor(checkpoint, shapes: dict, tied):
+    """``base_tensor`` for :func:`check_saved_base_weights` from a checkpoint (a tied head reads the embeddings)."""
+
+    def base_tensor(module: str, param: str):
+        key = _checkpoint_key(module, param, shapes)
+        if key is not None and tied is not None and key == tied[0]:
+            key = tied[1]
+        return None if key is None else checkpoint.read_tensor(key)
+
+    return base_tensor
 
 
 def _stored_weight(checkpoint, shapes: dict, spec):
