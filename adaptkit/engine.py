@@ -577,8 +577,8 @@ class Engine:
             raise UnsupportedAdapterError(f"{name!r} is a {adapter.kind} adapter; only LoRA-family adapters can be merged")
         writes = []  # (module, param name, new value)
         for module_name in adapter.layers:
-            layer = inject.locate(self.model, module_name)
-            base_layer, factors = layer.base, layer.lora[name]
+            layer = inject.wrapper_at(self.model, module_name, inject.LoraLinear)
+            base_layer, factors = inject.innermost(layer), layer.lora[name]
             new = merged_weight(inject.weight_out_in(base_layer), [(factors, 1.0)])
             writes.append((base_layer, "weight", new.T if inject.is_conv1d(base_layer) else new))
             if factors.lora_B_bias is not None:
@@ -588,9 +588,9 @@ class Engine:
                     )
                 writes.append((base_layer, "bias", merged_bias(base_layer.bias, [(factors, 1.0)])))
         for module_name in adapter.saved_modules:
-            switched = inject.locate(self.model, module_name)
+            switched = inject.wrapper_at(self.model, module_name, inject.SwitchedModule)
             for param_name, value in switched.replacements[name].named_parameters():
-                writes.append((switched.base, param_name, value))
+                writes.append((inject.innermost(switched), param_name, value))
         shared = _shared_parameters(self.model)
         for module, param_name, value in writes:
             if not isinstance(value, torch.nn.Parameter) and id(module.get_parameter(param_name)) in shared:
@@ -601,7 +601,10 @@ class Engine:
                 # a stored module (modules_to_save) replaces the parameter object, which also unties
                 # it from a tied embedding; unmerge puts the original object back
                 owner_name, _, leaf = param_name.rpartition(".")
-                owner = module.get_submodule(owner_name) if owner_name else module
+                owner = module
+                for part in owner_name.split(".") if owner_name else ():  # through wrappers (a LoRA layer in it)
+                    owner = getattr(inject.innermost(owner), part)
+                owner = inject.innermost(owner)
                 self._merge_backup.append((owner, leaf, getattr(owner, leaf)))
                 setattr(owner, leaf, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
                 continue

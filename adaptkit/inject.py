@@ -185,7 +185,7 @@ class SwitchedModule(ModuleWrapper):
         return self.base.weight
 
     def add(self, name: str, state_dict: dict[str, torch.Tensor]) -> None:
-        replacement = copy.deepcopy(self.base)
+        replacement = plain_copy(self.base)  # without other adapters' wrappers (a LoRA inside this module)
         replacement.load_state_dict(state_dict, strict=True)
         replacement.requires_grad_(False)
         self.replacements[name] = replacement
@@ -215,6 +215,37 @@ class SwitchedModule(ModuleWrapper):
 WRAPPERS = (ModuleWrapper,)
 
 
+def innermost(module: nn.Module) -> nn.Module:
+    """The base module under any wrappers."""
+    while isinstance(module, ModuleWrapper):
+        module = module.base
+    return module
+
+
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every adaptkit wrapper in it replaced by the module it wraps."""
+    copied = copy.deepcopy(innermost(module))
+    for parent in list(copied.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, ModuleWrapper):
+                setattr(parent, child_name, innermost(child))
+    return copied
+
+
+def wrappers_at(model: nn.Module, name: str) -> list[ModuleWrapper]:
+    """The wrappers standing at ``name``, outermost first (a stored copy around a LoRA layer: two)."""
+    chain, module = [], locate(model, name)
+    while isinstance(module, ModuleWrapper):
+        chain.append(module)
+        module = module.base
+    return chain
+
+
+def wrapper_at(model: nn.Module, name: str, wrapper_cls: type[nn.Module]) -> nn.Module | None:
+    """The wrapper of type ``wrapper_cls`` at ``name``, or None."""
+    return next((w for w in wrappers_at(model, name) if isinstance(w, wrapper_cls)), None)
+
+
 def base_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every module of the base model by its original name, looking through adaptkit's wrappers
     (nested ones too: a LoRA layer inside a wrapped MLP)."""
@@ -232,22 +263,37 @@ def base_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def wrap_once(model: nn.Module, name: str, wrapper_cls: type[nn.Module]) -> nn.Module:
-    """The wrapper of type ``wrapper_cls`` at ``name``, swapping one in on first use."""
+    """The wrapper of type ``wrapper_cls`` at ``name``, swapping one in on first use.
+
+    A stored copy (:class:`SwitchedModule`) always stands outermost: it replaces the whole module for
+    its rows, while the other rows run what is inside it (the base, with any LoRA layer).
+    """
+    existing = wrapper_at(model, name, wrapper_cls)
+    if existing is not None:
+        return existing
     module = locate(model, name)
-    if isinstance(module, wrapper_cls):
-        return module
+    if isinstance(module, SwitchedModule):
+        wrapper = wrapper_cls(module.base)
+        module.base = wrapper
+        return wrapper
     wrapper = wrapper_cls(module)
     swap_module(model, name, wrapper)
     return wrapper
 
 
+def _is_empty(wrapper: nn.Module) -> bool:
+    return (isinstance(wrapper, LoraLinear) and not wrapper.lora) or (
+        isinstance(wrapper, SwitchedModule) and not wrapper.replacements)
+
+
 def unwrap_if_empty(model: nn.Module, name: str) -> None:
-    """Put the original module back where a wrapper holds no adapter any more."""
-    module = locate(model, name)
-    if isinstance(module, LoraLinear) and not module.lora:
-        swap_module(model, name, module.base)
-    elif isinstance(module, SwitchedModule) and not module.replacements:
-        swap_module(model, name, module.base)
+    """Take out the wrappers at ``name`` that hold no adapter any more."""
+    chain = wrappers_at(model, name)
+    for outer, inner in reversed(list(zip(chain, chain[1:]))):  # inner ones first: the outer keeps its place
+        if _is_empty(inner):
+            outer.base = inner.base
+    if chain and _is_empty(chain[0]):
+        swap_module(model, name, chain[0].base)
 
 
 def check_lora_fits(modules: dict[str, nn.Module], adapter, where: str = "the base") -> None:
@@ -320,13 +366,13 @@ def detach_lora(model: nn.Module, name: str, adapter) -> None:
     """Remove the adapter ``name`` from every wrapper; unwrap wrappers left empty. Also the rollback of a
     failed attach, so names the model lacks are skipped."""
     for module_name in adapter.layers:
-        module = find(model, module_name)
-        if isinstance(module, LoraLinear) and name in module.lora:
+        module = find(model, module_name) and wrapper_at(model, module_name, LoraLinear)
+        if module is not None and name in module.lora:
             module.remove(name)
             unwrap_if_empty(model, module_name)
     for module_name in adapter.saved_modules:
-        module = find(model, module_name)
-        if isinstance(module, SwitchedModule) and name in module.replacements:
+        module = find(model, module_name) and wrapper_at(model, module_name, SwitchedModule)
+        if module is not None and name in module.replacements:
             module.remove(name)
             unwrap_if_empty(model, module_name)
 
