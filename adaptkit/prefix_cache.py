@@ -57,7 +57,7 @@ def prompt_kv(model: nn.Module, embeddings: torch.Tensor, entry: RowEntry = None
     Positions are ``0..P-1`` (as when they are prepended). ``entry`` (a LoRA name, ``ak.Stack``, ...)
     is active during the run, so its effect on the virtual tokens is included.
     """
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()  # full layers: a sliding-window layer would keep only the last W-1 of P >= W tokens
     with torch.no_grad(), use_plan(route_rows([entry], device=embeddings.device)):
         model(inputs_embeds=embeddings.unsqueeze(0), use_cache=True, **{cache_argument(model): cache})
     keys = torch.stack([layer.keys[0] for layer in cache.layers])
