@@ -12,7 +12,11 @@ from torch import nn
 
 from adaptkit.errors import BaseModelError
 
-_LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite"}
+_LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2",
+                 "granite"}
+# model_type -> layout family, for the families whose model_type differs from the family name
+_FAMILY_OF_TYPE = {"gpt2": "gpt2", "bert": "bert", "roberta": "bert", "opt": "opt", "gpt_neox": "neox",
+                   "falcon": "falcon"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,39 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         is_causal=True,
         conv1d_modules=("c_attn", "c_proj", "c_fc", "q_attn"),
         embedding_keys=("transformer.wte.weight", "wte.weight"),
+    ),
+    "opt": ArchSpec(
+        family="opt",
+        layers_paths=("model.decoder.layers", "decoder.layers"),
+        attention="self_attn",
+        mlp="fc2",
+        attention_norm="self_attn_layer_norm",
+        mlp_norm="final_layer_norm",
+        is_causal=True,
+        conv1d_modules=(),
+        embedding_keys=("model.decoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
+    ),
+    "neox": ArchSpec(
+        family="neox",
+        layers_paths=("gpt_neox.layers", "layers"),
+        attention="attention",
+        mlp="mlp",
+        attention_norm="input_layernorm",
+        mlp_norm="post_attention_layernorm",
+        is_causal=True,
+        conv1d_modules=(),
+        embedding_keys=("gpt_neox.embed_in.weight", "embed_in.weight"),
+    ),
+    "falcon": ArchSpec(
+        family="falcon",
+        layers_paths=("transformer.h", "h"),
+        attention="self_attention",
+        mlp="mlp",
+        attention_norm="input_layernorm",
+        mlp_norm=None,  # parallel attention + MLP from the same norm (or ln_attn / ln_mlp)
+        is_causal=True,
+        conv1d_modules=(),
+        embedding_keys=("transformer.word_embeddings.weight", "word_embeddings.weight"),
     ),
     "bert": ArchSpec(
         family="bert",
@@ -104,11 +141,9 @@ def family_of(model_type: str) -> str:
     """The layout family of a transformers ``model_type``; raises for unknown ones."""
     if model_type in _LLAMA_FAMILY:
         return "llama"
-    if model_type in ("gpt2",):
-        return "gpt2"
-    if model_type in ("bert", "roberta"):
-        return "bert"
-    known = sorted(_LLAMA_FAMILY | {"gpt2", "bert", "roberta"})
+    if model_type in _FAMILY_OF_TYPE:
+        return _FAMILY_OF_TYPE[model_type]
+    known = sorted(_LLAMA_FAMILY | set(_FAMILY_OF_TYPE))
     raise BaseModelError(f"model_type {model_type!r} is not supported; known model types: {', '.join(known)}")
 
 
@@ -140,6 +175,8 @@ def facts_from_config(config) -> ModelFacts:
     else:
         hidden, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        if family == "falcon":  # the heads Falcon *caches*: the new architecture caches K/V expanded to every head
+            kv_heads = heads if config.new_decoder_architecture else (1 if config.multi_query else config.num_kv_heads)
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     return ModelFacts(
         spec=ARCH_SPECS[family],

@@ -147,6 +147,14 @@ class LoraLinear(ModuleWrapper):
         plan = current_plan()
         if plan is None or not self.lora:
             return y
+        if x.shape[0] != plan.batch_size:  # OPT flattens [B, S, H] to [B*S, H] around its MLP
+            shape = y.shape
+            return self._routed(x.reshape(plan.batch_size, -1, x.shape[-1]),
+                                y.reshape(plan.batch_size, -1, y.shape[-1]), plan).reshape(shape)
+        return self._routed(x, y, plan)
+
+    def _routed(self, x: torch.Tensor, y: torch.Tensor, plan) -> torch.Tensor:
+        """``y`` plus every row's adapters; dim 0 of ``x`` and ``y`` is the batch."""
         if self.stacks.buckets:
             y = self.stacks.apply(y, x, plan)
         for name in self.exact:
@@ -198,6 +206,15 @@ class SwitchedModule(ModuleWrapper):
         plan = current_plan()
         if plan is None or not self.replacements:
             return y
+        if x.shape[0] != plan.batch_size and not args and not kwargs:  # OPT's flattened [B*S, H]
+            shape = y.shape
+            batched = self.forward_rows(x.reshape(plan.batch_size, -1, x.shape[-1]),
+                                        y.reshape(plan.batch_size, -1, y.shape[-1]), plan)
+            return batched.reshape(shape)
+        return self.forward_rows(x, y, plan, *args, **kwargs)
+
+    def forward_rows(self, x: torch.Tensor, y: torch.Tensor, plan, *args, **kwargs) -> torch.Tensor:
+        """``y`` with each replaced row's output from its adapter's copy; dim 0 is the batch."""
         for name, group in plan.groups.items():
             if name not in self.replacements:
                 continue
