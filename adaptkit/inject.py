@@ -125,6 +125,8 @@ class LoraLinear(ModuleWrapper):
         return self.base.bias
 
     def add(self, name: str, weights: LoraWeights) -> None:
+        if hasattr(weights, "bind_base"):  # weights whose delta is a function of the base layer (IA3)
+            weights.bind_base(innermost(self.base))
         self.lora[name] = weights
         if weights.magnitude is not None:
             merged = weight_out_in(self.base).to(weights.lora_A.device) + weights.delta_weight()

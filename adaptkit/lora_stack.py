@@ -47,7 +47,10 @@ def padded_rank(rank: int) -> int:
 
 
 def rides_batched_path(weights) -> bool:
-    """Plain, frozen LoRA factors; DoRA, ``lora_bias`` and trainable factors keep the exact path."""
+    """Plain, frozen LoRA factors; DoRA, ``lora_bias``, trainable factors and the weights of other delta
+    methods (``exact_only``: LoHa, LoKr, IA3) keep the exact path."""
+    if getattr(weights, "exact_only", False):
+        return False
     return weights.magnitude is None and weights.lora_B_bias is None and not (
         weights.lora_A.requires_grad or weights.lora_B.requires_grad)
 

@@ -174,6 +174,9 @@ class LoraAdapter:
     # the base layers' own tensors PEFT saves beside a LoRA on an embedding or output layer
     # ({module: {param: tensor}}); they must equal the base's (checked when attached and merged)
     base_weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # the PEFT method it was read from: LORA, or another weight-delta method served as a LoRA-family
+    # adapter (its layers then hold weights objects with LoraWeights' interface; see adapters/peft_types.py)
+    peft_type: str = "LORA"
 
     kind = KIND
 
