@@ -54,11 +54,17 @@ _TRAINING_ONLY = {
     "peft_type", "task_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
     "lora_dropout", "loftq_config", "auto_mapping", "megatron_core", "qalora_group_size",
     "eva_config", "corda_config", "runtime_config", "ensure_weight_tying", "lora_ga_config",
+    # training-time techniques whose saved adapters compute exactly as plain LoRA (PEFT's outputs are
+    # bit-identical without them): VeLoRA's activation compression, MonteCLoRA's sampling (off in eval),
+    # QA-LoRA's input pooling (it acts on GPTQ-quantized bases only; adaptkit loads no GPTQ base)
+    "velora_config", "monteclora_config", "use_qalora",
 }
+# option -> the tensors it saves beside the factors that inference never reads
+_TRAINING_STATE = {"velora_config": "lora_velora_", "monteclora_config": "lora_monteclora_"}
 # Fields whose non-empty value changes the forward pass in a way adaptkit does not implement.
 _UNSUPPORTED_WHEN_SET = {
-    "layer_replication", "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
-    "megatron_config", "use_bdlora", "arrow_config", "kasa_config", "monteclora_config", "velora_config",
+    "layer_replication", "target_parameters", "trainable_token_indices", "alora_invocation_tokens",
+    "megatron_config", "use_bdlora", "arrow_config", "kasa_config",
 }
 
 PEFT_TYPES = {"LORA": "lora", "PREFIX_TUNING": "prefix", "P_TUNING": "ptuning", "PROMPT_TUNING": "prompt"}
@@ -173,6 +179,8 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
     base_weights: dict[str, dict[str, torch.Tensor]] = {}
     for raw_key, tensor in state.items():
         key = _strip_prefix(raw_key)
+        if any(f".{state_key}" in key for option, state_key in _TRAINING_STATE.items() if config.get(option)):
+            continue  # what a training-time option keeps for its backward pass or sampler: unused at inference
         if ".lora_embedding_" in key:
             raise UnsupportedAdapterError(f"{weight_file}: {raw_key}: LoRA on embedding layers is not supported")
         split = split_lora_key(key)
