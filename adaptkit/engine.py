@@ -230,7 +230,7 @@ class Engine:
     def _base_weight(self, module_name: str):
         """(the base weight of ``module_name`` as [out, in] float32, whether it is a Conv1D)."""
         from adaptkit import quant
-        from adaptkit.inject import base_modules, is_conv1d, weight_out_in
+        from adaptkit.inject import base_modules, stored_transposed, weight_out_in
 
         module = base_modules(self.model).get(module_name)
         if module is None:
@@ -240,7 +240,7 @@ class Engine:
                 f"{module_name} is a 4-bit layer: PEFT's PiSSA/OLoRA inits change the base weight at load, which on "
                 "an NF4 base means re-quantizing it; load the base in 16/32-bit, or convert the adapter to a plain "
                 "LoRA with PEFT (path_initial_model_for_weight_conversion)")
-        return weight_out_in(module), is_conv1d(module)
+        return weight_out_in(module), stored_transposed(module)
 
     def _check_base(self, adapter) -> None:
         check_made_for(adapter, self.base.facts, self.base.fingerprint)
@@ -253,7 +253,7 @@ class Engine:
             raise UnsupportedAdapterError(f"scale= is not supported for {adapter.kind} adapters")
         layers = {name: LoraWeights(w.lora_A.data, w.lora_B.data, w.scale * scale, lora_B_bias=None if w.lora_B_bias
                                     is None else w.lora_B_bias.data, magnitude=None if w.magnitude is None else
-                                    w.magnitude.data) for name, w in adapter.layers.items()}
+                                    w.magnitude.data, embedding=w.embedding) for name, w in adapter.layers.items()}
         return dataclasses.replace(adapter, layers=layers)
 
     @_exclusive
@@ -577,10 +577,10 @@ class Engine:
             raise UnsupportedAdapterError(f"{name!r} is a {adapter.kind} adapter; only LoRA-family adapters can be merged")
         writes = []  # (module, param name, new value)
         for module_name in adapter.layers:
-            layer = inject.wrapper_at(self.model, module_name, inject.LoraLinear)
+            layer = inject.wrapper_at(self.model, module_name, (inject.LoraLinear, inject.LoraEmbedding))
             base_layer, factors = inject.innermost(layer), layer.lora[name]
             new = merged_weight(inject.weight_out_in(base_layer), [(factors, 1.0)])
-            writes.append((base_layer, "weight", new.T if inject.is_conv1d(base_layer) else new))
+            writes.append((base_layer, "weight", new.T if inject.stored_transposed(base_layer) else new))
             if factors.lora_B_bias is not None:
                 if base_layer.bias is None:
                     raise UnsupportedAdapterError(

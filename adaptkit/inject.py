@@ -67,12 +67,20 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
+def stored_transposed(module: nn.Module) -> bool:
+    """True where the weight is stored [in, out]: GPT-2's Conv1D, and an embedding table [vocab, dim]
+    (a linear map from one-hot tokens to ``dim`` features: in = vocab, out = dim)."""
+    return is_conv1d(module) or isinstance(module, nn.Embedding)
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(out_features, in_features) of a linear-like module, None for anything else."""
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
     if is_conv1d(module):
         return module.nf, module.weight.shape[0]
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim, module.num_embeddings
     if hasattr(module, "out_features") and hasattr(module, "in_features") and hasattr(module, "weight"):
         return module.out_features, module.in_features  # bitsandbytes Linear4bit and friends
     return None
@@ -84,7 +92,7 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 
     if quant.is_quantized(module):  # before nn.Linear: bitsandbytes' Linear4bit subclasses it
         return quant.dequantize_weight(module)
-    if is_conv1d(module):
+    if stored_transposed(module):
         return module.weight.detach().float().T
     return module.weight.detach().float()
 
@@ -180,6 +188,48 @@ class LoraLinear(ModuleWrapper):
         y_no_bias = y_rows if bias is None else y_rows - bias.to(y.dtype)
         scale = self.dora_scale[name].to(y.dtype)
         return (scale - 1) * y_no_bias + scale * low_rank.to(y.dtype)
+
+
+class LoraEmbedding(ModuleWrapper):
+    """An embedding table with named LoRAs (PEFT's ``lora_embedding_A/B``), each on its own batch rows.
+
+    ``y = E[x]`` for every row, then a row's adapter adds ``s * A^T[x] B^T`` (times the layer's own
+    ``embed_scale``, as Gemma's scaled embeddings apply it to the table). Exact, group by group.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.lora = nn.ModuleDict()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def add(self, name: str, weights: LoraWeights) -> None:
+        if hasattr(weights, "bind_base"):
+            weights.bind_base(innermost(self.base))
+        self.lora[name] = weights
+
+    def remove(self, name: str) -> None:
+        del self.lora[name]
+
+    def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base(ids, *args, **kwargs)
+        plan = current_plan()
+        if plan is None or not self.lora:
+            return y
+        scale = getattr(innermost(self.base), "embed_scale", None)
+        for name, weights in self.lora.items():
+            group = plan.groups.get(name)
+            if group is None:
+                continue
+            rows = ids if group.rows is None else ids.index_select(0, group.rows)
+            delta = weights.embedding_output(rows)
+            if scale is not None:
+                delta = delta * scale.to(delta.dtype)
+            y = _scatter_rows(y, group, delta.to(y.dtype))
+        return y
 
 
 class SwitchedModule(ModuleWrapper):
@@ -301,7 +351,7 @@ def wrap_once(model: nn.Module, name: str, wrapper_cls: type[nn.Module]) -> nn.M
 
 
 def _is_empty(wrapper: nn.Module) -> bool:
-    return (isinstance(wrapper, LoraLinear) and not wrapper.lora) or (
+    return (isinstance(wrapper, (LoraLinear, LoraEmbedding)) and not wrapper.lora) or (
         isinstance(wrapper, SwitchedModule) and not wrapper.replacements)
 
 
@@ -368,7 +418,8 @@ def attach_lora(model: nn.Module, name: str, adapter, dtype: torch.dtype, device
             weights = weights.to(device=device, dtype=dtype)
         if weights.magnitude is not None:
             weights.magnitude.data = weights.magnitude.data.float()
-        wrap_once(model, module_name, LoraLinear).add(name, weights)
+        layer_type = LoraEmbedding if isinstance(modules[module_name], nn.Embedding) else LoraLinear
+        wrap_once(model, module_name, layer_type).add(name, weights)
     for module_name, state in adapter.saved_modules.items():
         wrap_once(model, module_name, SwitchedModule).add(name, state)
 
@@ -385,7 +436,7 @@ def detach_lora(model: nn.Module, name: str, adapter) -> None:
     """Remove the adapter ``name`` from every wrapper; unwrap wrappers left empty. Also the rollback of a
     failed attach, so names the model lacks are skipped."""
     for module_name in adapter.layers:
-        module = find(model, module_name) and wrapper_at(model, module_name, LoraLinear)
+        module = find(model, module_name) and wrapper_at(model, module_name, (LoraLinear, LoraEmbedding))
         if module is not None and name in module.lora:
             module.remove(name)
             unwrap_if_empty(model, module_name)

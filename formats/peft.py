@@ -41,6 +41,8 @@ LORA_KEY_TABLE: dict[str, str] = {
     "lora_B.bias": "lora_B_bias",
     "lora_magnitude_vector": "magnitude",
     "lora_magnitude_vector.weight": "magnitude",  # PEFT < 0.14
+    "lora_embedding_A": "lora_A",  # a LoRA on an embedding table: A [r, vocab], B [dim, r]
+    "lora_embedding_B": "lora_B",
 }
 LORA_FIELD_TO_KEY = {field: key for key, field in reversed(LORA_KEY_TABLE.items())}
 
@@ -177,15 +179,16 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
     factors: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {}
     base_weights: dict[str, dict[str, torch.Tensor]] = {}
+    embedding_layers: set[str] = set()
     for raw_key, tensor in state.items():
         key = _strip_prefix(raw_key)
         if any(f".{state_key}" in key for option, state_key in _TRAINING_STATE.items() if config.get(option)):
             continue  # what a training-time option keeps for its backward pass or sampler: unused at inference
-        if ".lora_embedding_" in key:
-            raise UnsupportedAdapterError(f"{weight_file}: {raw_key}: LoRA on embedding layers is not supported")
         split = split_lora_key(key)
         if split is not None:
             module, field = split
+            if ".lora_embedding_" in key:
+                embedding_layers.add(module)
             factors.setdefault(module, {})[field] = tensor
             continue
         module, _, param = key.rpartition(".")
@@ -216,8 +219,8 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
         if lora_config.use_dora and "magnitude" not in tensors:
             raise AdapterFormatError(f"{weight_file}: {module}: use_dora is set but lora_magnitude_vector is missing")
         layers[module] = LoraWeights(
-            a, b, lora_config.scale_for(module), lora_B_bias=tensors.get("lora_B_bias"), magnitude=tensors.get("magnitude")
-        )
+            a, b, lora_config.scale_for(module), lora_B_bias=tensors.get("lora_B_bias"), magnitude=tensors.get("magnitude"),
+            embedding=module in embedding_layers)
     meta = read_adaptkit_meta(folder)
     return LoraAdapter(
         config=lora_config,
@@ -278,7 +281,10 @@ def lora_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
         for field in ("lora_A", "lora_B", "lora_B_bias", "magnitude"):
             tensor = getattr(weights, field)
             if tensor is not None:
-                state[f"{KEY_PREFIX}{module}.{LORA_FIELD_TO_KEY[field]}"] = tensor.detach().contiguous().cpu()
+                key = LORA_FIELD_TO_KEY[field]
+                if weights.embedding and field in ("lora_A", "lora_B"):
+                    key = f"lora_embedding_{field[-1]}"
+                state[f"{KEY_PREFIX}{module}.{key}"] = tensor.detach().contiguous().cpu()
     for module, params in adapter.saved_modules.items():
         for param, tensor in params.items():
             state[f"{KEY_PREFIX}{module}.{param}"] = tensor.detach().contiguous().cpu()

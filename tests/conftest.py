@@ -72,7 +72,7 @@ def make_peft_lora(base: Path, out: Path, seed: int = 0, **config) -> Path:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
+            if "lora_A" in name or "lora_B" in name or "lora_embedding_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
             elif "lora_magnitude" in name:
                 param.mul_(1 + 0.1 * torch.rand(param.shape, generator=gen))

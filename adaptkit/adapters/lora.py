@@ -129,6 +129,7 @@ class LoraWeights(nn.Module):
         scale: float,
         lora_B_bias: torch.Tensor | None = None,
         magnitude: torch.Tensor | None = None,
+        embedding: bool = False,
     ):
         super().__init__()
         self.lora_A = nn.Parameter(lora_A, requires_grad=False)
@@ -136,6 +137,7 @@ class LoraWeights(nn.Module):
         self.lora_B_bias = None if lora_B_bias is None else nn.Parameter(lora_B_bias, requires_grad=False)
         self.magnitude = None if magnitude is None else nn.Parameter(magnitude, requires_grad=False)
         self.scale = float(scale)
+        self.embedding = embedding  # a LoRA on an embedding table (in = vocab, out = dim; see embedding_output)
 
     @property
     def rank(self) -> int:
@@ -155,6 +157,11 @@ class LoraWeights(nn.Module):
         if self.lora_B_bias is not None:
             out = out + self.lora_B_bias.to(x.dtype)
         return out * self.scale
+
+    def embedding_output(self, ids: torch.Tensor) -> torch.Tensor:
+        """For a LoRA on an embedding table (PEFT's ``lora_embedding_A`` [r, vocab], ``_B`` [dim, r]):
+        ``s * A^T[ids] B^T``, ids [...] -> [..., dim]."""
+        return (nn.functional.embedding(ids, self.lora_A.T) @ self.lora_B.T) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B @ A`` in float32, shape [out, in]."""
@@ -266,7 +273,7 @@ def fold_base_residual(adapter: LoraAdapter, weight_of) -> LoraAdapter:
         layers[name] = LoraWeights(torch.cat([w.lora_A.data.float(), A0]).to(w.lora_A.dtype),
                                    torch.cat([w.lora_B.data.float(), -B0], dim=1).to(w.lora_B.dtype), w.scale,
                                    lora_B_bias=None if w.lora_B_bias is None else w.lora_B_bias.data,
-                                   magnitude=None if w.magnitude is None else w.magnitude.data)
+                                   magnitude=None if w.magnitude is None else w.magnitude.data, embedding=w.embedding)
     import dataclasses
 
     return dataclasses.replace(adapter, layers=layers, residual_folded=True)

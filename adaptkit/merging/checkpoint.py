@@ -77,7 +77,7 @@ def plan_tensor_updates(
             key = _checkpoint_key(module, "weight", shapes)
             if key is None:
                 raise AdapterMismatchError(f"{source}: {module}.weight is not in {where}; the adapter is for another base")
-            transposed = module.rpartition(".")[2] in spec.conv1d_modules
+            transposed = module.rpartition(".")[2] in spec.conv1d_modules or getattr(factors, "embedding", False)
             expected = (factors.in_features, factors.out_features) if transposed else (factors.out_features, factors.in_features)
             if tuple(shapes[key]) != expected:
                 raise AdapterMismatchError(
