@@ -415,9 +415,14 @@ def storage_rounding(base: str | os.PathLike, dtype: str | torch.dtype | None, d
 
 
 def verify_verdict(diff: float, rounding: float, dtype, what: str = "merged vs unmerged") -> str:
-    """The ``--verify`` line: the figure, what the output dtype makes expected, and whether it is fine."""
-    expected = max(2.0 * rounding, 1e-4)
-    why = ("float32: only summation order differs, up to ~1e-4" if rounding == 0.0 else
+    """The ``--verify`` line: the figure, what the output dtype makes expected, and whether it is fine.
+
+    float32: only the order of summation differs, about 1e-6 on a small model and up to a few 1e-4 on
+    a deep one with large logits (SmolLM2-135M: ~1e-4), so up to 1e-3 is fine; a wrong merge shows
+    1e-2 or more. 16-bit outputs: twice what storing the base alone in that dtype does (``rounding``).
+    """
+    expected = max(2.0 * rounding, 1e-3)
+    why = ("float32: only summation order differs, up to a few 1e-4 on deep models" if rounding == 0.0 else
            f"storing the base alone in {dtype} moves its logits by {rounding:.1e}; up to 2x that is expected")
     verdict = "fine" if diff <= expected else "MORE than expected: check the adapters, weights and --dtype"
     return f"verify: max abs logit difference {what} = {diff:.3e} ({why}): {verdict}"
