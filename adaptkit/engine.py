@@ -32,6 +32,7 @@ from adaptkit.adapters.lora import (
     LoraAdapter,
     LoraWeights,
     fold_base_residual,
+    fold_trained_biases,
     merged_bias,
     merged_weight,
 )
@@ -212,6 +213,10 @@ class Engine:
         self._check_base(loaded)
         if isinstance(loaded, LoraAdapter) and loaded.needs_base_residual:
             loaded = fold_base_residual(loaded, self._base_weight)
+        if isinstance(loaded, LoraAdapter) and loaded.trained_biases:
+            modules = inject.base_modules(self.model)
+            loaded = fold_trained_biases(loaded, lambda m: getattr(modules.get(m), "bias", None),
+                                         lambda m: {k: v.detach().cpu() for k, v in modules[m].state_dict().items()})
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise InvalidArgumentError(f"scale must be a finite number, got {scale!r}")
         if scale != 1.0:

@@ -105,10 +105,8 @@ def _check_fields(config: dict, path: Path) -> None:
         if value in (None, False, [], {}, ""):
             continue
         raise UnsupportedAdapterError(f"{path}: unknown LoRA field {key}={value!r}; adaptkit does not implement it")
-    if config.get("bias", "none") != "none":
-        raise UnsupportedAdapterError(
-            f"{path}: bias={config['bias']!r} (trained base biases) is not supported; use lora_bias or bias='none'"
-        )
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise UnsupportedAdapterError(f"{path}: bias={config['bias']!r} is not one of PEFT's none, all, lora_only")
 
 
 def _init_lora_weights(config: dict, path: Path) -> bool | str:
@@ -180,6 +178,7 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
     saved: dict[str, dict[str, torch.Tensor]] = {}
     base_weights: dict[str, dict[str, torch.Tensor]] = {}
     embedding_layers: set[str] = set()
+    trained_biases: dict[str, torch.Tensor] = {}
     for raw_key, tensor in state.items():
         key = _strip_prefix(raw_key)
         if any(f".{state_key}" in key for option, state_key in _TRAINING_STATE.items() if config.get(option)):
@@ -192,6 +191,10 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
             factors.setdefault(module, {})[field] = tensor
             continue
         module, _, param = key.rpartition(".")
+        trains_biases = config.get("bias", "none") != "none"
+        if trains_biases and param == "bias" and not lora_config.saves_module(module.removesuffix(".base_layer")):
+            trained_biases[module.removesuffix(".base_layer")] = tensor  # PEFT bias="all" / "lora_only"
+            continue
         if module.endswith(".base_layer") and lora_config.targets(module[: -len(".base_layer")]):
             base_weights.setdefault(module[: -len(".base_layer")], {})[param] = tensor  # PEFT's embedding layers
             continue
@@ -227,6 +230,7 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
         layers=layers,
         saved_modules=saved,
         base_weights=base_weights,
+        trained_biases=trained_biases,
         fingerprint=meta.get("base_fingerprint"),
         source=str(folder),
         base_class=(config.get("auto_mapping") or {}).get("base_model_class"),

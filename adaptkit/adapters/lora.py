@@ -184,6 +184,9 @@ class LoraAdapter:
     # the PEFT method it was read from: LORA, or another weight-delta method served as a LoRA-family
     # adapter (its layers then hold weights objects with LoraWeights' interface; see adapters/peft_types.py)
     peft_type: str = "LORA"
+    # base biases trained with the adapter (PEFT's bias="all" / "lora_only"): {module: new bias}; folded
+    # into lora_B_bias (targeted layers) and stored copies (other layers) by fold_trained_biases
+    trained_biases: dict[str, torch.Tensor] = field(default_factory=dict)
 
     kind = KIND
 
@@ -255,6 +258,38 @@ def check_saved_base_weights(adapter: LoraAdapter, base_tensor) -> None:
                     f"{adapter.source or 'adapter'}: stores {module}.base_layer.{param}, which PEFT loads over the base, "
                     f"and it differs from this base's (max difference {diff:.3g}): the adapter belongs to another "
                     "base checkpoint (or one with trained embeddings); serve it on the base it was saved from")
+
+
+def fold_trained_biases(adapter: LoraAdapter, base_bias, module_state=None) -> LoraAdapter:
+    """The adapter with its trained base biases (PEFT ``bias="all"``/``"lora_only"``) in forms that route
+    per row: on a layer the LoRA adapts, ``lora_B_bias += (b_new - b) / s`` (so ``s * lora_B_bias`` adds
+    the change); on any other layer a stored copy of the layer with the new bias (``modules_to_save``).
+
+    ``base_bias(module)`` gives the base's bias; ``module_state(module)``, when given, the layer's whole
+    state (an engine stores whole copies; a checkpoint merge replaces the bias tensor alone).
+    """
+    if not adapter.trained_biases:
+        return adapter
+    import dataclasses
+
+    layers, saved = dict(adapter.layers), dict(adapter.saved_modules)
+    for module, new in adapter.trained_biases.items():
+        old = base_bias(module)
+        if old is None or tuple(old.shape) != tuple(new.shape):
+            raise UnsupportedAdapterError(
+                f"{adapter.source or 'adapter'}: trained bias {module}.bias has shape {tuple(new.shape)} but the base's "
+                f"is {None if old is None else tuple(old.shape)}; the adapter belongs to another base")
+        if module in layers:
+            w = layers[module]
+            change = (new.float() - old.detach().float().cpu()) / w.scale
+            bias = change if w.lora_B_bias is None else w.lora_B_bias.data.float() + change
+            layers[module] = LoraWeights(w.lora_A.data, w.lora_B.data, w.scale, lora_B_bias=bias.to(w.lora_A.dtype),
+                                         magnitude=None if w.magnitude is None else w.magnitude.data,
+                                         embedding=w.embedding)
+        else:
+            state = dict(module_state(module)) if module_state is not None else {}
+            saved[module] = {**state, **saved.get(module, {}), "bias": new}
+    return dataclasses.replace(adapter, layers=layers, saved_modules=saved, trained_biases={})
 
 
 def fold_base_residual(adapter: LoraAdapter, weight_of) -> LoraAdapter:

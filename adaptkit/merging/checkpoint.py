@@ -21,6 +21,7 @@ from adaptkit.adapters.lora import (
     check_merge_weights,
     check_saved_base_weights,
     fold_base_residual,
+    fold_trained_biases,
     merged_bias,
     merged_weight,
 )
@@ -243,6 +244,8 @@ def merge_checkpoint(
     facts = facts_from_config(config)
     loaded = load_lora_adapters([adapters[i] for i in lora_positions])
     loaded = [fold_base_residual(a, _stored_weight(checkpoint, shapes, facts.spec)) for a in loaded]
+    bias_of = _stored_tensor(checkpoint, shapes, None)
+    loaded = [fold_trained_biases(a, lambda m: bias_of(m, "bias")) for a in loaded]
     weights = check_merge_weights(adapters, weights)
     merge_method.check_weights(weights)
     if not merge_method.is_linear or tuned:
