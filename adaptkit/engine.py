@@ -31,6 +31,7 @@ from adaptkit.adapters.lora import (
     RESIDUAL_INITS,
     LoraAdapter,
     LoraWeights,
+    TokenRows,
     fold_base_residual,
     fold_trained_biases,
     merged_bias,
@@ -213,6 +214,8 @@ class Engine:
         self._check_base(loaded)
         if isinstance(loaded, LoraAdapter) and loaded.needs_base_residual:
             loaded = fold_base_residual(loaded, self._base_weight)
+        if isinstance(loaded, LoraAdapter):
+            loaded = self._with_tied_token_rows(loaded)
         if isinstance(loaded, LoraAdapter) and loaded.trained_biases:
             modules = inject.base_modules(self.model)
             loaded = fold_trained_biases(loaded, lambda m: getattr(modules.get(m), "bias", None),
@@ -231,6 +234,20 @@ class Engine:
         info = AdapterInfo(name, loaded.kind, loaded.parameter_count, loaded.nbytes, loaded.source, details(loaded))
         self._infos[name] = info
         return info
+
+    def _with_tied_token_rows(self, adapter: LoraAdapter) -> LoraAdapter:
+        """Where the output head shares the input embeddings' tensor, new token rows of the embeddings
+        (``trainable_token_indices``) are the head's rows too, as PEFT ties them."""
+        embed, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        embed, head = inject.innermost(embed), head if head is None else inject.innermost(head)
+        if head is None or head.weight is not embed.weight:
+            return adapter
+        names = {id(m): n for n, m in inject.base_modules(self.model).items()}
+        rows = adapter.layers.get(names[id(embed)])
+        if not isinstance(rows, TokenRows) or names[id(head)] in adapter.layers:
+            return adapter
+        head_rows = TokenRows(rows.indices, rows.values.data, embedding=False)
+        return dataclasses.replace(adapter, layers={**adapter.layers, names[id(head)]: head_rows})
 
     def _base_weight(self, module_name: str):
         """(the base weight of ``module_name`` as [out, in] float32, whether it is a Conv1D)."""

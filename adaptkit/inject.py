@@ -385,6 +385,14 @@ def check_lora_fits(modules: dict[str, nn.Module], adapter, where: str = "the ba
             raise AdapterMismatchError(
                 f"{source}: module {name!r} does not exist in {where}; the adapter was made for another architecture"
             )
+        if getattr(weights, "indices", None) is not None:  # TokenRows: new rows of a [vocab, dim] table or head
+            table = getattr(module, "weight", None)
+            if table is None or table.ndim != 2 or table.shape[1] != weights.values.shape[1] or \
+                    int(weights.indices.max()) >= table.shape[0]:
+                raise AdapterMismatchError(f"{source}: {name}: trainable token rows [{weights.rank}, "
+                                           f"{weights.values.shape[1]}] (ids up to {int(weights.indices.max())}) do "
+                                           f"not fit its table {None if table is None else tuple(table.shape)}")
+            continue
         shape = linear_shape(module)
         if shape is None:
             raise AdapterMismatchError(f"{source}: {name} is a {type(module).__name__}, not a linear layer")
@@ -414,7 +422,8 @@ def attach_lora(model: nn.Module, name: str, adapter, dtype: torch.dtype, device
     check_lora_fits(modules, adapter)
     check_saved_base_weights(adapter, lambda module, param: getattr(modules.get(module), param, None))
     for module_name, weights in adapter.layers.items():
-        if weights.lora_A.dtype != dtype or weights.lora_A.device != torch.device(device):
+        first = next(weights.parameters())
+        if first.dtype != dtype or first.device != torch.device(device):
             weights = weights.to(device=device, dtype=dtype)
         if weights.magnitude is not None:
             weights.magnitude.data = weights.magnitude.data.float()

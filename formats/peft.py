@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adaptkit.adapters.lora import LoraAdapter, LoraConfig, LoraWeights
+from adaptkit.adapters.lora import LoraAdapter, LoraConfig, LoraWeights, TokenRows
 from adaptkit.adapters.prefix import (
     PrefixAdapter,
     PrefixConfig,
@@ -50,7 +50,7 @@ LORA_FIELD_TO_KEY = {field: key for key, field in reversed(LORA_KEY_TABLE.items(
 _LORA_FIELDS = {
     "r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias",
     "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules",
-    "modules_to_save", "bias", "init_lora_weights",
+    "modules_to_save", "bias", "init_lora_weights", "trainable_token_indices",
 }
 _TRAINING_ONLY = {
     "peft_type", "task_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
@@ -65,7 +65,7 @@ _TRAINING_ONLY = {
 _TRAINING_STATE = {"velora_config": "lora_velora_", "monteclora_config": "lora_monteclora_"}
 # Fields whose non-empty value changes the forward pass in a way adaptkit does not implement.
 _UNSUPPORTED_WHEN_SET = {
-    "layer_replication", "target_parameters", "trainable_token_indices", "alora_invocation_tokens",
+    "layer_replication", "target_parameters", "alora_invocation_tokens",
     "megatron_config", "use_bdlora", "arrow_config", "kasa_config",
 }
 
@@ -152,6 +152,18 @@ def lora_config_from_peft(config: dict, path: Path) -> LoraConfig:
     )
 
 
+TOKEN_ROWS_KEY = ".token_adapter.trainable_tokens_delta"  # PEFT's TrainableTokens: the new rows themselves
+
+
+def _token_indices(field, module: str, path: Path) -> list[int]:
+    """The token ids of ``module``'s trainable rows: a list (the input embeddings), or {module suffix: list}."""
+    if isinstance(field, dict):
+        field = next((ids for name, ids in field.items() if module == name or module.endswith("." + name)), None)
+    if not isinstance(field, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in field):
+        raise AdapterFormatError(f"{path}: trainable_token_indices has no list of token ids for {module}")
+    return field
+
+
 def split_lora_key(key: str) -> tuple[str, str] | None:
     """``model.layers.0.q_proj.lora_A.weight`` -> (``model.layers.0.q_proj``, ``lora_A``)."""
     for suffix, field in LORA_KEY_TABLE.items():
@@ -179,10 +191,14 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
     base_weights: dict[str, dict[str, torch.Tensor]] = {}
     embedding_layers: set[str] = set()
     trained_biases: dict[str, torch.Tensor] = {}
+    token_rows: dict[str, torch.Tensor] = {}
     for raw_key, tensor in state.items():
         key = _strip_prefix(raw_key)
         if any(f".{state_key}" in key for option, state_key in _TRAINING_STATE.items() if config.get(option)):
             continue  # what a training-time option keeps for its backward pass or sampler: unused at inference
+        if key.endswith(TOKEN_ROWS_KEY):
+            token_rows[key[: -len(TOKEN_ROWS_KEY)]] = tensor
+            continue
         split = split_lora_key(key)
         if split is not None:
             module, field = split
@@ -224,6 +240,15 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
         layers[module] = LoraWeights(
             a, b, lora_config.scale_for(module), lora_B_bias=tensors.get("lora_B_bias"), magnitude=tensors.get("magnitude"),
             embedding=module in embedding_layers)
+    for module, values in token_rows.items():
+        if module in layers:
+            raise UnsupportedAdapterError(f"{weight_file}: {module} has both LoRA factors and trainable token rows; "
+                                          "merge one of them into the base with PEFT first")
+        indices = _token_indices(config.get("trainable_token_indices"), module, cfg_path)
+        if len(indices) != values.shape[0]:
+            raise AdapterFormatError(f"{weight_file}: {module}: {values.shape[0]} trainable token rows but {cfg_path} "
+                                     f"lists {len(indices)} trainable_token_indices")
+        layers[module] = TokenRows(torch.tensor(indices), values, embedding=True)
     meta = read_adaptkit_meta(folder)
     return LoraAdapter(
         config=lora_config,
@@ -302,6 +327,10 @@ def write_lora(adapter: LoraAdapter, folder: str | os.PathLike) -> Path:
         raise UnsupportedAdapterError(
             f"{adapter.source or 'adapter'}: its factors carry the base residual of init_lora_weights="
             f"{adapter.config.init_lora_weights!r} (folded at load); write the adapter as it was read instead")
+    if adapter.trained_biases or any(not isinstance(w, LoraWeights) for w in adapter.layers.values()):
+        raise UnsupportedAdapterError(
+            f"{adapter.source or 'adapter'}: trained biases, token rows and other PEFT methods' weights are read "
+            "from PEFT's files, not written by adaptkit; save such an adapter with PEFT")
     folder.mkdir(parents=True, exist_ok=True)
     config = lora_config_to_peft(adapter.config, adapter.base_class)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))

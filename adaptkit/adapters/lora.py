@@ -168,6 +168,79 @@ class LoraWeights(nn.Module):
         return self.scale * (self.lora_B.float() @ self.lora_A.float())
 
 
+class TokenRows(nn.Module):
+    """New values for some rows of an embedding table (PEFT's ``trainable_token_indices``), or of the
+    output head tied to it: ``indices`` [n] and ``values`` [n, dim].
+
+    It stands where a LoRA layer's factors would (same interface: ``embedding_output`` for the table,
+    ``low_rank_output`` for the head, ``delta_weight`` for merges), as the change from the base's rows,
+    which it reads from the layer it is bound to (``bind_base``).
+    """
+
+    exact_only = True  # never on the stacked LoRA path
+    lora_B_bias = None
+    magnitude = None
+    scale = 1.0
+
+    def __init__(self, indices: torch.Tensor, values: torch.Tensor, embedding: bool):
+        super().__init__()
+        self.register_buffer("indices", indices.long())
+        self.values = nn.Parameter(values, requires_grad=False)
+        self.embedding = embedding  # True: the table [vocab, dim]; False: a head [vocab, dim] as a linear layer
+        self._base: list[nn.Module] = []  # a list keeps the base layer out of this module's parameters
+
+    def bind_base(self, module: nn.Module) -> None:
+        self._base[:] = [module]
+
+    @property
+    def rank(self) -> int:
+        return int(self.indices.numel())
+
+    @property
+    def in_features(self) -> int:  # as a linear map: the table takes one-hot tokens, the head hidden states
+        return self._vocab() if self.embedding else self.values.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.values.shape[1] if self.embedding else self._vocab()
+
+    def _vocab(self) -> int:
+        if not self._base:
+            raise RuntimeError("TokenRows is not bound to its base layer")
+        return self._base[0].weight.shape[0]
+
+    def _change(self) -> torch.Tensor:
+        """``values - W[indices]`` [n, dim] in float32."""
+        weight = self._base[0].weight
+        return self.values.float() - weight.detach()[self.indices.to(weight.device)].float().to(self.values.device)
+
+    def embedding_output(self, ids: torch.Tensor) -> torch.Tensor:
+        slot = torch.full((self._vocab(),), -1, dtype=torch.long, device=ids.device)
+        slot[self.indices.to(ids.device)] = torch.arange(self.rank, device=ids.device)
+        where = slot[ids]
+        change = self._change().to(ids.device)
+        out = change[where.clamp(min=0)]
+        return out * (where >= 0).unsqueeze(-1).to(out.dtype)
+
+    def low_rank_output(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(*x.shape[:-1], self._vocab())
+        out[..., self.indices.to(x.device)] = x @ self._change().to(x.device, x.dtype).T
+        return out
+
+    def delta_weight(self) -> torch.Tensor:
+        """[out, in] float32: the table's [dim, vocab] or the head's [vocab, dim], the changed rows only."""
+        change = self._change()
+        delta = torch.zeros(self._vocab(), change.shape[1], dtype=torch.float32, device=change.device)
+        delta[self.indices.to(change.device)] = change
+        return delta.T if self.embedding else delta
+
+    def replaced(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (the table or head as stored, [vocab, dim]) with the rows replaced."""
+        out = weight.clone()
+        out[self.indices.to(weight.device)] = self.values.to(weight.device, weight.dtype)
+        return out
+
+
 @dataclass
 class LoraAdapter:
     """A loaded LoRA: its config, the factors per module, and whole modules it replaces."""

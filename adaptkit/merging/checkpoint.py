@@ -6,6 +6,7 @@ LoRA contributions; callers decide where it goes. All arithmetic is in float32 a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from adaptkit.adapters.lora import (
     Contribution,
     LoraAdapter,
+    TokenRows,
     check_merge_weights,
     check_saved_base_weights,
     fold_base_residual,
@@ -246,6 +248,9 @@ def merge_checkpoint(
     loaded = [fold_base_residual(a, _stored_weight(checkpoint, shapes, facts.spec)) for a in loaded]
     bias_of = _stored_tensor(checkpoint, shapes, None)
     loaded = [fold_trained_biases(a, lambda m: bias_of(m, "bias")) for a in loaded]
+    token_rows = [{m: w for m, w in a.layers.items() if isinstance(w, TokenRows)} for a in loaded]
+    loaded = [dataclasses.replace(a, layers={m: w for m, w in a.layers.items() if m not in rows})
+              for a, rows in zip(loaded, token_rows)]
     weights = check_merge_weights(adapters, weights)
     merge_method.check_weights(weights)
     if not merge_method.is_linear or tuned:
@@ -263,6 +268,8 @@ def merge_checkpoint(
                                          where=str(base), positions=lora_positions)
     for adapter in loaded:
         check_saved_base_weights(adapter, _stored_tensor(checkpoint, plan_shapes, tied))
+    for position, rows in zip(lora_positions, token_rows):
+        _plan_token_rows(rows, weights[position], checkpoint, plan_shapes, tied, updates)
     untied = None
     if tied is not None and (tied[0] in updates or tied[1] in updates):
         # the head (or the embeddings) changes alone: write the head as its own tensor and untie them,
@@ -337,6 +344,25 @@ def tied_head(base, config, shapes: dict) -> tuple[str, str] | None:
     if head_key is not None or embed_key is None:
         return None  # the checkpoint stores the head itself: nothing to untie
     return f"{names[id(head)]}.weight", embed_key
+
+
+def _plan_token_rows(rows: dict, weight: float, checkpoint, shapes: dict, tied, updates: dict) -> None:
+    """New token rows (``trainable_token_indices``) as replacements of the tables they change (and of the
+    output head tied to the input embeddings, as PEFT ties them)."""
+    for module, token_rows in rows.items():
+        key = _checkpoint_key(module, "weight", shapes)
+        if key is None:
+            raise AdapterMismatchError(f"{module}.weight is not in {checkpoint.folder}; the adapter is for another base")
+        if weight != 1.0:
+            raise UnsupportedAdapterError(f"{module}: trainable token rows replace the base's rows; merge them with "
+                                          "weight 1")
+        keys = [key] + ([tied[0]] if tied is not None and key == tied[1] else [])
+        for target in keys:
+            if target in updates:
+                raise UnsupportedAdapterError(f"{target} is changed by trainable token rows and by another adapter; "
+                                              "merge one of them")
+            source = tied[1] if tied is not None and target == tied[0] else target
+            updates[target] = _TensorUpdate([], replacement=token_rows.replaced(checkpoint.read_tensor(source)))
 
 
 def _stored_tensor(checkpoint, shapes: dict, tied):
