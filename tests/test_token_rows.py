@@ -19,7 +19,7 @@ def token_lora(base, out, seed=0):
                                                      trainable_token_indices=[5, 9, 17, 40]))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=gen) * 0.5)
     model.save_pretrained(str(out))

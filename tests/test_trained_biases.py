@@ -17,7 +17,7 @@ def biased_lora(base, out, bias, seed=0):
                                                      fan_in_fan_out=True, bias=bias))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:  # the factors and the biases PEFT trains with them
                 param.add_(torch.randn(param.shape, generator=gen) * 0.1)
     model.save_pretrained(str(out))
