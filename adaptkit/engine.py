@@ -91,6 +91,19 @@ def _lora_details(adapter: LoraAdapter) -> dict:
             "alpha_pattern": dict(cfg.alpha_pattern), "layers_to_transform": cfg.layers_to_transform,
             "exclude_modules": cfg.exclude_modules}
     details.update({k: v for k, v in used.items() if v})
+    if adapter.peft_type != "LORA":
+        details["peft_type"] = adapter.peft_type
+    if adapter.trained_biases:
+        details["trained_biases"] = sorted(adapter.trained_biases)
+    embeddings = sorted(m for m, w in adapter.layers.items() if getattr(w, "embedding", False)
+                        and not isinstance(w, TokenRows))
+    if embeddings:
+        details["embedding_layers"] = embeddings
+    token_rows = {m: w.rank for m, w in adapter.layers.items() if isinstance(w, TokenRows)}
+    if token_rows:
+        details["trainable_token_indices"] = token_rows
+    if adapter.base_weights:
+        details["saved_base_layers"] = sorted(adapter.base_weights)
     if cfg.init_lora_weights in RESIDUAL_INITS:
         state = "folded in: rank doubled" if adapter.residual_folded else "recomputed from the base when loaded"
         details["init_lora_weights"] = (f"{cfg.init_lora_weights} (PEFT subtracts s*B0*A0 from the base at load; "

@@ -54,3 +54,17 @@ def test_trainable_tokens_equal_peft(base_name, request, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_inspect_names_the_options_in_use(tiny_llama, tiny_gpt2, tmp_path):
+    from click.testing import CliRunner
+    from test_trained_biases import biased_lora
+
+    from adaptkit.cli.main import main
+
+    tokens = token_lora(tiny_llama, tmp_path / "tokens")
+    shown = CliRunner().invoke(main, ["inspect", str(tokens), "--base", str(tiny_llama)])
+    assert shown.exit_code == 0 and "trainable_token_indices: {'model.embed_tokens': 4}" in shown.output, shown.output
+    biased = biased_lora(tiny_gpt2, tmp_path / "biased", "all")
+    shown = CliRunner().invoke(main, ["inspect", str(biased)])
+    assert shown.exit_code == 0 and "trained_biases: [" in shown.output and "ln_f" in shown.output, shown.output
