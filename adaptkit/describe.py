@@ -92,6 +92,10 @@ def check_fits_checkpoint(adapters: Sequence, base: str | os.PathLike) -> None:
     for adapter in adapters:
         check_made_for(adapter, facts, fingerprint)
         if isinstance(adapter, LoraAdapter):
+            from adaptkit.adapters.peft_types import bind_base_layers, needs_base_layers
+
+            if needs_base_layers(adapter):  # shapes only: the meta-device layers will do
+                adapter = bind_base_layers(adapter, modules.get)
             check_lora_fits(modules, adapter, where=str(base))
         elif adapter.kind in ("prefix", "prompt"):
             from adaptkit.adapters.prefix import check_prefix_fits

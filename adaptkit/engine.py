@@ -37,6 +37,7 @@ from adaptkit.adapters.lora import (
     merged_bias,
     merged_weight,
 )
+from adaptkit.adapters.peft_types import bind_base_layers, needs_base_layers
 from adaptkit.adapters.pet import pet_details
 from adaptkit.adapters.prefix import prefix_details
 from adaptkit.adapters.prompt import prompt_details
@@ -229,6 +230,8 @@ class Engine:
             loaded = fold_base_residual(loaded, self._base_weight)
         if isinstance(loaded, LoraAdapter):
             loaded = self._with_tied_token_rows(loaded)
+            if needs_base_layers(loaded):  # (IA)^3 and VeRA layers take their shape or update from the base layer
+                loaded = bind_base_layers(loaded, inject.base_modules(self.model).get)
         if isinstance(loaded, LoraAdapter) and loaded.trained_biases:
             modules = inject.base_modules(self.model)
             loaded = fold_trained_biases(loaded, lambda m: getattr(modules.get(m), "bias", None),

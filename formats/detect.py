@@ -50,9 +50,13 @@ def _reader_for(path: Path):
     config = peft.read_config(path)
     if peft.is_peft_config(config):
         peft_type = str(config["peft_type"])
+        from adaptkit.formats import peft_types
+
+        if peft_type in peft_types.PEFT_TYPES:  # AdaLoRA, VeRA, LoHa, LoKr, (IA)^3: weight deltas, LoRA-family
+            return "lora", lambda: peft_types.read_peft_type(path, config)
         kind = peft.PEFT_TYPES.get(peft_type)
         if kind is None:
-            known = ", ".join(sorted(peft.PEFT_TYPES))
+            known = ", ".join(sorted({*peft.PEFT_TYPES, *peft_types.PEFT_TYPES}))
             raise UnsupportedAdapterError(
                 f"{path / peft.CONFIG_NAME}: peft_type {peft_type!r} is not supported; supported: {known}"
             )

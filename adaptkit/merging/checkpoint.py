@@ -27,6 +27,7 @@ from adaptkit.adapters.lora import (
     merged_bias,
     merged_weight,
 )
+from adaptkit.adapters.peft_types import bind_base_layers, layer_from_tensors, needs_base_layers
 from adaptkit.arch import facts_from_config
 from adaptkit.base import checkpoint_fingerprint, load_base, parse_dtype, read_config
 from adaptkit.describe import check_fits_checkpoint
@@ -184,12 +185,15 @@ def apply_with_fine_tunes(tensor: torch.Tensor, key: str, update: _TensorUpdate 
 
 
 def _apply_method(tensor: torch.Tensor, update: _TensorUpdate, method: MergeMethod) -> torch.Tensor:
-    """``W + method(w_i, dW_i)``: the method runs on the deltas (``s_i B_i A_i``, or ``s_i * bias_B_i``)."""
+    """``W + method(w_i, dW_i)``: the method runs on the deltas (``s_i B_i A_i``, or ``s_i * bias_B_i``; the dense
+    ``delta_weight()`` of weights with no low-rank factors: LoHa, LoKr, (IA)^3)."""
     weights = [w for _, w in update.contributions]
     if update.is_bias:
         deltas = [f.scale * f.lora_B_bias.float() for f, _ in update.contributions]
         return tensor.float() + method.combine(deltas, weights, f"{update.module}.bias", update.indices)
-    deltas = [LowRank(B=f.scale * f.lora_B.float(), A=f.lora_A.float()) for f, _ in update.contributions]
+    deltas = [f.delta_weight() if getattr(f, "exact_only", False) else LowRank(B=f.scale * f.lora_B.float(),
+                                                                                A=f.lora_A.float())
+              for f, _ in update.contributions]
     combined = method.combine(deltas, weights, f"{update.module}.weight", update.indices)  # [out, in]
     return tensor.float() + (combined.T if update.transposed else combined)
 
@@ -248,6 +252,9 @@ def merge_checkpoint(
     loaded = [fold_base_residual(a, _stored_weight(checkpoint, shapes, facts.spec)) for a in loaded]
     bias_of = _stored_tensor(checkpoint, shapes, None)
     loaded = [fold_trained_biases(a, lambda m: bias_of(m, "bias")) for a in loaded]
+    weight_of = _stored_weight(checkpoint, shapes, facts.spec)
+    loaded = [bind_base_layers(a, lambda m: layer_from_tensors(weight_of(m)[0], bias_of(m, "bias")))
+              if needs_base_layers(a) else a for a in loaded]  # (IA)^3, VeRA: bound to the checkpoint's tensors
     token_rows = [{m: w for m, w in a.layers.items() if isinstance(w, TokenRows)} for a in loaded]
     loaded = [dataclasses.replace(a, layers={m: w for m, w in a.layers.items() if m not in rows})
               for a, rows in zip(loaded, token_rows)]

@@ -166,6 +166,12 @@ def combine_adapters(
                 f"{adapter.source}: init_lora_weights={adapter.config.init_lora_weights!r} changes the base weights "
                 "(PEFT subtracts a part of them at load), which a combination without the base cannot carry; merge "
                 "it into the base with merge_checkpoint instead")
+        if any(getattr(w, "exact_only", False) for w in adapter.layers.values()):
+            raise UnsupportedAdapterError(
+                f"{adapter.source}: a {adapter.peft_type} adapter cannot be combined into a LoRA: its update is not a "
+                "product of low-rank factors (LoHa: a Hadamard product, LoKr: a Kronecker product, IA3: a rescaling of "
+                "the base weights), so a LoRA could only approximate it; merge it into the base with merge_checkpoint "
+                "instead")
     check_same_base(loaded)
     saved = _saved_modules(loaded, weights)
 

@@ -120,6 +120,10 @@ def merge_qlora_checkpoint(
             f"{loaded.path}: loaded= takes the NF4 base loaded from {base}, and not with requantize (which "
             "changes the layers it is given): pass the base path alone instead"
         )
+    from adaptkit.adapters.peft_types import bind_base_layers, needs_base_layers
+
+    layer_of = base_modules(loaded.model).get
+    adapters = [bind_base_layers(a, layer_of) if needs_base_layers(a) else a for a in adapters]
     for adapter in adapters:
         check_made_for(adapter, loaded.facts, loaded.fingerprint)
         check_lora_fits(base_modules(loaded.model), adapter, where=str(base))
