@@ -108,10 +108,8 @@ def ids():
 
 
 def servable(engine, path):
-    """What is added to ``engine``: the folder, except (IA)^3, whose layers come from the base and are bound to
-    it first (adaptkit does not bind adapters given by path yet: see test_ia3_by_path_is_bound_by_the_engine)."""
-    adapter = read_adapter(path)
-    return bind_base_layers(adapter, base_modules(engine.model).get) if needs_base_layers(adapter) else path
+    """What is added to ``engine``: the folder itself (the engine binds (IA)^3 and VeRA layers to its base)."""
+    return path
 
 
 def checkpoint_layers(base):
@@ -324,3 +322,31 @@ def test_loha_without_factors_is_refused_where_factors_are_needed(tiny_llama, tm
     lora = make_peft_lora(tiny_llama, tmp_path / "lora")
     with pytest.raises(UnsupportedAdapterError, match="LOHA adapter cannot be combined into a LoRA"):
         combine_adapters([adapter, lora], progress=False)
+
+
+def test_every_type_and_kind_in_one_batch(tiny_llama, tmp_path, ids):
+    """Rows of LoHa, LoKr, (IA)^3, VeRA, AdaLoRA, a LoRA, a prefix and the bare base in one forward."""
+    from peft import PrefixTuningConfig
+
+    configs = {
+        "loha": LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+        "lokr": LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"]),
+        "ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "vera": VeraConfig(r=4, target_modules=["q_proj", "down_proj"]),
+        "adalora": AdaLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], total_step=10),
+        "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    }
+    batch = random_ids(batch=len(configs) + 2, length=9, seed=5)
+    engine = ak.Engine.from_pretrained(tiny_llama)
+    expected = {None: engine.logits(batch)}
+    for i, (name, config) in enumerate(configs.items()):
+        path = _save(tiny_llama, config, tmp_path / name, seed=i)
+        expected[name] = peft_logits(tiny_llama, path, batch)[:, -batch.shape[1]:]
+        engine.add_adapter(name, path)
+    lora = make_peft_lora(tiny_llama, tmp_path / "lora", seed=9)
+    expected["lora"] = peft_logits(tiny_llama, lora, batch)
+    engine.add_adapter("lora", lora)
+    rows = [*configs, "lora", None]
+    mixed = engine.logits(batch, adapters=rows)
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(mixed[i], expected[row][i], atol=1e-4, rtol=0, msg=str(row))
