@@ -100,7 +100,7 @@ def test_demo_on_smollm2_teaches_a_visible_behaviour(smollm2, private_tmp):
     lines = []
     run = run_demo(None, progress=False, model="smollm2", emit=lines.append)
     assert run.real_model and run.base == smollm2
-    assert run.train_seconds < 60 and run.losses[-1] < 0.5 * run.losses[0]
+    assert run.losses[-1] < 0.5 * run.losses[0]  # speed is measured by the demo and benchmarks, not asserted
     as_json = [_json(text) for text in run.adapter_texts]
     # the behaviour taught: questions about countries never seen in training answered as JSON naming the country
     assert sum(row is not None and row.get("country") == c for row, c in zip(as_json, HELD_OUT)) >= 2, run.adapter_texts
