@@ -46,6 +46,9 @@ def test_tied_bases_merge_to_what_the_unmerged_adapter_computes(base_name, confi
     engine.add_adapter("a", adapter)
     torch.testing.assert_close(engine.logits(ids, adapters="a"), expected, atol=1e-4, rtol=0)
     before = engine.logits(ids)
+    mixed = engine.logits(ids, adapters=["a", None])  # the base row keeps the shared tensor as it was
+    torch.testing.assert_close(mixed[0], expected[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(mixed[1], before[1], atol=1e-4, rtol=0)
     engine.merge("a")
     torch.testing.assert_close(engine.logits(ids, adapters="a"), expected, atol=1e-4, rtol=0)
     engine.unmerge()
