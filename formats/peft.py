@@ -249,17 +249,16 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
             raise AdapterFormatError(f"{weight_file}: {module}: {values.shape[0]} trainable token rows but {cfg_path} "
                                      f"lists {len(indices)} trainable_token_indices")
         layers[module] = TokenRows(torch.tensor(indices), values, embedding=True)
-    meta = read_adaptkit_meta(folder)
-    return LoraAdapter(
-        config=lora_config,
-        layers=layers,
-        saved_modules=saved,
-        base_weights=base_weights,
-        trained_biases=trained_biases,
-        fingerprint=meta.get("base_fingerprint"),
-        source=str(folder),
-        base_class=(config.get("auto_mapping") or {}).get("base_model_class"),
-    )
+    return lora_adapter_of(folder, config, lora_config, layers, saved_modules=saved, base_weights=base_weights,
+                           trained_biases=trained_biases)
+
+
+def lora_adapter_of(folder: Path, config: dict, lora_config: LoraConfig, layers: dict, **parts) -> LoraAdapter:
+    """The :class:`LoraAdapter` read from a PEFT ``folder``: its layers and ``parts`` (saved modules, ...),
+    with what the folder records (the base fingerprint beside it, the base class in ``auto_mapping``)."""
+    return LoraAdapter(config=lora_config, layers=layers, fingerprint=read_adaptkit_meta(folder).get("base_fingerprint"),
+                       source=str(folder), base_class=(config.get("auto_mapping") or {}).get("base_model_class"),
+                       **parts)
 
 
 def read_adaptkit_meta(folder: Path) -> dict:

@@ -33,7 +33,7 @@ from adaptkit.adapters.peft_types import (
 )
 from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
 from adaptkit.formats import fields
-from adaptkit.formats.peft import CONFIG_NAME, WEIGHT_NAMES, _strip_prefix, read_adaptkit_meta, read_config
+from adaptkit.formats.peft import CONFIG_NAME, WEIGHT_NAMES, _strip_prefix, lora_adapter_of, read_config
 from adaptkit.formats.tensors import first_existing, load_adapter_tensors
 
 PEFT_TYPES = ("ADALORA", "VERA", "LOHA", "LOKR", "IA3")
@@ -327,14 +327,5 @@ def read_peft_type(folder: str | os.PathLike, config: dict | None = None) -> Lor
         layers = _lokr_layers(factors, lora_config, weight_file)
     else:
         layers = _ia3_layers(factors, config, path, weight_file)
-    meta = read_adaptkit_meta(folder)
-    return LoraAdapter(
-        config=lora_config,
-        layers=layers,
-        saved_modules=saved,
-        base_weights=base_weights,
-        fingerprint=meta.get("base_fingerprint"),
-        source=str(folder),
-        base_class=(config.get("auto_mapping") or {}).get("base_model_class"),
-        peft_type=peft_type,
-    )
+    return lora_adapter_of(folder, config, lora_config, layers, saved_modules=saved, base_weights=base_weights,
+                           peft_type=peft_type)

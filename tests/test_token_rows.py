@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_hf, make_peft_lora, peft_logits, random_ids
+from conftest import load_hf, random_ids
+from peft_checks import check_served_like_peft
 from test_tied import tied_llama  # noqa: F401  (the module fixture)
-
-import adaptkit as ak
 
 
 def token_lora(base, out, seed=0):
@@ -28,32 +27,11 @@ def token_lora(base, out, seed=0):
 
 @pytest.mark.parametrize("base_name", ["tiny_llama", "tied_llama"])
 def test_trainable_tokens_equal_peft(base_name, request, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     base = request.getfixturevalue(base_name)
-    adapter = token_lora(base, tmp_path / "tokens")
-    other = make_peft_lora(base, tmp_path / "other", seed=4)
     ids = random_ids(batch=3)
     ids[:, 2] = 9  # the changed rows are read
     ids[1, 4] = 40
-    expected, expected_other = peft_logits(base, adapter, ids), peft_logits(base, other, ids)
-    engine = ak.Engine.from_pretrained(base)
-    plain = engine.logits(ids)
-    engine.add_adapter("tokens", adapter)
-    engine.add_adapter("other", other)
-    torch.testing.assert_close(engine.logits(ids, adapters="tokens"), expected, atol=1e-4, rtol=0)
-    mixed = engine.logits(ids, adapters=["tokens", "other", None])
-    torch.testing.assert_close(mixed[0], expected[0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(mixed[1], expected_other[1], atol=1e-4, rtol=0)
-    torch.testing.assert_close(mixed[2], plain[2], atol=1e-4, rtol=0)
-    engine.merge("tokens")
-    torch.testing.assert_close(engine.logits(ids, adapters="tokens"), expected, atol=1e-4, rtol=0)
-    engine.unmerge()
-    torch.testing.assert_close(engine.logits(ids), plain, atol=0, rtol=0)
-    merged = ak.merge_checkpoint(base, [adapter], tmp_path / "merged", progress=False)
-    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+    check_served_like_peft(base, token_lora(base, tmp_path / "tokens"), ids, tmp_path)
 
 
 def test_inspect_names_the_options_in_use(tiny_llama, tiny_gpt2, tmp_path):

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_hf, make_peft_lora, peft_logits, random_ids
-
-import adaptkit as ak
+from conftest import load_hf, random_ids
+from peft_checks import check_served_like_peft
 
 
 def biased_lora(base, out, bias, seed=0):
@@ -26,26 +25,4 @@ def biased_lora(base, out, bias, seed=0):
 
 @pytest.mark.parametrize("bias", ["lora_only", "all"])
 def test_trained_biases_equal_peft(bias, tiny_gpt2, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    adapter = biased_lora(tiny_gpt2, tmp_path / bias, bias)
-    other = make_peft_lora(tiny_gpt2, tmp_path / "other", seed=4)
-    ids = random_ids(batch=3)
-    expected, expected_other = peft_logits(tiny_gpt2, adapter, ids), peft_logits(tiny_gpt2, other, ids)
-    engine = ak.Engine.from_pretrained(tiny_gpt2)
-    plain = engine.logits(ids)
-    engine.add_adapter("biased", adapter)
-    engine.add_adapter("other", other)
-    torch.testing.assert_close(engine.logits(ids, adapters="biased"), expected, atol=1e-4, rtol=0)
-    mixed = engine.logits(ids, adapters=["biased", "other", None])
-    torch.testing.assert_close(mixed[0], expected[0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(mixed[1], expected_other[1], atol=1e-4, rtol=0)
-    torch.testing.assert_close(mixed[2], plain[2], atol=1e-4, rtol=0)
-    engine.merge("biased")
-    torch.testing.assert_close(engine.logits(ids, adapters="biased"), expected, atol=1e-4, rtol=0)
-    engine.unmerge()
-    torch.testing.assert_close(engine.logits(ids), plain, atol=0, rtol=0)
-    merged = ak.merge_checkpoint(tiny_gpt2, [adapter], tmp_path / "merged", progress=False)
-    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+    check_served_like_peft(tiny_gpt2, biased_lora(tiny_gpt2, tmp_path / bias, bias), random_ids(batch=3), tmp_path)
