@@ -152,6 +152,20 @@ def lora_config_from_peft(config: dict, path: Path) -> LoraConfig:
     )
 
 
+def place_module_tensor(module: str, param: str, tensor: torch.Tensor, lora_config: LoraConfig, saved: dict,
+                        base_weights: dict) -> bool:
+    """File a key that is not an adapter weight: a targeted layer's own tensor (PEFT saves those of
+    embedding and output layers, ``.base_layer.``) or a ``modules_to_save`` entry. False: it is neither."""
+    if module.endswith(".base_layer") and lora_config.targets(module[: -len(".base_layer")]):
+        base_weights.setdefault(module[: -len(".base_layer")], {})[param] = tensor
+        return True
+    module = module.replace(".modules_to_save.default", "")
+    if lora_config.saves_module(module):
+        saved.setdefault(module, {})[param] = tensor
+        return True
+    return False
+
+
 TOKEN_ROWS_KEY = ".token_adapter.trainable_tokens_delta"  # PEFT's TrainableTokens: the new rows themselves
 
 
@@ -211,12 +225,7 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
         if trains_biases and param == "bias" and not lora_config.saves_module(module.removesuffix(".base_layer")):
             trained_biases[module.removesuffix(".base_layer")] = tensor  # PEFT bias="all" / "lora_only"
             continue
-        if module.endswith(".base_layer") and lora_config.targets(module[: -len(".base_layer")]):
-            base_weights.setdefault(module[: -len(".base_layer")], {})[param] = tensor  # PEFT's embedding layers
-            continue
-        module = module.replace(".modules_to_save.default", "")
-        if lora_config.saves_module(module):
-            saved.setdefault(module, {})[param] = tensor
+        if place_module_tensor(module, param, tensor, lora_config, saved, base_weights):
             continue
         raise AdapterFormatError(f"{weight_file}: unexpected key {raw_key!r} (not a LoRA factor nor a modules_to_save entry)")
     if not factors and not saved:

@@ -33,7 +33,14 @@ from adaptkit.adapters.peft_types import (
 )
 from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
 from adaptkit.formats import fields
-from adaptkit.formats.peft import CONFIG_NAME, WEIGHT_NAMES, _strip_prefix, lora_adapter_of, read_config
+from adaptkit.formats.peft import (
+    CONFIG_NAME,
+    WEIGHT_NAMES,
+    _strip_prefix,
+    lora_adapter_of,
+    place_module_tensor,
+    read_config,
+)
 from adaptkit.formats.tensors import first_existing, load_adapter_tensors
 
 PEFT_TYPES = ("ADALORA", "VERA", "LOHA", "LOKR", "IA3")
@@ -288,12 +295,7 @@ def _split_state(state: dict, peft_type: str, lora_config: LoraConfig, where: Pa
         if peft_type == "VERA" and param in _VERA_PROJECTIONS and module in ("base_model", ""):
             projections[param] = tensor
             continue
-        if module.endswith(".base_layer") and lora_config.targets(module[: -len(".base_layer")]):
-            base_weights.setdefault(module[: -len(".base_layer")], {})[param] = tensor  # PEFT's embedding layers
-            continue
-        module = module.replace(".modules_to_save.default", "")
-        if lora_config.saves_module(module):
-            saved.setdefault(module, {})[param] = tensor
+        if place_module_tensor(module, param, tensor, lora_config, saved, base_weights):
             continue
         raise AdapterFormatError(f"{where}: unexpected key {raw_key!r} (not a {peft_type} weight nor a modules_to_save "
                                  "entry)")
