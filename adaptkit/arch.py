@@ -15,8 +15,8 @@ from adaptkit.errors import BaseModelError
 _LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2",
                  "granite"}
 # model_type -> layout family, for the families whose model_type differs from the family name
-_FAMILY_OF_TYPE = {"gpt2": "gpt2", "bert": "bert", "roberta": "bert", "opt": "opt", "gpt_neox": "neox",
-                   "falcon": "falcon"}
+_FAMILY_OF_TYPE = {"gpt2": "gpt2", "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "deberta-v2": "bert",
+                   "opt": "opt", "gpt_neox": "neox", "falcon": "falcon"}
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     ),
     "bert": ArchSpec(
         family="bert",
-        layers_paths=("bert.encoder.layer", "encoder.layer"),
+        layers_paths=("bert.encoder.layer", "roberta.encoder.layer", "deberta.encoder.layer", "encoder.layer"),
         attention="attention.output",
         mlp="output",
         attention_norm=None,
@@ -104,7 +104,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         is_causal=False,
         conv1d_modules=(),
         embedding_keys=("bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight",
-                        "roberta.embeddings.word_embeddings.weight"),
+                        "roberta.embeddings.word_embeddings.weight", "deberta.embeddings.word_embeddings.weight"),
     ),
 }
 

@@ -362,7 +362,7 @@ class Engine:
         with use_plan(plan):
             out = self.model(**kwargs)
         out = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-        return out[:, virtual:]
+        return prefix_cache.real_positions(out, virtual, input_ids.shape[1])
 
     def _checked_batch(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_ids`` [B, S] integer ids within the vocabulary and a mask of the same shape, or a clear error."""
@@ -411,23 +411,76 @@ class Engine:
 
     @_exclusive
     @torch.inference_mode()
-    def classify(self, texts: Sequence[str] | str, adapter: str) -> list[dict[str, float]]:
-        """Label probabilities of each text under the PET adapter ``adapter`` (pattern, verbalizer, its LoRA).
+    def classify(self, texts: Sequence[str] | str, adapter=None) -> list[dict[str, float]]:
+        """Label probabilities of each text: one ``{label: p}`` per text.
 
-        ``p(l | x) = softmax_l(logits[slot, id(v(l))])`` (``adapters/pet.py``); one ``{label: p}`` per text.
+        - a PET adapter: ``p(l | x) = softmax_l(logits[slot, id(v(l))])`` (``adapters/pet.py``);
+        - a base with a sequence-classification head (``...ForSequenceClassification``): softmax of the
+          head's logits, labels from ``config.id2label``; ``adapter`` is one entry for every text or one
+          per text (a LoRA, a prompt with its own head, ``None`` for the base's head), in one batch.
 
         Example:
             >>> eng.classify(["the movie was dull"], adapter="sentiment")  # [{"pos": 0.1, "neg": 0.9}]
         """
-        from adaptkit.adapters.pet import KIND, encode_pattern, label_log_probs, label_word_ids
+        from adaptkit.adapters.pet import KIND
 
-        self._require(adapter)
-        pet = self._adapters[adapter]
-        if pet.kind != KIND:
-            raise UnsupportedAdapterError(f"{adapter!r} is a {pet.kind} adapter; classify needs a PET adapter")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if isinstance(adapter, str) and self._adapters.get(adapter) is not None and self._adapters[adapter].kind == KIND:
+            return self._classify_pet(texts, adapter)
+        logits, _ = self._head_logits(texts, adapter, token_level=False)
+        labels = self._labels(logits.shape[-1])
+        return [dict(zip(labels, row.tolist())) for row in logits.float().softmax(-1)]
+
+    def classify_tokens(self, texts: Sequence[str] | str, adapter=None) -> list[list[dict]]:
+        """Each token's label on a base with a token-classification head (``...ForTokenClassification``):
+        per text, ``{"text", "start", "end", "label", "score"}`` for every token that covers characters
+        (special tokens are left out), ``start:end`` its span in the text. ``adapter`` as in :meth:`classify`."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        logits, offsets = self._head_logits(texts, adapter, token_level=True)
+        labels = self._labels(logits.shape[-1])
+        out = []
+        for text, row_logits, row_offsets in zip(texts, logits.float().softmax(-1), offsets):
+            tokens = []
+            for probs, (start, end) in zip(row_logits, row_offsets):
+                if end > start:
+                    score, index = probs.max(-1)
+                    tokens.append({"text": text[start:end], "start": start, "end": end, "label": labels[int(index)],
+                                   "score": float(score)})
+            out.append(tokens)
+        return out
+
+    def _head_logits(self, texts: list[str], adapter, token_level: bool):
+        """The task head's logits for ``texts`` (right-padded, one forward) and each text's token offsets."""
         if self.tokenizer is None:
             raise EngineStateError(f"{self.base.path} has no tokenizer files; classify reads text")
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        encoded = self.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=token_level)
+        rows = encoded["input_ids"]
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(texts), width), self.stop_and_pad_ids()[1], dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(rows):
+            input_ids[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids), 1
+        entries = adapter if isinstance(adapter, (list, tuple)) else [adapter] * len(texts)
+        logits = self.logits(input_ids, mask, adapters=list(entries))
+        head = type(self.model).__name__
+        if token_level != (logits.ndim == 3) or not head.endswith(("ForSequenceClassification", "ForTokenClassification")):
+            wanted = "ForTokenClassification" if token_level else "ForSequenceClassification"
+            raise UnsupportedAdapterError(
+                f"{self.base.path} is a {head}; {'classify_tokens' if token_level else 'classify'} needs a base with a "
+                f"...{wanted} head (or, for classify, a PET adapter)")
+        offsets = [[tuple(o) for o in row] for row in encoded["offset_mapping"]] if token_level else None
+        return logits, offsets
+
+    def _labels(self, count: int) -> list[str]:
+        names = getattr(self.model.config, "id2label", None) or {}
+        return [str(names.get(i, names.get(str(i), f"LABEL_{i}"))) for i in range(count)]
+
+    def _classify_pet(self, texts: list[str], adapter: str) -> list[dict[str, float]]:
+        from adaptkit.adapters.pet import encode_pattern, label_log_probs, label_word_ids
+
+        pet = self._adapters[adapter]
+        if self.tokenizer is None:
+            raise EngineStateError(f"{self.base.path} has no tokenizer files; classify reads text")
         encoded = [encode_pattern(self.tokenizer, pet.config, text, pet.scoring) for text in texts]
         width = max(len(ids) for ids, _ in encoded)  # right padding: encoders count positions from 0
         input_ids = torch.full((len(texts), width), self.stop_and_pad_ids()[1], dtype=torch.long)

@@ -301,6 +301,15 @@ def plain_copy(module: nn.Module) -> nn.Module:
     return copied
 
 
+def plain_named_parameters(module: nn.Module, prefix: str = ""):
+    """``named_parameters`` of the module as the base has it, looking through adaptkit's wrappers inside it."""
+    module = innermost(module)
+    for name, param in module.named_parameters(recurse=False):
+        yield prefix + name, param
+    for name, child in module.named_children():
+        yield from plain_named_parameters(child, f"{prefix}{name}.")
+
+
 def wrappers_at(model: nn.Module, name: str) -> list[ModuleWrapper]:
     """The wrappers standing at ``name``, outermost first (a stored copy around a LoRA layer: two)."""
     chain, module = [], locate(model, name)
@@ -401,11 +410,18 @@ def check_lora_fits(modules: dict[str, nn.Module], adapter, where: str = "the ba
                 f"{source}: {name}: LoRA maps {weights.in_features} -> {weights.out_features} features but the "
                 f"base layer maps {shape[1]} -> {shape[0]}; the adapter was made for a base of another size"
             )
-    for name, params in adapter.saved_modules.items():
+    check_saved_fits(modules, adapter.saved_modules, source, where)
+
+
+def check_saved_fits(modules: dict[str, nn.Module], saved: dict, source: str, where: str = "the base") -> None:
+    """Raise :class:`AdapterMismatchError` unless every stored module (``modules_to_save``) matches the base's."""
+    from adaptkit.errors import AdapterMismatchError
+
+    for name, params in saved.items():
         module = modules.get(name)
         if module is None:
             raise AdapterMismatchError(f"{source}: modules_to_save entry {name!r} does not exist in {where}")
-        own = dict(module.named_parameters(recurse=True))
+        own = dict(plain_named_parameters(module))
         for param, tensor in params.items():
             if param not in own or tuple(own[param].shape) != tuple(tensor.shape):
                 got = tuple(own[param].shape) if param in own else "missing"
@@ -429,7 +445,12 @@ def attach_lora(model: nn.Module, name: str, adapter, dtype: torch.dtype, device
             weights.magnitude.data = weights.magnitude.data.float()
         layer_type = LoraEmbedding if isinstance(modules[module_name], nn.Embedding) else LoraLinear
         wrap_once(model, module_name, layer_type).add(name, weights)
-    for module_name, state in adapter.saved_modules.items():
+    attach_saved(model, name, adapter.saved_modules)
+
+
+def attach_saved(model: nn.Module, name: str, saved: dict) -> None:
+    """Register the adapter's stored modules (``modules_to_save``): its rows run these copies."""
+    for module_name, state in saved.items():
         wrap_once(model, module_name, SwitchedModule).add(name, state)
 
 
@@ -449,7 +470,12 @@ def detach_lora(model: nn.Module, name: str, adapter) -> None:
         if module is not None and name in module.lora:
             module.remove(name)
             unwrap_if_empty(model, module_name)
-    for module_name in adapter.saved_modules:
+    detach_saved(model, name, adapter.saved_modules)
+
+
+def detach_saved(model: nn.Module, name: str, saved: dict) -> None:
+    """Remove the adapter's stored modules; unwrap what is left empty (names the model lacks are skipped)."""
+    for module_name in saved:
         module = find(model, module_name) and wrapper_at(model, module_name, SwitchedModule)
         if module is not None and name in module.replacements:
             module.remove(name)

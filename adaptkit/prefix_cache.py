@@ -27,11 +27,12 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from adaptkit import inject
 from adaptkit.adapters.prefix import KIND as PREFIX_KIND
 from adaptkit.adapters.prefix import PrefixAdapter, PrefixConfig, check_prefix_fits
 from adaptkit.adapters.prompt import KIND as PROMPT_KIND
 from adaptkit.adapters.prompt import PromptAdapter, check_prompt_fits
-from adaptkit.arch import facts_from_config
+from adaptkit.arch import decoder_layers, facts_from_config
 from adaptkit.errors import UnsupportedAdapterError
 from adaptkit.generation import cache_argument
 from adaptkit.routing import Fuse, Mix, RoutingPlan, RowEntry, Stack, members_of, route_rows, use_plan
@@ -76,9 +77,26 @@ def attach_prompt(model: nn.Module, name: str, adapter: PromptAdapter, dtype: to
     """Check the prompt fits the base; on a causal LM compute its virtual tokens' K/V now, once."""
     facts = facts_from_config(model.config)
     check_prompt_fits(adapter, facts)
+    if adapter.saved_modules:
+        _check_prompt_heads(model, adapter, facts)
     adapter.to(device, dtype)
     if facts.spec.is_causal:
         served_prompt_kv(model, adapter, None, {})
+    inject.attach_saved(model, name, adapter.saved_modules)
+
+
+def _check_prompt_heads(model: nn.Module, adapter: PromptAdapter, facts) -> None:
+    """A prompt's stored modules (a task head) must fit the base; on a causal LM they must sit outside the
+    blocks, which the virtual tokens' K/V (computed once, without them) pass through."""
+    modules = inject.base_modules(model)
+    inject.check_saved_fits(modules, adapter.saved_modules, adapter.source or "prompt adapter")
+    if facts.spec.is_causal:
+        blocks, _ = decoder_layers(model, facts.spec)
+        inside = [m for m in adapter.saved_modules if m.startswith(blocks + ".")]
+        if inside:
+            raise UnsupportedAdapterError(
+                f"{adapter.source or 'prompt adapter'}: modules_to_save {inside} sit inside the transformer blocks, "
+                "which the prompt's K/V pass through; adaptkit serves stored heads and embeddings with prompts only")
 
 
 def detach_prefix(model: nn.Module, name: str, adapter: PrefixAdapter) -> None:
@@ -86,7 +104,8 @@ def detach_prefix(model: nn.Module, name: str, adapter: PrefixAdapter) -> None:
 
 
 def detach_prompt(model: nn.Module, name: str, adapter: PromptAdapter) -> None:
-    """Forget the K/V computed for this model."""
+    """Forget the K/V computed for this model; remove its stored modules."""
+    inject.detach_saved(model, name, adapter.saved_modules)
     for key in [k for k in adapter.served_kv if k[0] == id(model)]:
         del adapter.served_kv[key]
 
@@ -187,6 +206,8 @@ def add_virtual_inputs(
         mask = torch.cat([_fill_cache(cache, cached).to(mask.dtype), mask], dim=1)
         kwargs["use_cache"] = True
     width = max((len(e) for e in prepended if e is not None), default=0)
+    if width and not causal:
+        return _prepend_left_packed(model, plan, prepended, kwargs, width)
     if width:
         block, block_mask, block_positions = _prompt_block(prepended, width, mask.dtype)
         with use_plan(plan):  # a row's adapters may replace the embedding layer (modules_to_save)
@@ -197,6 +218,45 @@ def add_virtual_inputs(
     kwargs["attention_mask"] = mask
     kwargs["position_ids"] = positions
     return width
+
+
+def _prepend_left_packed(model: nn.Module, plan: RoutingPlan, prepended: list, kwargs: dict, width: int) -> torch.Tensor:
+    """Encoders: each row as ``[its virtual tokens, its tokens, padding]`` from index 0, as PEFT lays out one
+    row, so a head that reads position 0 (BERT's pooler, RoBERTa's classifier) reads the row's own first
+    token whatever the others carry. Returns each row's number of virtual tokens ([B])."""
+    ids, mask = kwargs.pop("input_ids"), kwargs["attention_mask"]
+    batch, seq = ids.shape
+    with use_plan(plan):  # a row's adapters may replace the embedding layer (modules_to_save)
+        tokens = model.get_input_embeddings()(ids)
+    embeds = tokens.new_zeros(batch, width + seq, tokens.shape[-1])
+    packed_mask = mask.new_zeros(batch, width + seq)
+    offsets = torch.tensor([0 if e is None else len(e) for e in prepended], device=ids.device)
+    for row, virtual in enumerate(prepended):
+        start = int(offsets[row])
+        if virtual is not None:
+            embeds[row, :start] = virtual.to(tokens.dtype)
+            packed_mask[row, :start] = 1
+        embeds[row, start:start + seq] = tokens[row]
+        packed_mask[row, start:start + seq] = mask[row]
+    kwargs["inputs_embeds"], kwargs["attention_mask"] = embeds, packed_mask
+    kwargs.pop("position_ids", None)  # the model's own from inputs_embeds, as under PEFT (RoBERTa: from padding_idx + 1)
+    if "token_type_ids" in kwargs:
+        types = kwargs["token_type_ids"].new_zeros(batch, width + seq)
+        for row in range(batch):
+            types[row, int(offsets[row]):int(offsets[row]) + seq] = kwargs["token_type_ids"][row]
+        kwargs["token_type_ids"] = types
+    return offsets
+
+
+def real_positions(out: torch.Tensor, virtual, seq: int) -> torch.Tensor:
+    """The model's output at the input's own positions: the virtual columns dropped (``virtual``: their
+    count, or each row's for left-packed encoder rows). A pooled output ([B, labels]) has none."""
+    if out.ndim < 3:
+        return out
+    if isinstance(virtual, int):
+        return out[:, virtual:]
+    index = virtual.view(-1, 1) + torch.arange(seq, device=out.device)
+    return out.gather(1, index.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
 
 
 def _fill_cache(cache, rows: list[PrefixKV | None]) -> torch.Tensor:

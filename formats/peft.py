@@ -378,11 +378,6 @@ def _check_prompt_config(config: dict, path: Path) -> None:
         if key in own or key in _TRAINING_ONLY or value in (None, False, [], {}, ""):
             continue
         raise UnsupportedAdapterError(f"{path}: unknown {peft_type} field {key}={value!r}; adaptkit does not implement it")
-    if config.get("modules_to_save"):
-        raise UnsupportedAdapterError(
-            f"{path}: modules_to_save={config['modules_to_save']!r} (e.g. a trained classifier head) is not supported "
-            f"with {peft_type}; re-train without it"
-        )
     submodules = config.get("num_transformer_submodules") or 1
     if submodules != 1:
         raise UnsupportedAdapterError(
@@ -397,16 +392,22 @@ def _positive_int(config: dict, key: str, path: Path) -> int:
     return value
 
 
-def _prompt_tensors(folder: Path) -> tuple[Path, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """(weight file, ``prompt_embeddings`` or None, encoder tensors by name below ``prompt_encoder.``)."""
+def _prompt_tensors(folder: Path, saves=()) -> tuple[Path, torch.Tensor | None, dict[str, torch.Tensor], dict]:
+    """(weight file, ``prompt_embeddings`` or None, encoder tensors by name below ``prompt_encoder.``,
+    ``modules_to_save`` entries {module: {param: tensor}}: a task head trained with the prompt)."""
     weight_file = first_existing(folder, WEIGHT_NAMES)
     if weight_file is None:
         raise AdapterFormatError(f"{folder}: no {' or '.join(WEIGHT_NAMES)} beside {CONFIG_NAME}")
-    folded, encoder = None, {}
+    folded, encoder, saved = None, {}, {}
     for key, tensor in load_adapter_tensors(weight_file).items():
         parts = key.split(".")
         if key == PROMPT_EMBEDDINGS_KEY:
             folded = tensor
+            continue
+        name = key.removeprefix("base_model.").replace(".modules_to_save.default", "")
+        module = next((m for m in saves if name.startswith(m + ".")), None)
+        if key.startswith("base_model.") and module is not None:
+            saved.setdefault(module, {})[name[len(module) + 1:]] = tensor
             continue
         if parts[0] == "prompt_encoder" and len(parts) > 2 and parts[1] not in _ENCODER_MODULES:
             parts = parts[:1] + parts[2:]  # drop the adapter name (prompt_encoder.default.embedding.weight)
@@ -417,7 +418,7 @@ def _prompt_tensors(folder: Path) -> tuple[Path, torch.Tensor | None, dict[str, 
         encoder[".".join(parts[1:])] = tensor
     if folded is None and "embedding.weight" not in encoder:
         raise AdapterFormatError(f"{weight_file}: no {PROMPT_EMBEDDINGS_KEY!r} tensor (nor a prompt encoder to fold)")
-    return weight_file, folded, encoder
+    return weight_file, folded, encoder, saved
 
 
 def _linears(encoder: dict, module: str, weight_file: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -471,7 +472,7 @@ def read_prefix(folder: str | os.PathLike, config: dict | None = None) -> Prefix
     meta = read_adaptkit_meta(folder)
     method = meta.get("method") or ("prefix_tuning" if config.get("prefix_projection") else "p_tuning_v2")
     prefix_config = PrefixConfig(tokens, layers, heads, token_dim // heads, method=method)
-    weight_file, folded, encoder = _prompt_tensors(folder)
+    weight_file, folded, encoder, saved = _prompt_tensors(folder)
     flat = _fold("PREFIX_TUNING", folded, encoder, weight_file)
     if tuple(flat.shape) != (tokens, prefix_config.flat_width):
         raise AdapterFormatError(
@@ -497,7 +498,8 @@ def read_prompt(folder: str | os.PathLike, config: dict | None = None) -> Prompt
     else:
         method, encoder_type = meta.get("method") or "prompt_tuning", None
     prompt_config = PromptConfig(tokens, token_dim, method=method, encoder=encoder_type)
-    weight_file, folded, encoder = _prompt_tensors(folder)
+    saves = tuple(fields.get_names(config, "modules_to_save", cfg_path) or ())
+    weight_file, folded, encoder, saved = _prompt_tensors(folder, saves)
     embeddings = _fold(peft_type, folded, encoder, weight_file)
     if tuple(embeddings.shape) != (tokens, token_dim):
         raise AdapterFormatError(
@@ -505,7 +507,7 @@ def read_prompt(folder: str | os.PathLike, config: dict | None = None) -> Prompt
             f"[num_virtual_tokens, token_dim] = [{tokens}, {token_dim}]"
         )
     return PromptAdapter(prompt_config, embeddings, fingerprint=meta.get("base_fingerprint"), source=str(folder),
-                         base_class=(config.get("auto_mapping") or {}).get("base_model_class"))
+                         base_class=(config.get("auto_mapping") or {}).get("base_model_class"), saved_modules=saved)
 
 
 def _write_prompt_learning(folder, config: dict, tensor: torch.Tensor, adapter) -> Path:

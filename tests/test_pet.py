@@ -164,7 +164,8 @@ def test_scoring_must_match_the_base(tiny_bert_mlm, tmp_path):
     engine.add_adapter("p", PetAdapter(PetConfig(PATTERN, VERBALIZER), "mlm"))  # the base model's own scores
     assert len(engine.classify(["x x", "y"], adapter="p")) == 2
     engine.add_adapter("b", random_bottleneck(tiny_bert_mlm, "b"))
-    with pytest.raises(UnsupportedAdapterError, match="'b' is a bottleneck adapter; classify needs a PET adapter"):
+    with pytest.raises(UnsupportedAdapterError, match=r"is a BertForMaskedLM; classify needs a base with a "
+                                                      r"\.\.\.ForSequenceClassification head \(or, for classify, a PET"):
         engine.classify(["x"], adapter="b")
 
 

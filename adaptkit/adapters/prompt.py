@@ -58,6 +58,8 @@ class PromptAdapter:
     fingerprint: str | None = None  # base fingerprint, when the writer recorded one
     source: str | None = None  # where it was read from
     base_class: str | None = None  # the transformers class it was trained on, when recorded
+    # modules trained with the prompt and stored whole (PEFT's modules_to_save: a SEQ_CLS / TOKEN_CLS head)
+    saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     # Filled by the engine serving it (prefix_cache.py): the virtual tokens' per-layer K/V on that
     # engine's base, per combination with the row's other adapters. Derived state, never saved.
     served_kv: dict = field(default_factory=dict, repr=False, compare=False)
@@ -74,7 +76,7 @@ class PromptAdapter:
 
     @property
     def parameter_count(self) -> int:
-        return self.embeddings.numel()
+        return self.embeddings.numel() + sum(t.numel() for sd in self.saved_modules.values() for t in sd.values())
 
     @property
     def nbytes(self) -> int:
@@ -133,4 +135,6 @@ def prompt_details(adapter: PromptAdapter) -> dict:
     details = {"method": cfg.method, "virtual_tokens": cfg.num_virtual_tokens, "token_dim": cfg.token_dim}
     if cfg.encoder:
         details["encoder"] = f"{cfg.encoder} (folded at load)"
+    if adapter.saved_modules:
+        details["modules_to_save"] = sorted(adapter.saved_modules)
     return details

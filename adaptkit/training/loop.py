@@ -45,7 +45,7 @@ from adaptkit.errors import InvalidArgumentError, OutputExistsError, TrainingErr
 from adaptkit.formats.checkpoint import atomic_output_dir
 from adaptkit.formats.tensors import load_adapter_tensors
 from adaptkit.generation import positions_from_mask
-from adaptkit.prefix_cache import add_virtual_inputs
+from adaptkit.prefix_cache import add_virtual_inputs, real_positions
 from adaptkit.routing import route_rows, use_plan
 from adaptkit.training.data import (
     IGNORE,
@@ -116,7 +116,7 @@ def forward_logits(engine, setup: MethodSetup, batch: Batch) -> torch.Tensor:
         virtual = add_virtual_inputs(model, plan, {ADAPTER_NAME: setup.virtual()}, kwargs, prompt_as_cache=False)
     with use_plan(plan):
         out = model(**kwargs)
-    return out.logits[:, virtual:]
+    return real_positions(out.logits, virtual, batch.input_ids.shape[1])
 
 
 def batch_loss(logits: torch.Tensor, batch: Batch, objective) -> tuple[torch.Tensor, int, int]:
