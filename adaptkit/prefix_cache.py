@@ -68,9 +68,12 @@ def prompt_kv(model: nn.Module, embeddings: torch.Tensor, entry: RowEntry = None
 
 # ----------------------------------------------------------------- engine handlers (engine._KIND_HANDLERS)
 def attach_prefix(model: nn.Module, name: str, adapter: PrefixAdapter, dtype: torch.dtype, device) -> None:
-    """Check the prefix fits the base; put its K/V on the base's device and dtype. Nothing is injected."""
+    """Check the prefix fits the base; put its K/V on the base's device and dtype; register its stored
+    modules (a task head) if it has any."""
     check_prefix_fits(adapter, facts_from_config(model.config))
+    inject.check_saved_fits(inject.base_modules(model), adapter.saved_modules, adapter.source or "prefix adapter")
     adapter.to(device, dtype)
+    inject.attach_saved(model, name, adapter.saved_modules)
 
 
 def attach_prompt(model: nn.Module, name: str, adapter: PromptAdapter, dtype: torch.dtype, device) -> None:
@@ -100,7 +103,8 @@ def _check_prompt_heads(model: nn.Module, adapter: PromptAdapter, facts) -> None
 
 
 def detach_prefix(model: nn.Module, name: str, adapter: PrefixAdapter) -> None:
-    """Nothing to undo: a prefix lives in the adapter object, not in the model."""
+    """Remove its stored modules (the K/V live in the adapter object, not in the model)."""
+    inject.detach_saved(model, name, adapter.saved_modules)
 
 
 def detach_prompt(model: nn.Module, name: str, adapter: PromptAdapter) -> None:
@@ -194,8 +198,8 @@ def add_virtual_inputs(
     lengths = [kv.length if kv is not None else (len(e) if e is not None else 0) for kv, e in zip(cached, prepended)]
     offsets = torch.tensor(lengths, device=mask.device).view(-1, 1)
     positions = kwargs.get("position_ids")
-    if positions is None:  # encoders: the model's default, 0..S-1
-        positions = torch.arange(seq, device=mask.device).expand(batch, -1)
+    if positions is None:  # encoders: the model's default, counted on from the row's prefix as with a cache
+        positions = torch.arange(seq, device=mask.device).expand(batch, -1) + _first_position(model)
     positions = positions + offsets
     if any(kv is not None for kv in cached):
         cache_kw = cache_argument(model)
@@ -207,7 +211,9 @@ def add_virtual_inputs(
         kwargs["use_cache"] = True
     width = max((len(e) for e in prepended if e is not None), default=0)
     if width and not causal:
-        return _prepend_left_packed(model, plan, prepended, kwargs, width)
+        kwargs["attention_mask"] = mask  # with any prefix rows' cache columns in front
+        return _prepend_left_packed(model, plan, prepended, kwargs, width, offsets.view(-1) * torch.tensor(
+            [kv is not None for kv in cached], device=mask.device))
     if width:
         block, block_mask, block_positions = _prompt_block(prepended, width, mask.dtype)
         with use_plan(plan):  # a row's adapters may replace the embedding layer (modules_to_save)
@@ -220,12 +226,22 @@ def add_virtual_inputs(
     return width
 
 
-def _prepend_left_packed(model: nn.Module, plan: RoutingPlan, prepended: list, kwargs: dict, width: int) -> torch.Tensor:
+def _first_position(model: nn.Module) -> int:
+    """The position id of an encoder's first token: 0, or RoBERTa's ``padding_idx + 1``."""
+    if model.config.model_type in ("roberta", "xlm-roberta"):
+        return model.config.pad_token_id + 1
+    return 0
+
+
+def _prepend_left_packed(model: nn.Module, plan: RoutingPlan, prepended: list, kwargs: dict, width: int,
+                         cached_lengths: torch.Tensor) -> torch.Tensor:
     """Encoders: each row as ``[its virtual tokens, its tokens, padding]`` from index 0, as PEFT lays out one
     row, so a head that reads position 0 (BERT's pooler, RoBERTa's classifier) reads the row's own first
-    token whatever the others carry. Returns each row's number of virtual tokens ([B])."""
-    ids, mask = kwargs.pop("input_ids"), kwargs["attention_mask"]
+    token whatever the others carry. Rows with a prefix (``cached_lengths``: its K/V already in the cache,
+    masked in front) count their positions on from it. Returns each row's number of prepended tokens ([B])."""
+    ids, full_mask = kwargs.pop("input_ids"), kwargs["attention_mask"]
     batch, seq = ids.shape
+    mask, cache_mask = full_mask[:, -seq:], full_mask[:, :-seq]
     with use_plan(plan):  # a row's adapters may replace the embedding layer (modules_to_save)
         tokens = model.get_input_embeddings()(ids)
     embeds = tokens.new_zeros(batch, width + seq, tokens.shape[-1])
@@ -238,8 +254,10 @@ def _prepend_left_packed(model: nn.Module, plan: RoutingPlan, prepended: list, k
             packed_mask[row, :start] = 1
         embeds[row, start:start + seq] = tokens[row]
         packed_mask[row, start:start + seq] = mask[row]
-    kwargs["inputs_embeds"], kwargs["attention_mask"] = embeds, packed_mask
-    kwargs.pop("position_ids", None)  # the model's own from inputs_embeds, as under PEFT (RoBERTa: from padding_idx + 1)
+    kwargs["inputs_embeds"] = embeds
+    kwargs["attention_mask"] = torch.cat([cache_mask, packed_mask], dim=1)
+    first = _first_position(model) + cached_lengths.view(-1, 1)
+    kwargs["position_ids"] = torch.arange(width + seq, device=ids.device).expand(batch, -1) + first
     if "token_type_ids" in kwargs:
         types = kwargs["token_type_ids"].new_zeros(batch, width + seq)
         for row in range(batch):

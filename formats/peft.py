@@ -472,7 +472,8 @@ def read_prefix(folder: str | os.PathLike, config: dict | None = None) -> Prefix
     meta = read_adaptkit_meta(folder)
     method = meta.get("method") or ("prefix_tuning" if config.get("prefix_projection") else "p_tuning_v2")
     prefix_config = PrefixConfig(tokens, layers, heads, token_dim // heads, method=method)
-    weight_file, folded, encoder, saved = _prompt_tensors(folder)
+    saves = tuple(fields.get_names(config, "modules_to_save", cfg_path) or ())
+    weight_file, folded, encoder, saved = _prompt_tensors(folder, saves)
     flat = _fold("PREFIX_TUNING", folded, encoder, weight_file)
     if tuple(flat.shape) != (tokens, prefix_config.flat_width):
         raise AdapterFormatError(
@@ -481,7 +482,7 @@ def read_prefix(folder: str | os.PathLike, config: dict | None = None) -> Prefix
         )
     keys, values = prefix_from_flat(flat, prefix_config)
     return PrefixAdapter(prefix_config, keys, values, fingerprint=meta.get("base_fingerprint"), source=str(folder),
-                         base_class=(config.get("auto_mapping") or {}).get("base_model_class"))
+                         base_class=(config.get("auto_mapping") or {}).get("base_model_class"), saved_modules=saved)
 
 
 def read_prompt(folder: str | os.PathLike, config: dict | None = None) -> PromptAdapter:

@@ -54,12 +54,34 @@ def bases(tmp_path_factory):
 
 
 def _peft_configs(task: str, family: str):
-    from peft import LoraConfig, PromptEncoderConfig, PromptTuningConfig
+    from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
     targets = ["query_proj", "value_proj"] if family == "deberta-v2" else ["query", "value"]
-    return {"lora": LoraConfig(task_type=task, r=4, lora_alpha=8, target_modules=targets),
-            "prompt": PromptTuningConfig(task_type=task, num_virtual_tokens=5),
-            "ptuning": PromptEncoderConfig(task_type=task, num_virtual_tokens=3, encoder_hidden_size=32)}
+    configs = {"lora": LoraConfig(task_type=task, r=4, lora_alpha=8, target_modules=targets),
+               "prompt": PromptTuningConfig(task_type=task, num_virtual_tokens=5),
+               "ptuning": PromptEncoderConfig(task_type=task, num_virtual_tokens=3, encoder_hidden_size=32)}
+    if family != "deberta-v2":  # DeBERTa's attention takes no extra keys and values (PEFT cannot prefix it either)
+        configs["prefix"] = PrefixTuningConfig(task_type=task, num_virtual_tokens=4)  # P-tuning v2 on encoders
+    return configs
+
+
+@pytest.fixture(autouse=True)
+def peft_sees_the_cache_argument(monkeypatch):
+    """PEFT 0.21 looks for a ``past_key_values`` parameter in the model's signature before it prefixes an
+    encoder; transformers 5 encoders take it through ``**kwargs`` (as ``cache``). Show PEFT the parameter,
+    so that its own prefix-tuning path runs as the reference."""
+    import transformers
+
+    for family in ("Bert", "Roberta"):
+        for suffix in TASKS.values():
+            cls = getattr(transformers, family + suffix)
+            original = cls.forward
+
+            def forward(self, input_ids=None, attention_mask=None, past_key_values=None, _original=original, **kwargs):
+                return _original(self, input_ids=input_ids, attention_mask=attention_mask,
+                                 past_key_values=past_key_values, **kwargs)
+
+            monkeypatch.setattr(cls, "forward", forward)
 
 
 def _make(cls, base, config, out, seed):
@@ -99,13 +121,13 @@ def test_heads_equal_peft_per_row(family, task, bases, tmp_path):
             input_ids=ids, attention_mask=mask).logits}
     for i, (kind, config) in enumerate(_peft_configs(task, family).items()):
         adapter = _make(cls, base, config, tmp_path / kind, seed=i)
-        virtual = getattr(config, "num_virtual_tokens", 0) if kind != "lora" else 0
+        virtual = getattr(config, "num_virtual_tokens", 0) if kind in ("prompt", "ptuning") else 0  # prefix: a cache
         expected[kind] = _reference(cls, base, adapter, ids, mask, virtual)
         engine.add_adapter(kind, adapter)
         got = engine.logits(ids, mask, adapters=kind)
         real = mask.bool() if got.ndim == 3 else slice(None)  # padding positions are not compared
         torch.testing.assert_close(got[real], expected[kind][real], atol=1e-4, rtol=0, msg=kind)
-    rows = ["lora", "prompt", "ptuning", None]
+    rows = ["lora", "prompt", "ptuning", "prefix" if "prefix" in expected else None]
     mixed = engine.logits(ids, mask, adapters=rows)
     for i, row in enumerate(rows):
         keep = mask[i].bool() if mixed.ndim == 3 else slice(None)
@@ -135,6 +157,17 @@ def test_heads_equal_peft_per_row(family, task, bases, tmp_path):
     with torch.no_grad():
         plain = cls.from_pretrained(str(out), attn_implementation="eager").eval()(input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(plain.logits[real], expected["lora"][real], atol=1e-4, rtol=0)
+
+
+def test_a_prefix_is_refused_on_deberta(bases, tmp_path):
+    from peft import PrefixTuningConfig
+
+    from adaptkit.errors import UnsupportedAdapterError
+
+    base, cls = bases["deberta-v2", "SEQ_CLS"]
+    adapter = _make(cls, base, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4), tmp_path / "prefix", 0)
+    with pytest.raises(UnsupportedAdapterError, match="deberta-v2 has none"):
+        ak.Engine.from_pretrained(base).add_adapter("prefix", adapter)
 
 
 def test_classify_names_a_missing_head(tiny_bert):

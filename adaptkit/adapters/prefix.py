@@ -16,7 +16,7 @@ The runtime only holds the final ``K``/``V``; nothing is re-run per request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -68,6 +68,8 @@ class PrefixAdapter:
     fingerprint: str | None = None  # base fingerprint, when the writer recorded one
     source: str | None = None  # where it was read from
     base_class: str | None = None  # the transformers class it was trained on, when recorded
+    # modules trained with the prefix and stored whole (PEFT's modules_to_save: a SEQ_CLS / TOKEN_CLS head)
+    saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     kind = KIND
 
@@ -126,14 +128,18 @@ def fold_prefix_mlp(
     return hidden @ w2.float().T + b2.float()
 
 
+# encoders whose self-attention takes a cache (extra keys and values), as PEFT's prefix tuning needs
+CACHE_ENCODERS = ("bert", "roberta", "xlm-roberta")
+
+
 def check_prefix_fits(adapter: PrefixAdapter, facts) -> None:
     """Raise unless the prefix has the base's layers, KV heads and head size, and the base is causal."""
     source = adapter.source or "prefix adapter"
     cfg = adapter.config
-    if not facts.spec.is_causal:
+    if not facts.spec.is_causal and facts.model_type not in CACHE_ENCODERS:
         raise UnsupportedAdapterError(
-            f"{source}: a prefix adapter needs a causal LM, but the base is a {facts.model_type} encoder; "
-            "use prompt tuning on encoders"
+            f"{source}: a prefix adapter needs attention that takes extra keys and values; {facts.model_type} has "
+            f"none (those that do: causal LMs and {', '.join(CACHE_ENCODERS)}); use prompt tuning on this encoder"
         )
     ours = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
     base = (facts.num_layers, facts.num_kv_heads, facts.head_dim)
@@ -148,7 +154,8 @@ def check_prefix_fits(adapter: PrefixAdapter, facts) -> None:
 def prefix_details(adapter: PrefixAdapter) -> dict:
     """What ``Engine.adapters`` and ``adaptkit inspect`` show about a prefix."""
     cfg = adapter.config
-    return {
+    heads = {"modules_to_save": sorted(adapter.saved_modules)} if adapter.saved_modules else {}
+    return heads | {
         "method": cfg.method,
         "virtual_tokens": cfg.num_virtual_tokens,
         "layers": cfg.num_layers,
