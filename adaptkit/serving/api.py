@@ -100,6 +100,23 @@ class _Sampling(BaseModel):
         return {}
 
 
+class ClassifyRequest(BaseModel):
+    """``POST /classify`` (vLLM's shape): ``input`` one text or a list of texts, ``model`` an adapter (PET, or
+    one on a base with a sequence-classification head) or the base's name."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[str]
+    adapters: dict[str, float] | None = None
+
+    def texts(self) -> list[str]:
+        texts = [self.input] if isinstance(self.input, str) else list(self.input)
+        if not texts or any(not t for t in texts):
+            raise RequestError("input: give one or more non-empty texts", param="input")
+        return texts
+
+
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``."""
 

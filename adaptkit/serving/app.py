@@ -21,10 +21,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from adaptkit.chat import chat_prompt_ids
-from adaptkit.errors import AdaptkitError, QueueFullError, RequestError
+from adaptkit.errors import AdaptkitError, QueueFullError, RequestError, UnsupportedAdapterError
 from adaptkit.serving import scheduler as sched
 from adaptkit.serving.api import (
     ChatCompletionRequest,
+    ClassifyRequest,
     CompletionRequest,
     LoadAdapterRequest,
     UnloadAdapterRequest,
@@ -202,6 +203,16 @@ def create_app(server) -> FastAPI:
         prompt = await run_in_threadpool(chat_prompt_ids, server.engine.tokenizer, messages)
         return await _respond(http_request, server, body, entry, label, [prompt], "messages", chat=True)
 
+    @app.post("/classify")
+    @app.post("/v1/classify")
+    async def classify(http_request: Request):
+        body = parse(ClassifyRequest, await http_request.body())
+        entry, label = server.resolve_model(body.model, body.adapters)
+        texts = body.texts()
+        for text in texts:
+            server.check_prompt_chars(len(text), "input")
+        return await _classify(server, entry, label, texts)
+
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(http_request: Request):
         server.require_runtime_loading()
@@ -293,6 +304,33 @@ async def _respond(http_request, server, body, entry, label, prompts, prompt_par
              "completion_tokens": sum(g.generated for g in generations)}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": usage}
+
+
+async def _classify(server, entry, label: str, texts: list[str]) -> dict:
+    """Label probabilities of ``texts`` under ``entry`` (forwards of at most ``--max-batch`` rows on the
+    scheduler thread, between decode steps), in vLLM's ``/classify`` response shape."""
+    from adaptkit.routing import members_of
+
+    def run():
+        names = set(members_of(entry))
+        if not server.pool.make_resident(names, set(server.scheduler.in_use()), wait=None):
+            raise RequestError("the adapters this request needs cannot be made resident now (all in use); retry",
+                               status=503, code="adapters_busy")
+        pet = isinstance(entry, str) and server.engine.adapters[entry].kind == "pet"
+        size = server.scheduler.max_batch  # a long list runs as forwards of at most --max-batch rows
+        chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
+        return [probs for chunk in chunks
+                for probs in server.engine.classify(chunk, adapter=entry if pet else [entry] * len(chunk))]
+
+    try:
+        results = await asyncio.wrap_future(server.scheduler.call(run))
+    except UnsupportedAdapterError as exc:  # no head to classify with: the request's fault, not the server's
+        raise RequestError(str(exc), param="model") from exc
+    tokens = sum(len(ids) for ids in server.engine.tokenizer(texts)["input_ids"])
+    data = [{"index": i, "label": max(probs, key=probs.get), "probs": list(probs.values()),
+             "labels": list(probs), "num_classes": len(probs)} for i, probs in enumerate(results)]
+    return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": label,
+            "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
 
 
 async def _score_prompt(server, ids: list[int], entry, top: int | None) -> list[sched.Token]:
