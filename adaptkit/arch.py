@@ -16,7 +16,7 @@ _LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma
                  "granite"}
 # model_type -> layout family, for the families whose model_type differs from the family name
 _FAMILY_OF_TYPE = {"gpt2": "gpt2", "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "deberta-v2": "bert",
-                   "opt": "opt", "gpt_neox": "neox", "falcon": "falcon"}
+                   "opt": "opt", "gpt_neox": "neox", "falcon": "falcon", "t5": "t5", "mt5": "t5", "bart": "bart"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class ArchSpec:
     is_causal: bool
     conv1d_modules: tuple[str, ...]  # GPT-2 Conv1D module names: weight stored [in, out]
     embedding_keys: tuple[str, ...]  # checkpoint keys of the input embedding, first found wins
+    is_seq2seq: bool = False  # an encoder-decoder: the prompt goes to the encoder, the decoder generates
 
 
 ARCH_SPECS: dict[str, ArchSpec] = {
@@ -93,6 +94,30 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         is_causal=True,
         conv1d_modules=(),
         embedding_keys=("transformer.word_embeddings.weight", "word_embeddings.weight"),
+    ),
+    "t5": ArchSpec(
+        family="t5",
+        layers_paths=("decoder.block",),
+        attention="layer.0",
+        mlp="layer.2",
+        attention_norm=None,
+        mlp_norm=None,
+        is_causal=False,
+        conv1d_modules=(),
+        embedding_keys=("shared.weight", "encoder.embed_tokens.weight"),
+        is_seq2seq=True,
+    ),
+    "bart": ArchSpec(
+        family="bart",
+        layers_paths=("model.decoder.layers",),
+        attention="self_attn",
+        mlp="fc2",
+        attention_norm=None,
+        mlp_norm=None,
+        is_causal=False,
+        conv1d_modules=(),
+        embedding_keys=("model.shared.weight", "model.encoder.embed_tokens.weight"),
+        is_seq2seq=True,
     ),
     "bert": ArchSpec(
         family="bert",
@@ -172,12 +197,18 @@ def facts_from_config(config) -> ModelFacts:
     if family == "gpt2":
         hidden, layers, heads = config.n_embd, config.n_layer, config.n_head
         kv_heads = heads
+    elif family == "t5":
+        hidden, layers, heads = config.d_model, config.num_decoder_layers or config.num_layers, config.num_heads
+        kv_heads = heads
+    elif family == "bart":
+        hidden, layers, heads = config.d_model, config.decoder_layers, config.decoder_attention_heads
+        kv_heads = heads
     else:
         hidden, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         if family == "falcon":  # the heads Falcon *caches*: the new architecture caches K/V expanded to every head
             kv_heads = heads if config.new_decoder_architecture else (1 if config.multi_query else config.num_kv_heads)
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads
     return ModelFacts(
         spec=ARCH_SPECS[family],
         model_type=config.model_type,

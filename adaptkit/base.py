@@ -241,7 +241,7 @@ def load_base(
 _CLASS_FAMILIES = (("gpt2", "gpt2"), ("bert", "bert"), ("roberta", "bert"), ("llama", "llama"), ("mistral", "llama"),
                    ("qwen", "llama"), ("gemma", "llama"), ("phi3", "llama"), ("olmo", "llama"), ("granite", "llama"),
                    ("opt", "opt"), ("gptneox", "neox"), ("falcon", "falcon"), ("xlmroberta", "bert"),
-                   ("debertav2", "bert"))
+                   ("debertav2", "bert"), ("t5", "t5"), ("mt5", "t5"), ("bart", "bart"))
 
 
 def family_of_class(class_name: str) -> str | None:

@@ -345,15 +345,25 @@ class Engine:
     # ----------------------------------------------------------------- forward
     @_exclusive
     @torch.inference_mode()
-    def logits(self, input_ids, attention_mask=None, adapters=None) -> torch.Tensor:
-        """Logits [batch, seq, vocab] (encoders: last hidden state) with each row's adapter.
+    def logits(self, input_ids, attention_mask=None, adapters=None, decoder_input_ids=None) -> torch.Tensor:
+        """Logits [batch, seq, vocab] (encoders: last hidden state, or a task head's) with each row's adapter.
 
         ``adapters``: one entry per row (None, a name, ak.Stack/Fuse/Mix), or one entry for all rows.
-        Left padding is handled: position ids count real tokens only.
+        Left padding is handled: position ids count real tokens only. Encoder-decoders (T5, BART): the
+        inputs go to the encoder and ``decoder_input_ids`` [B, T] to the decoder, whose logits
+        [B, T, vocab] are returned (transformers' names).
         """
         input_ids, attention_mask = self._checked_batch(input_ids, attention_mask)
         plan = self.plan(adapters, input_ids.shape[0])
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.base.facts.spec.is_seq2seq:
+            if decoder_input_ids is None:
+                raise InvalidArgumentError(f"{self.base.facts.model_type} is an encoder-decoder: pass decoder_input_ids "
+                                           "(the decoder's tokens, starting with its decoder_start_token_id)")
+            kwargs["decoder_input_ids"] = torch.as_tensor(decoder_input_ids, device=self.device).view(
+                input_ids.shape[0], -1)
+        elif decoder_input_ids is not None:
+            raise InvalidArgumentError(f"decoder_input_ids: {self.base.facts.model_type} has no decoder of its own")
         if self.base.facts.spec.is_causal:
             kwargs["position_ids"] = positions_from_mask(attention_mask)
             kwargs["use_cache"] = False
@@ -362,6 +372,8 @@ class Engine:
         with use_plan(plan):
             out = self.model(**kwargs)
         out = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        if self.base.facts.spec.is_seq2seq:
+            return out  # the decoder's positions; virtual tokens went to the encoder
         return prefix_cache.real_positions(out, virtual, input_ids.shape[1])
 
     def _checked_batch(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -533,14 +545,16 @@ class Engine:
         """Like :meth:`generate` on token ids; returns the new tokens of each row (up to eos).
 
         ``on_token(row, token_id)`` is called for each token as soon as it is chosen (streaming)."""
-        if not self.base.facts.spec.is_causal:
+        seq2seq = self.base.facts.spec.is_seq2seq
+        if not self.base.facts.spec.is_causal and not seq2seq:
             raise EngineStateError(f"{self.base.facts.model_type} is an encoder; generate needs a causal LM")
         check_sampling(temperature, top_p, top_k, max_new_tokens)
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise InvalidArgumentError("every prompt must have at least one token")
         for prompt in prompt_ids:
             self._check_token_ids(list(prompt))
-        self.check_context(prompt_ids, max_new_tokens, adapters)
+        if not seq2seq:
+            self.check_context(prompt_ids, max_new_tokens, adapters)
         eos_ids, pad_id = self.stop_and_pad_ids(eos_token_id)
         batch = len(prompt_ids)
         generator = None
@@ -549,7 +563,11 @@ class Engine:
         new_tokens: list[list[int]] = [[] for _ in range(batch)]
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         eos = torch.tensor(sorted(eos_ids), device=self.device) if eos_ids else None
-        logits, state = self.prefill(prompt_ids, adapters, pad_id)
+        if seq2seq:
+            logits, step_fn = self._seq2seq_start(prompt_ids, adapters, pad_id)
+        else:
+            logits, state = self.prefill(prompt_ids, adapters, pad_id)
+            step_fn = lambda token: self.decode_step(state, token)  # noqa: E731
         for step in range(max_new_tokens):
             token = sample_next(logits, temperature, top_p, top_k, generator)
             token = torch.where(finished, torch.full_like(token, pad_id), token)
@@ -561,8 +579,32 @@ class Engine:
                 finished |= torch.isin(token, eos)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
-            logits = self.decode_step(state, token)
+            logits = step_fn(token)
         return new_tokens
+
+    def _seq2seq_start(self, prompt_ids, adapters, pad_id: int):
+        """Encoder-decoders: run the encoder once on the right-padded prompts (each row with its adapter),
+        then the decoder from its start token; returns the first logits [B, vocab] and the step function."""
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompt_ids):
+            ids[row, : len(prompt)], mask[row, : len(prompt)] = torch.tensor(list(prompt), device=self.device), 1
+        plan = self.plan(adapters, len(prompt_ids))
+        start = self.model.config.decoder_start_token_id
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        with use_plan(plan):
+            encoded = self.model.get_encoder()(input_ids=ids, attention_mask=mask)
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(), use_plan(plan):
+                out = self.model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=tokens.view(-1, 1),
+                                 past_key_values=cache, use_cache=True)
+            return out.logits[:, -1, :]
+
+        return step(torch.full((len(prompt_ids),), start, device=self.device)), step
 
     @_exclusive
     @torch.inference_mode()

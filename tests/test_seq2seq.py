@@ -1,0 +1,112 @@
+"""Encoder-decoders (T5, BART) with LoRA (PEFT ``SEQ_2_SEQ_LM``): the decoder's logits for given
+``decoder_input_ids`` equal PEFT's, per row in mixed batches, merged in place and in checkpoints that plain
+transformers loads; greedy generation (the prompt is the encoder's input) equals PEFT's ``generate``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_ids
+
+import adaptkit as ak
+
+
+@pytest.fixture(scope="module")
+def seq2seq_bases(tmp_path_factory):
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    from adaptkit.demo import build_tokenizer
+
+    configs = {
+        "t5": (T5ForConditionalGeneration, T5Config(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                                    num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                                                    eos_token_id=2, dropout_rate=0.0), ["q", "v", "wo"]),
+        "bart": (BartForConditionalGeneration, BartConfig(vocab_size=320, d_model=64, encoder_layers=2, decoder_layers=2,
+                                                          encoder_attention_heads=4, decoder_attention_heads=4,
+                                                          encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                                          max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                                                          eos_token_id=2, decoder_start_token_id=2, dropout=0.0,
+                                                          forced_eos_token_id=None), ["q_proj", "v_proj", "fc1"]),
+    }
+    made = {}
+    for name, (cls, config, targets) in configs.items():
+        folder = tmp_path_factory.mktemp(name) / "base"
+        torch.manual_seed(0)
+        model = cls(config)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.ndim == 2:
+                    param.normal_(0.0, 0.1)
+        model.save_pretrained(str(folder))
+        build_tokenizer().save_pretrained(str(folder))
+        made[name] = (folder, cls, targets)
+    return made
+
+
+def _lora(cls, base, targets, out, seed):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(cls.from_pretrained(str(base)).eval(),
+                           LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, target_modules=targets))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_lora_on_encoder_decoders_equals_peft(family, seq2seq_bases, tmp_path):
+    from peft import PeftModel
+
+    base, cls, targets = seq2seq_bases[family]
+    ids = random_ids(batch=3, length=8)
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0  # a shorter encoder input
+    decoder = random_ids(batch=3, length=5, seed=1)
+    adapters = {name: _lora(cls, base, targets, tmp_path / name, seed) for seed, name in enumerate(("a", "b"))}
+    expected, generated = {}, {}
+    for name, path in adapters.items():
+        model = PeftModel.from_pretrained(cls.from_pretrained(str(base)).eval(), str(path)).eval()
+        with torch.no_grad():
+            expected[name] = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
+            generated[name] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                             num_beams=1)
+    plain = cls.from_pretrained(str(base)).eval()
+    with torch.no_grad():
+        expected[None] = plain(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
+    engine = ak.Engine.from_pretrained(base)
+    for name, path in adapters.items():
+        engine.add_adapter(name, path)
+        torch.testing.assert_close(engine.logits(ids, mask, adapters=name, decoder_input_ids=decoder), expected[name],
+                                   atol=1e-4, rtol=0)
+    rows = ["a", "b", None]
+    mixed = engine.logits(ids, mask, adapters=rows, decoder_input_ids=decoder)
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(mixed[i], expected[row][i], atol=1e-4, rtol=0)
+    # greedy generation per row: PEFT's generate, its start token dropped, up to its end of sequence
+    prompts = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask)]
+    got = engine.generate_ids(prompts, adapters=["a", "b", "a"], max_new_tokens=6)
+    for i, name in enumerate(["a", "b", "a"]):
+        want = generated[name][i, 1:].tolist()
+        if 2 in want:
+            want = want[: want.index(2) + 1]
+        assert got[i] == want, (i, got[i], want)
+    engine.merge("a")
+    torch.testing.assert_close(engine.logits(ids, mask, adapters="a", decoder_input_ids=decoder), expected["a"],
+                               atol=1e-4, rtol=0)
+    engine.unmerge()
+    merged = ak.merge_checkpoint(base, [adapters["a"]], tmp_path / "merged", progress=False)
+    with torch.no_grad():
+        out = cls.from_pretrained(str(merged)).eval()(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder)
+    torch.testing.assert_close(out.logits, expected["a"], atol=1e-4, rtol=0)
+
+
+def test_encoder_decoders_need_decoder_input_ids(seq2seq_bases):
+    from adaptkit.errors import InvalidArgumentError
+
+    engine = ak.Engine.from_pretrained(seq2seq_bases["t5"][0])
+    with pytest.raises(InvalidArgumentError, match="pass decoder_input_ids"):
+        engine.logits(random_ids())
