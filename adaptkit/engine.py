@@ -595,8 +595,11 @@ class Engine:
         plan = self.plan(adapters, len(prompt_ids))
         start = self.model.config.decoder_start_token_id
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        prefix_cache.add_virtual_inputs(self.model, plan, self._adapters, inputs, self.prompt_as_cache)
+        mask = inputs["attention_mask"]  # prompt rows: their virtual tokens in front of the encoder's input
         with use_plan(plan):
-            encoded = self.model.get_encoder()(input_ids=ids, attention_mask=mask)
+            encoded = self.model.get_encoder()(**inputs)
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode(), use_plan(plan):

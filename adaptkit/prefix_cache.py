@@ -256,8 +256,9 @@ def _prepend_left_packed(model: nn.Module, plan: RoutingPlan, prepended: list, k
         packed_mask[row, start:start + seq] = mask[row]
     kwargs["inputs_embeds"] = embeds
     kwargs["attention_mask"] = torch.cat([cache_mask, packed_mask], dim=1)
-    first = _first_position(model) + cached_lengths.view(-1, 1)
-    kwargs["position_ids"] = torch.arange(width + seq, device=ids.device).expand(batch, -1) + first
+    if not facts_from_config(model.config).spec.is_seq2seq:  # T5 (relative) and BART count positions themselves
+        first = _first_position(model) + cached_lengths.view(-1, 1)
+        kwargs["position_ids"] = torch.arange(width + seq, device=ids.device).expand(batch, -1) + first
     if "token_type_ids" in kwargs:
         types = kwargs["token_type_ids"].new_zeros(batch, width + seq)
         for row in range(batch):

@@ -379,10 +379,10 @@ def _check_prompt_config(config: dict, path: Path) -> None:
             continue
         raise UnsupportedAdapterError(f"{path}: unknown {peft_type} field {key}={value!r}; adaptkit does not implement it")
     submodules = config.get("num_transformer_submodules") or 1
-    if submodules != 1:
+    if submodules not in (1, 2) or (submodules == 2 and peft_type == "PREFIX_TUNING"):
         raise UnsupportedAdapterError(
-            f"{path}: num_transformer_submodules={submodules} means an encoder-decoder base, which adaptkit does not serve"
-        )
+            f"{path}: num_transformer_submodules={submodules} with {peft_type} is not served by adaptkit (encoder-"
+            "decoders: LoRA, prompt tuning and P-tuning)")
 
 
 def _positive_int(config: dict, key: str, path: Path) -> int:
@@ -502,6 +502,9 @@ def read_prompt(folder: str | os.PathLike, config: dict | None = None) -> Prompt
     saves = tuple(fields.get_names(config, "modules_to_save", cfg_path) or ())
     weight_file, folded, encoder, saved = _prompt_tensors(folder, saves)
     embeddings = _fold(peft_type, folded, encoder, weight_file)
+    if (config.get("num_transformer_submodules") or 1) == 2:
+        # an encoder-decoder's prompt: PEFT stores 2P rows and prepends the first P to the encoder's input
+        embeddings = embeddings[:tokens]
     if tuple(embeddings.shape) != (tokens, token_dim):
         raise AdapterFormatError(
             f"{weight_file}: {PROMPT_EMBEDDINGS_KEY} has shape {tuple(embeddings.shape)}, but {cfg_path} says "

@@ -104,6 +104,69 @@ def test_lora_on_encoder_decoders_equals_peft(family, seq2seq_bases, tmp_path):
     torch.testing.assert_close(out.logits, expected["a"], atol=1e-4, rtol=0)
 
 
+def _prompt(cls, base, kind, out, seed):
+    from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
+
+    config = (PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4) if kind == "prompt" else
+              PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3, encoder_hidden_size=32))
+    model = get_peft_model(cls.from_pretrained(str(base)).eval(), config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.5)
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_prompt_tuning_and_p_tuning_on_encoder_decoders(family, seq2seq_bases, tmp_path):
+    """PEFT SEQ_2_SEQ_LM prompts go in front of the encoder's input; logits and greedy decoding from PEFT's
+    forward (its generate uses the same encoder prompt) equal, in one batch with a LoRA row and a base row."""
+    from peft import PeftModel
+
+    base, cls, targets = seq2seq_bases[family]
+    ids = random_ids(batch=4, length=8, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    decoder = random_ids(batch=4, length=5, seed=4)
+    paths = {"prompt": _prompt(cls, base, "prompt", tmp_path / "prompt", 1),
+             "ptuning": _prompt(cls, base, "ptuning", tmp_path / "ptuning", 2),
+             "lora": _lora(cls, base, targets, tmp_path / "lora", 3)}
+    engine = ak.Engine.from_pretrained(base)
+    expected, generated = {}, {}
+    for name, path in paths.items():
+        model = PeftModel.from_pretrained(cls.from_pretrained(str(base)).eval(), str(path)).eval()
+        with torch.no_grad():
+            expected[name] = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
+            generated[name] = _greedy(model, ids, mask, engine.model.config.decoder_start_token_id, 6)
+        engine.add_adapter(name, path)
+    with torch.no_grad():
+        expected[None] = cls.from_pretrained(str(base)).eval()(input_ids=ids, attention_mask=mask,
+                                                                decoder_input_ids=decoder).logits
+    rows = ["prompt", "ptuning", "lora", None]
+    mixed = engine.logits(ids, mask, adapters=rows, decoder_input_ids=decoder)
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(mixed[i], expected[row][i], atol=1e-4, rtol=0, msg=str(row))
+    prompts = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask)]
+    got = engine.generate_ids(prompts, adapters=["prompt", "ptuning", "lora", "prompt"], max_new_tokens=6)
+    for i, name in enumerate(["prompt", "ptuning", "lora", "prompt"]):
+        assert got[i] == generated[name][i], (name, got[i], generated[name][i])
+
+
+def _greedy(model, ids, mask, start: int, steps: int, eos: int = 2) -> list[list[int]]:
+    """Greedy decoding with PEFT's forward (the reference the issue names), each row up to its end of sequence."""
+    decoder = torch.full((ids.shape[0], 1), start)
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits[:, -1]
+        decoder = torch.cat([decoder, logits.argmax(-1, keepdim=True)], dim=1)
+    rows = []
+    for row in decoder[:, 1:].tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
 def test_encoder_decoders_need_decoder_input_ids(seq2seq_bases):
     from adaptkit.errors import InvalidArgumentError
 
