@@ -545,10 +545,13 @@ _TRAIN_METHOD_OPTIONS = {
 @click.option("--reduction-factor", default=None, type=float, help="bottleneck: hidden / bottleneck size.")
 @click.option("--fuse", default=None, help="fusion: the trained bottleneck adapters, name=path,name=path.")
 @click.option("--pet-train", type=click.Choice(["lora", "full"]), default=None, help="pet: fine-tune a LoRA (default) or every weight.")
+@click.option("--task", type=click.Choice(["seq-cls", "token-cls"]), default=None,
+              help="Train BASE's classification head with the adapter (PEFT SEQ_CLS / TOKEN_CLS); rows {text, label} "
+              "or {tokens, labels}.")
 @click.option("--force", is_flag=True, help="Replace OUT (and its old checkpoints) if they exist.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train(method, base, data, out, epochs, lr, batch_size, grad_accum, eval_split, seed, resume, max_steps, save_every,
-          checkpoint_dir, max_length, weight_decay, pattern, verbalizer, dtype, device, force, quiet, **method_cli):
+          checkpoint_dir, max_length, weight_decay, pattern, verbalizer, dtype, device, task, force, quiet, **method_cli):
     """Train an adapter of --method on BASE with --data; write it to OUT in its kind's layout.
 
     \b
@@ -565,7 +568,7 @@ def train(method, base, data, out, epochs, lr, batch_size, grad_accum, eval_spli
                       eval_split=eval_split, seed=seed, resume=resume, max_steps=max_steps, save_every=save_every,
                       checkpoint_dir=checkpoint_dir, max_length=max_length, weight_decay=weight_decay, pattern=pattern,
                       verbalizer=_verbalizer(verbalizer), dtype=dtype, device=device, progress=not quiet, force=force,
-                      **options)
+                      task=task, **options)
     click.echo(f"wrote {result.path} ({method}, {result.steps} steps, {result.tokens / max(result.seconds, 1e-9):.0f} tokens/s)")
     if result.losses:
         click.echo(f"training loss: first step {result.losses[0]:.4f}, last step {result.losses[-1]:.4f}")

@@ -348,6 +348,21 @@ def write_lora(adapter: LoraAdapter, folder: str | os.PathLike) -> Path:
     return folder
 
 
+def add_peft_head(folder: Path, module: str, state: dict, task: str, prompt_learning: bool) -> None:
+    """Add a trained task head to a PEFT folder as PEFT saves one (``task_type`` SEQ_CLS / TOKEN_CLS,
+    ``modules_to_save``; its tensors beside the adapter's)."""
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["task_type"] = {"seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS"}[task]
+    config["modules_to_save"] = [module]
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    tensors = load_file(str(folder / WEIGHT_NAMES[0]))
+    prefix = "base_model." if prompt_learning else KEY_PREFIX
+    tensors.update({f"{prefix}{module}.{param}": t.detach().cpu().contiguous() for param, t in state.items()})
+    save_file(tensors, str(folder / WEIGHT_NAMES[0]), metadata={"format": "pt"})
+
+
 # ----------------------------------------------------------------- prompt learning
 # PREFIX_TUNING, P_TUNING and PROMPT_TUNING files hold one tensor, the folded result: PEFT saves its
 # encoder's output, never the encoder. A training checkpoint (adaptkit's own form) may carry the

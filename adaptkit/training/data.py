@@ -6,7 +6,10 @@ One file holds one kind of row:
     {"prompt": ..., "completion": ...} loss on the completion's tokens only (then end-of-sequence)
     {"text": ..., "label": ...}        classification: the label's word scored at a pattern's slot
                                        (``adapters/pet.py``; default pattern ``"{text} {mask}"``,
-                                       default verbalizer: each label is its own word)
+                                       default verbalizer: each label is its own word); with
+                                       ``task="seq-cls"``: the base's sequence-classification head
+    {"tokens": [...], "labels": [...]} token classification (``task="token-cls"``): one label per
+                                       word, taken at its first sub-token by the base's token head
 
 Batches are right-padded; ``labels`` is -100 wherever no loss is taken (padding, prompts). The
 order of an epoch depends only on (seed, epoch), so a resumed run sees the batches an
@@ -30,7 +33,9 @@ ROW_KINDS = {  # kind -> the keys of its rows
     "lm": ("text",),
     "completion": ("completion", "prompt"),
     "classification": ("label", "text"),
+    "tokens": ("labels", "tokens"),
 }
+HEAD_TASKS = {"seq-cls": "ForSequenceClassification", "token-cls": "ForTokenClassification"}  # --task -> head
 DEFAULT_PATTERN = "{text} {mask}"
 
 
@@ -88,6 +93,14 @@ def _row_kind(row, where: str) -> str:
     if kind is None:
         shapes = ", ".join("{" + ", ".join(f'"{f}"' for f in sorted(fields)) + "}" for fields in ROW_KINDS.values())
         raise InvalidArgumentError(f"{where}: keys {list(keys)}; a row is one of {shapes}")
+    if kind == "tokens":
+        words, labels = row["tokens"], row["labels"]
+        if (not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words)
+                or not isinstance(labels, list) or len(labels) != len(words)):
+            raise InvalidArgumentError(f"{where}: \"tokens\" must be a non-empty list of words and \"labels\" one "
+                                       "label per word")
+        row["labels"] = [str(label) for label in labels]
+        return kind
     for key in keys:
         value = row[key]
         if key == "label" and isinstance(value, int) and not isinstance(value, bool):
@@ -107,17 +120,25 @@ class Objective:
     pet: PetConfig | None = None
     scoring: str | None = None
     word_ids: tuple[int, ...] = ()
+    head_labels: tuple[str, ...] = ()  # seq-cls / token-cls: the head's labels, by index (config.id2label)
 
     @property
     def num_labels(self) -> int:
-        return len(self.word_ids)
+        return len(self.word_ids) or len(self.head_labels)
 
 
 def make_objective(dataset: Dataset, tokenizer, causal: bool, scoring: str | None = None,
-                   pattern: str | None = None, verbalizer: dict | None = None) -> Objective:
-    """The objective of ``dataset`` on this base; classification labels are checked against the verbalizer."""
+                   pattern: str | None = None, verbalizer: dict | None = None, task: str | None = None,
+                   head_labels: tuple[str, ...] = ()) -> Objective:
+    """The objective of ``dataset`` on this base; classification labels are checked against the verbalizer,
+    or (``task`` seq-cls / token-cls) against the head's labels."""
     if tokenizer is None:
         raise InvalidArgumentError("the base folder has no tokenizer files; training reads text and needs one")
+    if task is not None:
+        return _head_objective(dataset, task, head_labels, pattern, verbalizer)
+    if dataset.kind == "tokens":
+        raise InvalidArgumentError(f"{dataset.path}: {{\"tokens\", \"labels\"}} rows train a token-classification "
+                                   "head: pass task=\"token-cls\" (--task token-cls)")
     if dataset.kind != "classification":
         if pattern is not None or verbalizer is not None:
             raise InvalidArgumentError(f"{dataset.path}: a pattern and verbalizer apply to {{\"text\", \"label\"}} rows, "
@@ -133,6 +154,23 @@ def make_objective(dataset: Dataset, tokenizer, causal: bool, scoring: str | Non
         config.label_index(row["label"], where=f"{dataset.path}:{line}")
     return Objective("classification", config, scoring or ("causal" if causal else "mlm"),
                      tuple(label_word_ids(tokenizer, config)))
+
+
+def _head_objective(dataset: Dataset, task: str, labels: tuple[str, ...], pattern, verbalizer) -> Objective:
+    wanted = {"seq-cls": "classification", "token-cls": "tokens"}.get(task)
+    if wanted is None:
+        raise InvalidArgumentError(f"task {task!r}: use seq-cls or token-cls (or none: the rows say what to train)")
+    if dataset.kind != wanted:
+        shape = "{\"text\", \"label\"}" if wanted == "classification" else "{\"tokens\", \"labels\"}"
+        raise InvalidArgumentError(f"{dataset.path}: task {task} trains on {shape} rows, not {dataset.kind} rows")
+    if pattern is not None or verbalizer is not None:
+        raise InvalidArgumentError(f"task {task} trains the base's head; a pattern and verbalizer are for PET")
+    for row, line in zip(dataset.rows, dataset.lines):
+        for label in [row["label"]] if wanted == "classification" else row["labels"]:
+            if label not in labels:
+                raise InvalidArgumentError(f"{dataset.path}:{line}: label {label!r} is not one of the head's labels "
+                                           f"{list(labels)} (config.json id2label)")
+    return Objective(task, head_labels=tuple(labels))
 
 
 @dataclass(frozen=True)
@@ -153,6 +191,11 @@ def tokenize(dataset: Dataset, tokenizer, objective: Objective, max_length: int 
         if objective.kind == "classification":
             ids, slot = encode_pattern(tokenizer, objective.pet, row["text"], objective.scoring)
             example = Example(tuple(ids), slot=slot, target=objective.pet.label_index(row["label"]))
+        elif objective.kind == "seq-cls":
+            ids = tokenizer(row["text"])["input_ids"]
+            example = Example(tuple(ids), target=objective.head_labels.index(row["label"]))
+        elif objective.kind == "token-cls":
+            example = _token_example(tokenizer, row, objective.head_labels)
         elif objective.kind == "lm":
             ids = tokenizer(row["text"])["input_ids"]
             example = Example(tuple(ids), labels=tuple(ids))
@@ -165,10 +208,32 @@ def tokenize(dataset: Dataset, tokenizer, objective: Objective, max_length: int 
                 f"{dataset.path}:{line}: {len(example.input_ids)} tokens, more than max_length={max_length}; "
                 "shorten the row or raise --max-length"
             )
+        if objective.kind == "token-cls" and all(t == IGNORE for t in example.labels):
+            raise InvalidArgumentError(f"{dataset.path}:{line}: no word of the row starts a token")
         if objective.kind == "lm" and len(example.input_ids) < 2:
             raise InvalidArgumentError(f"{dataset.path}:{line}: one token only; language modelling needs at least two")
         examples.append(example)
     return examples
+
+
+def _token_example(tokenizer, row: dict, labels: tuple[str, ...]) -> Example:
+    """Words tokenized as one text (joined by spaces); each word's label on its first sub-token, the rest
+    and the special tokens without loss (the usual token-classification rule)."""
+    text, spans, start = "", [], 0
+    for word in row["tokens"]:
+        if text:
+            text += " "
+        start = len(text)
+        text += word
+        spans.append((start, len(text)))
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    targets, word = [], 0
+    for begin, end in encoded["offset_mapping"]:
+        while word < len(spans) and begin >= spans[word][1]:
+            word += 1
+        first = word < len(spans) and end > begin and begin <= spans[word][0] < end
+        targets.append(labels.index(row["labels"][word]) if first else IGNORE)
+    return Example(tuple(encoded["input_ids"]), labels=tuple(targets))
 
 
 def split_eval(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -224,8 +289,10 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         mask[row, :n] = 1
         if labels is not None:
             labels[row, :n] = torch.tensor(example.labels)
-    if examples[0].slot is None:
+    if examples[0].slot is None and examples[0].target is None:
         return Batch(ids, mask, labels)
+    if examples[0].slot is None:  # a sequence head: one target per row
+        return Batch(ids, mask, None, None, torch.tensor([e.target for e in examples]))
     slots = torch.tensor([e.slot for e in examples])
     return Batch(ids, mask, None, slots, torch.tensor([e.target for e in examples]))
 

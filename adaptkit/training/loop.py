@@ -37,17 +37,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 from tqdm.auto import tqdm
 
-from adaptkit import quant
+from adaptkit import inject, quant
 from adaptkit.adapters.pet import label_log_probs
 from adaptkit.errors import InvalidArgumentError, OutputExistsError, TrainingError
 from adaptkit.formats.checkpoint import atomic_output_dir
+from adaptkit.formats.peft import add_peft_head
 from adaptkit.formats.tensors import load_adapter_tensors
 from adaptkit.generation import positions_from_mask
 from adaptkit.prefix_cache import add_virtual_inputs, real_positions
 from adaptkit.routing import route_rows, use_plan
 from adaptkit.training.data import (
+    HEAD_TASKS,
     IGNORE,
     Batch,
     batches,
@@ -125,6 +128,13 @@ def batch_loss(logits: torch.Tensor, batch: Batch, objective) -> tuple[torch.Ten
         scores = label_log_probs(logits, batch.slots, objective.word_ids)  # [B, K]
         loss = F.nll_loss(scores, batch.targets)
         return loss, int((scores.argmax(-1) == batch.targets).sum()), len(batch.targets)
+    if objective.kind == "seq-cls":  # the head's logits [B, labels]
+        loss = F.cross_entropy(logits.float(), batch.targets)
+        return loss, int((logits.argmax(-1) == batch.targets).sum()), len(batch.targets)
+    if objective.kind == "token-cls":  # [B, S, labels], the label at each word's first sub-token
+        predicted, labelled = logits.float(), batch.labels != IGNORE
+        loss = F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), batch.labels.reshape(-1), ignore_index=IGNORE)
+        return loss, int(((predicted.argmax(-1) == batch.labels) & labelled).sum()), int(labelled.sum())
     predicted, wanted = logits[:, :-1].float(), batch.labels[:, 1:]  # position t predicts token t+1
     loss = F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), wanted.reshape(-1), ignore_index=IGNORE)
     labelled = wanted != IGNORE
@@ -389,6 +399,43 @@ def _prepare_output(out: Path, checkpoint_dir, resume, force: bool) -> Path:
     return checkpoints
 
 
+HEAD_MODULES = ("classifier", "score")  # PEFT's modules_to_save for SEQ_CLS / TOKEN_CLS
+PEFT_LAYOUT_METHODS = ("lora", "prefix", "ptuning2", "prompt", "ptuning")
+
+
+def head_labels_of(engine, task: str) -> tuple[str, ...]:
+    """The labels of the base's ``task`` head (``config.id2label``), or an error naming the head it lacks."""
+    head = type(engine.model).__name__
+    wanted = HEAD_TASKS.get(task)
+    if wanted is None or not head.endswith(wanted):
+        raise InvalidArgumentError(f"task {task!r} trains a ...{wanted or 'ForSequenceClassification'} head; "
+                                   f"{engine.base.path} is a {head}")
+    return tuple(engine._labels(engine.model.config.num_labels))
+
+
+def with_trained_head(engine, setup: MethodSetup, method: str, task: str) -> MethodSetup:
+    """``setup`` with a trainable copy of the base's head for the adapter's rows; saved in the adapter as
+    PEFT saves a SEQ_CLS / TOKEN_CLS head (``modules_to_save``)."""
+    if method not in PEFT_LAYOUT_METHODS:
+        raise InvalidArgumentError(f"task {task}: the head is saved in PEFT's layout; use one of "
+                                   f"{', '.join(PEFT_LAYOUT_METHODS)} (not {method})")
+    modules = inject.base_modules(engine.model)
+    name = next((m for m in HEAD_MODULES if m in modules), None)
+    if name is None:
+        raise InvalidArgumentError(f"{engine.base.path}: no head module named {' or '.join(HEAD_MODULES)}")
+    switched = inject.wrap_once(engine.model, name, inject.SwitchedModule)
+    switched.add(ADAPTER_NAME, inject.plain_copy(modules[name]).state_dict())
+    head = switched.replacements[ADAPTER_NAME]
+    head.requires_grad_(True)
+
+    def save(folder: Path) -> None:
+        setup.save(folder)
+        add_peft_head(folder, name, head.state_dict(), task, prompt_learning=method != "lora")
+
+    return dataclasses.replace(setup, trainable=nn.ModuleDict({"adapter": setup.trainable, "head": head}), save=save,
+                               options={**setup.options, "task": task, "head": name})
+
+
 def _scoring(engine, dataset) -> str | None:
     """How classification rows score their slot on this base (None for other rows)."""
     if dataset.kind != "classification":
@@ -404,7 +451,7 @@ def train(method: str, base: str | os.PathLike, data: str | os.PathLike, out: st
           save_every: int | None = None, checkpoint_dir: str | os.PathLike | None = None, max_length: int = 512,
           weight_decay: float = 0.0, pattern: str | None = None, verbalizer: dict | None = None,
           dtype: str = "float32", device: str | None = None, progress: bool = True, force: bool = False,
-          **method_options) -> TrainResult:
+          task: str | None = None, **method_options) -> TrainResult:
     """Train an adapter of ``method`` on ``base`` with the rows of ``data``; write it to ``out``.
 
     Args:
@@ -416,6 +463,8 @@ def train(method: str, base: str | os.PathLike, data: str | os.PathLike, out: st
         resume: a checkpoint folder, or the checkpoints folder (the newest is taken).
         max_steps: stop after this many optimizer steps in all. save_every: checkpoint period (steps).
         pattern, verbalizer: how ``{"text", "label"}`` rows are scored (``adapters/pet.py``).
+        task: ``seq-cls`` / ``token-cls``: train the base's classification head with the adapter (PEFT's
+            SEQ_CLS / TOKEN_CLS: the head is saved in the adapter as ``modules_to_save``).
         method_options: the method's own options (e.g. ``r=8``, ``virtual_tokens=20``).
 
     Example:
@@ -432,7 +481,8 @@ def train(method: str, base: str | os.PathLike, data: str | os.PathLike, out: st
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = Engine.from_pretrained(base, dtype=dtype, quantize=spec.quantize, device=device)
     objective = make_objective(dataset, engine.tokenizer, engine.base.facts.spec.is_causal,
-                               _scoring(engine, dataset), pattern, verbalizer)
+                               _scoring(engine, dataset) if task is None else None, pattern, verbalizer, task,
+                               head_labels_of(engine, task) if task is not None else ())
     examples = tokenize(dataset, engine.tokenizer, objective, max_length)
     train_rows, eval_rows = split_eval(len(examples), eval_split, seed)
 
@@ -441,13 +491,16 @@ def train(method: str, base: str | os.PathLike, data: str | os.PathLike, out: st
         torch.manual_seed(seed)
         hub_name = re.sub(r"[^A-Za-z0-9_\-]", "_", out.name) or "adapter"
         setup = setup_method(method, SetupContext(engine, ADAPTER_NAME, objective, hub_name), method_options)
+        if task is not None:
+            setup = with_trained_head(engine, setup, method, task)
         lr = spec.lr if lr is None else float(lr)
         params = [p for p in setup.trainable.parameters() if p.requires_grad]
         optimizer = (setup.make_optimizer or adamw)(params, lr, weight_decay)
         signature = {"method": method, "options": setup.options, "base_fingerprint": engine.base.fingerprint,
                      "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(), "lr": lr,
                      "batch_size": batch_size, "grad_accum": grad_accum, "eval_split": eval_split, "seed": seed,
-                     "max_length": max_length, "weight_decay": weight_decay, "pattern": objective.pet and objective.pet.pattern,
+                     "max_length": max_length, "weight_decay": weight_decay, "task": task,
+                     "pattern": objective.pet and objective.pet.pattern,
                      "verbalizer": objective.pet and objective.pet.verbalizer}
         signature = json.loads(json.dumps(signature))  # as a checkpoint stores it (tuples become lists)
         run = _Run(engine, setup, objective, [examples[i] for i in train_rows], optimizer, batch_size, grad_accum, seed,

@@ -30,10 +30,12 @@ from adaptkit.training.setup import MethodSetup, SetupContext, base_class_of
 
 # ----------------------------------------------------------------------------- prefix family
 def _prefix_config(ctx: SetupContext, tokens: int, method: str) -> PrefixConfig:
+    from adaptkit.adapters.prefix import CACHE_ENCODERS
+
     facts = ctx.engine.base.facts
-    if not facts.spec.is_causal:
-        raise InvalidArgumentError(f"prefix tuning needs a causal LM; the base is a {facts.model_type} encoder "
-                                   "(use --method prompt or bottleneck there)")
+    if not facts.spec.is_causal and facts.model_type not in CACHE_ENCODERS:
+        raise InvalidArgumentError(f"prefix tuning needs attention that takes extra keys and values; the base is a "
+                                   f"{facts.model_type} encoder without it (use --method prompt or bottleneck there)")
     return PrefixConfig(int(tokens), facts.num_layers, facts.num_kv_heads, facts.head_dim, method=method)
 
 
