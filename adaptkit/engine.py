@@ -355,6 +355,11 @@ class Engine:
         """
         input_ids, attention_mask = self._checked_batch(input_ids, attention_mask)
         plan = self.plan(adapters, input_ids.shape[0])
+        groups = self._decoder_offset_groups(plan)
+        if len(groups) > 1:  # rows whose decoders start at different positions, one forward each
+            return self._by_groups(groups, lambda rows: self.logits(
+                input_ids[rows], attention_mask[rows], [plan.entries[i] for i in rows],
+                torch.as_tensor(decoder_input_ids, device=self.device).view(input_ids.shape[0], -1)[rows]))
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.base.facts.spec.is_seq2seq:
             if decoder_input_ids is None:
@@ -564,6 +569,17 @@ class Engine:
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         eos = torch.tensor(sorted(eos_ids), device=self.device) if eos_ids else None
         if seq2seq:
+            groups = self._decoder_offset_groups(self.plan(adapters, batch))
+            if len(groups) > 1:  # one generation per group (see _decoder_offset_groups), rows put back in order
+                entries = self.plan(adapters, batch).entries
+                rows_out: list[list[int]] = [[] for _ in range(batch)]
+                for rows in groups:
+                    got = self.generate_ids([prompt_ids[i] for i in rows], [entries[i] for i in rows], max_new_tokens,
+                                            temperature, top_p, top_k, seed, eos_token_id,
+                                            None if on_token is None else (lambda r, t, rows=rows: on_token(rows[r], t)))
+                    for i, tokens in zip(rows, got):
+                        rows_out[i] = tokens
+                return rows_out
             logits, step_fn = self._seq2seq_start(prompt_ids, adapters, pad_id)
         else:
             logits, state = self.prefill(prompt_ids, adapters, pad_id)
@@ -582,6 +598,29 @@ class Engine:
             logits = step_fn(token)
         return new_tokens
 
+    def _decoder_offset_groups(self, plan: RoutingPlan) -> list[list[int]]:
+        """Row groups that can share a forward: one group, except on encoder-decoders whose decoder counts
+        absolute positions from its cache (BART), where rows with decoder prefixes of different lengths
+        (or none) would be placed at one another's positions: one group per prefix length."""
+        if self.base.facts.family != "bart":
+            return [list(range(plan.batch_size))]
+        lengths = []
+        for entry in plan.entries:
+            name, _ = prefix_cache.split_virtual(entry, self._adapters)
+            adapter = self._adapters.get(name)
+            lengths.append(adapter.config.num_virtual_tokens if adapter is not None and adapter.kind == "prefix" else 0)
+        return [[i for i, n in enumerate(lengths) if n == length] for length in dict.fromkeys(lengths)]
+
+    @staticmethod
+    def _by_groups(groups: list[list[int]], run) -> torch.Tensor:
+        """``run(rows)`` per group of rows, the results put back in row order (dim 0)."""
+        outs = [(rows, run(rows)) for rows in groups]
+        first = outs[0][1]
+        result = first.new_zeros(sum(len(r) for r in groups), *first.shape[1:])
+        for rows, out in outs:
+            result[torch.tensor(rows, device=result.device)] = out
+        return result
+
     def _seq2seq_start(self, prompt_ids, adapters, pad_id: int):
         """Encoder-decoders: run the encoder once on the right-padded prompts (each row with its adapter),
         then the decoder from its start token; returns the first logits [B, vocab] and the step function."""
@@ -595,16 +634,24 @@ class Engine:
         plan = self.plan(adapters, len(prompt_ids))
         start = self.model.config.decoder_start_token_id
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        inputs = {"input_ids": ids, "attention_mask": mask}
+        inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :0]}
         prefix_cache.add_virtual_inputs(self.model, plan, self._adapters, inputs, self.prompt_as_cache)
         mask = inputs["attention_mask"]  # prompt rows: their virtual tokens in front of the encoder's input
+        cache = inputs.get("past_key_values", cache)  # prefix rows: their K/V in the decoder's cache
+        decoder_mask = inputs.get("decoder_attention_mask")
         with use_plan(plan):
-            encoded = self.model.get_encoder()(**inputs)
+            encoded = self.model.get_encoder()(input_ids=inputs.get("input_ids"), attention_mask=mask,
+                                               inputs_embeds=inputs.get("inputs_embeds"))
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
+            nonlocal decoder_mask
+            extra = {}
+            if decoder_mask is not None:
+                decoder_mask = torch.cat([decoder_mask, decoder_mask.new_ones(decoder_mask.shape[0], 1)], dim=1)
+                extra["decoder_attention_mask"] = decoder_mask
             with torch.inference_mode(), use_plan(plan):
                 out = self.model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=tokens.view(-1, 1),
-                                 past_key_values=cache, use_cache=True)
+                                 past_key_values=cache, use_cache=True, **extra)
             return out.logits[:, -1, :]
 
         return step(torch.full((len(prompt_ids),), start, device=self.device)), step

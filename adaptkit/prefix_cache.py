@@ -193,6 +193,11 @@ def add_virtual_inputs(
         else:
             cached.append(None if adapter is None else _row_prefix(model, name, adapter, rest, adapters))
             prepended.append(None)
+    if facts_from_config(model.config).spec.is_seq2seq and any(kv is not None for kv in cached):
+        _decoder_prefix(kwargs, cached)  # a prefix is the decoder's: its self-attention cache
+        cached = [None] * len(cached)
+        if all(e is None for e in prepended):
+            return 0
     mask = kwargs["attention_mask"]
     batch, seq = mask.shape
     lengths = [kv.length if kv is not None else (len(e) if e is not None else 0) for kv, e in zip(cached, prepended)]
@@ -231,6 +236,33 @@ def _first_position(model: nn.Module) -> int:
     if model.config.model_type in ("roberta", "xlm-roberta"):
         return model.config.pad_token_id + 1
     return 0
+
+
+def _peft_decoder_layers(kv: PrefixKV) -> PrefixKV:
+    """The K/V each decoder layer gets from an encoder-decoder prefix as PEFT 0.21 lays it out: it views the
+    stored [P, L*2, H, D] as K/V entries, appends a copy (the cross-attention half), splits the [L*4] entries
+    in fours and keeps the first two of each four as the layer's self-attention K/V, so decoder layer l reads
+    stored layer ``2l mod L`` (the cross-attention halves are dropped)."""
+    layers = kv.keys.shape[0]
+    index = torch.tensor([(2 * layer) % layers for layer in range(layers)], device=kv.keys.device)
+    return PrefixKV(kv.keys.index_select(0, index), kv.values.index_select(0, index))
+
+
+def _decoder_prefix(kwargs: dict, rows: list[PrefixKV | None]) -> None:
+    """Encoder-decoders: the rows' prefixes as the decoder's self-attention cache, as PEFT lays them out
+    (its cross-attention cache left empty: computed from the encoder's output); ``decoder_attention_mask``
+    masks the padding of shorter prefixes. The caller's ``decoder_input_ids`` follow the prefix."""
+    from transformers import EncoderDecoderCache
+
+    rows = [None if kv is None else _peft_decoder_layers(kv) for kv in rows]
+    self_attention = DynamicCache()
+    prefix_mask = _fill_cache(self_attention, rows)
+    kwargs["past_key_values"] = EncoderDecoderCache(self_attention, DynamicCache())
+    decoder = kwargs.get("decoder_input_ids")
+    steps = decoder.shape[1] if decoder is not None else 0
+    kwargs["decoder_attention_mask"] = torch.cat(
+        [prefix_mask, prefix_mask.new_ones(prefix_mask.shape[0], steps)], dim=1)
+    kwargs["use_cache"] = True
 
 
 def _prepend_left_packed(model: nn.Module, plan: RoutingPlan, prepended: list, kwargs: dict, width: int,

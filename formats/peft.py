@@ -394,10 +394,9 @@ def _check_prompt_config(config: dict, path: Path) -> None:
             continue
         raise UnsupportedAdapterError(f"{path}: unknown {peft_type} field {key}={value!r}; adaptkit does not implement it")
     submodules = config.get("num_transformer_submodules") or 1
-    if submodules not in (1, 2) or (submodules == 2 and peft_type == "PREFIX_TUNING"):
-        raise UnsupportedAdapterError(
-            f"{path}: num_transformer_submodules={submodules} with {peft_type} is not served by adaptkit (encoder-"
-            "decoders: LoRA, prompt tuning and P-tuning)")
+    if submodules not in (1, 2):
+        raise UnsupportedAdapterError(f"{path}: num_transformer_submodules={submodules}: PEFT writes 1 (decoders, "
+                                      "encoders) or 2 (encoder-decoders)")
 
 
 def _positive_int(config: dict, key: str, path: Path) -> int:

@@ -173,3 +173,43 @@ def test_encoder_decoders_need_decoder_input_ids(seq2seq_bases):
     engine = ak.Engine.from_pretrained(seq2seq_bases["t5"][0])
     with pytest.raises(InvalidArgumentError, match="pass decoder_input_ids"):
         engine.logits(random_ids())
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_prefix_tuning_on_encoder_decoders(family, seq2seq_bases, tmp_path):
+    """PEFT's SEQ_2_SEQ_LM prefix: K/V in the decoder's self-attention cache (cross-attention from the encoder,
+    as PEFT leaves it). T5 (relative positions) mixes prefix rows with others; on BART (absolute positions
+    counted from the cache) rows of one prefix length batch together."""
+    from peft import PeftModel, PrefixTuningConfig, get_peft_model
+
+    base, cls, targets = seq2seq_bases[family]
+    model = get_peft_model(cls.from_pretrained(str(base)).eval(),
+                           PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(7))
+    model.save_pretrained(str(tmp_path / "prefix"))
+    ids = random_ids(batch=3, length=8, seed=5)
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    decoder = random_ids(batch=3, length=5, seed=6)
+    reference = PeftModel.from_pretrained(cls.from_pretrained(str(base)).eval(), str(tmp_path / "prefix")).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
+        plain = cls.from_pretrained(str(base)).eval()(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
+    assert (expected - plain).abs().max() > 1e-2
+    engine = ak.Engine.from_pretrained(base)
+    engine.add_adapter("prefix", tmp_path / "prefix")
+    torch.testing.assert_close(engine.logits(ids, mask, adapters="prefix", decoder_input_ids=decoder), expected,
+                               atol=1e-4, rtol=0)
+    rows = ["prefix", None, "prefix"]
+    mixed = engine.logits(ids, mask, adapters=rows, decoder_input_ids=decoder)
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(mixed[i], (expected if row else plain)[i], atol=1e-4, rtol=0)
+    prompts = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask)]
+    want = _greedy(reference, ids, mask, engine.model.config.decoder_start_token_id, 6)
+    got = engine.generate_ids(prompts, adapters=rows, max_new_tokens=6)
+    plain_want = _greedy(cls.from_pretrained(str(base)).eval(), ids, mask, engine.model.config.decoder_start_token_id, 6)
+    for i, row in enumerate(rows):
+        assert got[i] == (want if row else plain_want)[i], (row, got[i])

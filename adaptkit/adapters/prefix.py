@@ -136,10 +136,10 @@ def check_prefix_fits(adapter: PrefixAdapter, facts) -> None:
     """Raise unless the prefix has the base's layers, KV heads and head size, and the base is causal."""
     source = adapter.source or "prefix adapter"
     cfg = adapter.config
-    if not facts.spec.is_causal and facts.model_type not in CACHE_ENCODERS:
+    if not (facts.spec.is_causal or facts.spec.is_seq2seq) and facts.model_type not in CACHE_ENCODERS:
         raise UnsupportedAdapterError(
             f"{source}: a prefix adapter needs attention that takes extra keys and values; {facts.model_type} has "
-            f"none (those that do: causal LMs and {', '.join(CACHE_ENCODERS)}); use prompt tuning on this encoder"
+            f"none (those that do: causal LMs, encoder-decoders' decoders and {', '.join(CACHE_ENCODERS)}); use prompt tuning on this encoder"
         )
     ours = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
     base = (facts.num_layers, facts.num_kv_heads, facts.head_dim)
