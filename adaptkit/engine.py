@@ -621,9 +621,18 @@ class Engine:
             result[torch.tensor(rows, device=result.device)] = out
         return result
 
-    def _seq2seq_start(self, prompt_ids, adapters, pad_id: int):
+    @_exclusive
+    @torch.inference_mode()
+    def start_seq2seq(self, prompt_ids, adapters=None, pad_id: int = 0):
         """Encoder-decoders: run the encoder once on the right-padded prompts (each row with its adapter),
-        then the decoder from its start token; returns the first logits [B, vocab] and the step function."""
+        then the decoder from its start token; returns the first logits [B, vocab] and ``step(tokens [B])``,
+        which feeds one token per row and returns the next logits (the server's decode loop uses it)."""
+        if not self.base.facts.spec.is_seq2seq:
+            raise EngineStateError(f"{self.base.facts.model_type} is not an encoder-decoder; use prefill")
+        return self._seq2seq_start(prompt_ids, adapters, pad_id)
+
+    def _seq2seq_start(self, prompt_ids, adapters, pad_id: int):
+        """See :meth:`start_seq2seq`."""
         from transformers import DynamicCache, EncoderDecoderCache
 
         width = max(len(p) for p in prompt_ids)

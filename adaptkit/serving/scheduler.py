@@ -142,7 +142,8 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.context_length = context_length
-        if max_batch > 1:
+        self.seq2seq = engine.base.facts.spec.is_seq2seq  # encoder-decoders decode in waves (see _step_wave)
+        if max_batch > 1 and not self.seq2seq:
             check_joinable(DynamicCache(config=engine.model.config))  # refuse sliding-window caches now, not mid-run
         self.eos_ids, self.pad_id = engine.stop_and_pad_ids()
         self.stats: Counter[str] = Counter()  # steps, rows_decoded, prefills, finished_<reason>
@@ -154,6 +155,7 @@ class Scheduler:
         self._rows: list[_Row] = []
         self._state: DecodeState | None = None
         self._admitted: list[Request] = []  # admitted this step, until they join the batch
+        self._wave: tuple[Callable, list[_Row]] | None = None  # encoder-decoders: (decoder step, the wave's rows)
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -258,6 +260,8 @@ class Scheduler:
         self._admitted = []
 
     def _step(self) -> None:
+        if self.seq2seq:
+            return self._step_wave()
         self._run_commands()
         now = time.monotonic()
         self._drop_left(now)
@@ -267,6 +271,52 @@ class Scheduler:
         self._admitted = []
         if self._rows:
             self._decode()
+
+    def _step_wave(self) -> None:
+        """Encoder-decoders: requests decode in waves. When none is running, the waiting ones are admitted
+        (up to ``max_batch``), their encoder runs once and their decoder steps together; a wave's rows leave
+        as they finish, and new requests start the next wave (each row's cross-attention is its own prompt's)."""
+        self._run_commands()
+        now = time.monotonic()
+        self._drop_left(now)
+        if self._wave is None:
+            self._admitted = admitted = self._admit(now)
+            if admitted:
+                self._start_wave(admitted)
+            self._admitted = []
+            return
+        step, rows = self._wave
+        tokens = torch.tensor([row.next_token if row in self._rows else self.pad_id for row in rows],
+                              dtype=torch.long, device=self.engine.device)
+        logits = step(tokens)
+        self.stats["steps"] += 1
+        self.stats["rows_decoded"] += len(self._rows)
+        active = [i for i, row in enumerate(rows) if row in self._rows]
+        keep = set(self._advance([rows[i] for i in active], logits[active]))
+        done = [j for j in range(len(active)) if j not in keep]
+        if done:
+            self._remove_rows(done)
+
+    def _start_wave(self, requests: list[Request]) -> None:
+        plan = self.engine.plan([r.entry for r in requests], len(requests))
+        group = self.engine._decoder_offset_groups(plan)[0]  # BART: one decoder prefix length per wave
+        later = [r for i, r in enumerate(requests) if i not in group]
+        if later:
+            with self._lock:
+                self._waiting.extendleft(reversed(later))
+            requests = [requests[i] for i in group]
+        try:
+            logits, step = self.engine.start_seq2seq([r.prompt_ids for r in requests], [r.entry for r in requests],
+                                                     self.pad_id)
+        except Exception as exc:
+            for request in requests:
+                self._emit(request, Finished("error", 0, exc))
+            return
+        self.stats["prefills"] += 1
+        rows = [self._new_row(r) for r in requests]
+        keep = self._advance(rows, logits)
+        self._rows = [rows[i] for i in keep]
+        self._wave = (step, rows) if self._rows else None
 
     def _run_commands(self) -> None:
         while self._commands:
@@ -438,6 +488,10 @@ class Scheduler:
         gone = set(indices)
         keep = [i for i in range(len(self._rows)) if i not in gone]
         self._rows = [self._rows[i] for i in keep]
+        if self.seq2seq:  # the wave's decoder goes on feeding padding for the rows that left, until all have
+            if not self._rows:
+                self._wave = None
+            return
         if not keep or self._state is None:
             self._state = None
         else:
