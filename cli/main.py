@@ -545,9 +545,9 @@ _TRAIN_METHOD_OPTIONS = {
 @click.option("--reduction-factor", default=None, type=float, help="bottleneck: hidden / bottleneck size.")
 @click.option("--fuse", default=None, help="fusion: the trained bottleneck adapters, name=path,name=path.")
 @click.option("--pet-train", type=click.Choice(["lora", "full"]), default=None, help="pet: fine-tune a LoRA (default) or every weight.")
-@click.option("--task", type=click.Choice(["seq-cls", "token-cls"]), default=None,
-              help="Train BASE's classification head with the adapter (PEFT SEQ_CLS / TOKEN_CLS); rows {text, label} "
-              "or {tokens, labels}.")
+@click.option("--task", type=click.Choice(["seq-cls", "token-cls", "seq2seq"]), default=None,
+              help="seq-cls / token-cls: train BASE's classification head with the adapter (PEFT SEQ_CLS / TOKEN_CLS; "
+              "rows {text, label} or {tokens, labels}); seq2seq: {prompt, completion} rows on T5 / BART (the default there).")
 @click.option("--force", is_flag=True, help="Replace OUT (and its old checkpoints) if they exist.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train(method, base, data, out, epochs, lr, batch_size, grad_accum, eval_split, seed, resume, max_steps, save_every,

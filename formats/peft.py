@@ -283,10 +283,9 @@ def read_adaptkit_meta(folder: Path) -> dict:
 def lora_config_to_peft(config: LoraConfig, base_class: str | None = None) -> dict:
     """The PEFT ``adapter_config.json`` dict of a :class:`LoraConfig`."""
     targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
-    encoder = base_class is not None and family_of_class(base_class) == "bert"
     out = {
         "peft_type": "LORA",
-        "task_type": None if encoder else "CAUSAL_LM",  # PEFT's causal-LM wrapper refuses encoders (no generate)
+        "task_type": task_type_for(base_class),
         "r": config.r,
         "lora_alpha": config.alpha,
         "target_modules": targets,
@@ -528,11 +527,22 @@ def read_prompt(folder: str | os.PathLike, config: dict | None = None) -> Prompt
                          base_class=(config.get("auto_mapping") or {}).get("base_model_class"), saved_modules=saved)
 
 
+def task_type_for(base_class: str | None) -> str | None:
+    """PEFT's ``task_type`` for an adapter of this base class: CAUSAL_LM, SEQ_2_SEQ_LM (T5, BART), or None
+    for encoders (PEFT's causal-LM wrapper refuses them; a trained head sets SEQ_CLS / TOKEN_CLS)."""
+    family = family_of_class(base_class) if base_class else None
+    return {"bert": None, "t5": "SEQ_2_SEQ_LM", "bart": "SEQ_2_SEQ_LM"}.get(family, "CAUSAL_LM")
+
+
 def _write_prompt_learning(folder, config: dict, tensor: torch.Tensor, adapter) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config.update({"task_type": "CAUSAL_LM", "num_transformer_submodules": 1, "inference_mode": True,
-                   "base_model_name_or_path": None, "modules_to_save": None})
+    task_type = task_type_for(adapter.base_class)
+    submodules = 2 if task_type == "SEQ_2_SEQ_LM" else 1
+    if submodules == 2 and config["peft_type"] != "PREFIX_TUNING":
+        tensor = torch.cat([tensor, tensor])  # PEFT's 2P rows; its forward and generate read the first P
+    config.update({"task_type": task_type or "CAUSAL_LM", "num_transformer_submodules": submodules,
+                   "inference_mode": True, "base_model_name_or_path": None, "modules_to_save": None})
     if adapter.base_class:
         config["auto_mapping"] = {"base_model_class": adapter.base_class, "parent_library": "transformers"}
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))

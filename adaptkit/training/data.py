@@ -129,11 +129,16 @@ class Objective:
 
 def make_objective(dataset: Dataset, tokenizer, causal: bool, scoring: str | None = None,
                    pattern: str | None = None, verbalizer: dict | None = None, task: str | None = None,
-                   head_labels: tuple[str, ...] = ()) -> Objective:
+                   head_labels: tuple[str, ...] = (), seq2seq: bool = False) -> Objective:
     """The objective of ``dataset`` on this base; classification labels are checked against the verbalizer,
     or (``task`` seq-cls / token-cls) against the head's labels."""
     if tokenizer is None:
         raise InvalidArgumentError("the base folder has no tokenizer files; training reads text and needs one")
+    if task == "seq2seq" or (task is None and seq2seq):
+        if not seq2seq or dataset.kind != "completion":
+            raise InvalidArgumentError(f"{dataset.path}: seq2seq training takes {{\"prompt\", \"completion\"}} rows on an "
+                                       "encoder-decoder base (T5, BART): the prompt goes to the encoder")
+        return Objective("seq2seq")
     if task is not None:
         return _head_objective(dataset, task, head_labels, pattern, verbalizer)
     if dataset.kind == "tokens":
@@ -196,6 +201,10 @@ def tokenize(dataset: Dataset, tokenizer, objective: Objective, max_length: int 
             example = Example(tuple(ids), target=objective.head_labels.index(row["label"]))
         elif objective.kind == "token-cls":
             example = _token_example(tokenizer, row, objective.head_labels)
+        elif objective.kind == "seq2seq":  # the prompt to the encoder; the completion and eos are the decoder's labels
+            target = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+            example = Example(tuple(tokenizer(row["prompt"])["input_ids"]),
+                              labels=tuple(target + ([eos] if eos is not None and target[-1:] != [eos] else [])))
         elif objective.kind == "lm":
             ids = tokenizer(row["text"])["input_ids"]
             example = Example(tuple(ids), labels=tuple(ids))
@@ -282,13 +291,14 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long) if examples[0].labels is not None else None
+    label_width = max(len(e.labels) for e in examples) if examples[0].labels is not None else 0
+    labels = torch.full((len(examples), label_width), IGNORE, dtype=torch.long) if label_width else None
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         ids[row, :n] = torch.tensor(example.input_ids)
         mask[row, :n] = 1
-        if labels is not None:
-            labels[row, :n] = torch.tensor(example.labels)
+        if labels is not None:  # as long as the inputs, except the decoder labels of an encoder-decoder
+            labels[row, : len(example.labels)] = torch.tensor(example.labels)
     if examples[0].slot is None and examples[0].target is None:
         return Batch(ids, mask, labels)
     if examples[0].slot is None:  # a sequence head: one target per row

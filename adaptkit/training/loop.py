@@ -114,11 +114,18 @@ def forward_logits(engine, setup: MethodSetup, batch: Batch) -> torch.Tensor:
     kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     if engine.base.facts.spec.is_causal:
         kwargs.update(position_ids=positions_from_mask(batch.attention_mask), use_cache=False)
+    seq2seq = engine.base.facts.spec.is_seq2seq
+    if seq2seq:  # teacher forcing: the decoder reads its start token, then the labels shifted right
+        start = torch.full_like(batch.labels[:, :1], model.config.decoder_start_token_id)
+        shifted = torch.cat([start, batch.labels[:, :-1]], dim=1)
+        kwargs["decoder_input_ids"] = shifted.masked_fill(shifted == IGNORE, model.config.pad_token_id)
     virtual = 0
     if setup.virtual is not None:
         virtual = add_virtual_inputs(model, plan, {ADAPTER_NAME: setup.virtual()}, kwargs, prompt_as_cache=False)
     with use_plan(plan):
         out = model(**kwargs)
+    if seq2seq:
+        return out.logits  # the decoder's positions
     return real_positions(out.logits, virtual, batch.input_ids.shape[1])
 
 
@@ -131,7 +138,7 @@ def batch_loss(logits: torch.Tensor, batch: Batch, objective) -> tuple[torch.Ten
     if objective.kind == "seq-cls":  # the head's logits [B, labels]
         loss = F.cross_entropy(logits.float(), batch.targets)
         return loss, int((logits.argmax(-1) == batch.targets).sum()), len(batch.targets)
-    if objective.kind == "token-cls":  # [B, S, labels], the label at each word's first sub-token
+    if objective.kind in ("token-cls", "seq2seq"):  # [B, S, labels] at each labelled position (no shift)
         predicted, labelled = logits.float(), batch.labels != IGNORE
         loss = F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), batch.labels.reshape(-1), ignore_index=IGNORE)
         return loss, int(((predicted.argmax(-1) == batch.labels) & labelled).sum()), int(labelled.sum())
@@ -464,7 +471,8 @@ def train(method: str, base: str | os.PathLike, data: str | os.PathLike, out: st
         max_steps: stop after this many optimizer steps in all. save_every: checkpoint period (steps).
         pattern, verbalizer: how ``{"text", "label"}`` rows are scored (``adapters/pet.py``).
         task: ``seq-cls`` / ``token-cls``: train the base's classification head with the adapter (PEFT's
-            SEQ_CLS / TOKEN_CLS: the head is saved in the adapter as ``modules_to_save``).
+            SEQ_CLS / TOKEN_CLS: the head is saved in the adapter as ``modules_to_save``); ``seq2seq``:
+            ``{"prompt", "completion"}`` rows on an encoder-decoder (the default there).
         method_options: the method's own options (e.g. ``r=8``, ``virtual_tokens=20``).
 
     Example:
@@ -480,9 +488,10 @@ def train(method: str, base: str | os.PathLike, data: str | os.PathLike, out: st
     dataset = read_jsonl(data)  # before the base: bad rows fail fast
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = Engine.from_pretrained(base, dtype=dtype, quantize=spec.quantize, device=device)
+    head_task = task in HEAD_TASKS
     objective = make_objective(dataset, engine.tokenizer, engine.base.facts.spec.is_causal,
                                _scoring(engine, dataset) if task is None else None, pattern, verbalizer, task,
-                               head_labels_of(engine, task) if task is not None else ())
+                               head_labels_of(engine, task) if head_task else (), engine.base.facts.spec.is_seq2seq)
     examples = tokenize(dataset, engine.tokenizer, objective, max_length)
     train_rows, eval_rows = split_eval(len(examples), eval_split, seed)
 
@@ -491,7 +500,7 @@ def train(method: str, base: str | os.PathLike, data: str | os.PathLike, out: st
         torch.manual_seed(seed)
         hub_name = re.sub(r"[^A-Za-z0-9_\-]", "_", out.name) or "adapter"
         setup = setup_method(method, SetupContext(engine, ADAPTER_NAME, objective, hub_name), method_options)
-        if task is not None:
+        if head_task:
             setup = with_trained_head(engine, setup, method, task)
         lr = spec.lr if lr is None else float(lr)
         params = [p for p in setup.trainable.parameters() if p.requires_grad]

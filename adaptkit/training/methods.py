@@ -30,7 +30,9 @@ from adaptkit.training.setup import MethodSetup, SetupContext, base_class_of
 from adaptkit.training.virtual import setup_ppt, setup_prefix, setup_prompt, setup_ptuning, setup_ptuning2
 
 # ----------------------------------------------------------------------------- LoRA family
-DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "gpt2": ("c_attn",), "bert": ("query", "value")}
+DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "gpt2": ("c_attn",), "bert": ("query", "value"), "t5": ("q", "v"),
+                   "bart": ("q_proj", "v_proj"), "opt": ("q_proj", "v_proj"), "neox": ("query_key_value",),
+                   "falcon": ("query_key_value",)}
 
 
 def _new_lora(ctx: SetupContext, r: int, alpha: float, targets, rslora: bool) -> LoraAdapter:
