@@ -228,3 +228,47 @@ def test_progress_names_the_case_and_round(capfd):
     err = capfd.readouterr().err
     assert "bench" in err and "6/6" in err and "round 2/2: b" in err
     assert sorted(timings) == ["a", "b"] and all(len(t.samples) == 2 for t in timings.values())
+
+
+def test_bench_covers_encoder_classification_and_seq2seq_generation(tmp_path):
+    """An encoder with a classification head: each case is one classification forward (the prefill figures,
+    no decoding); an encoder-decoder: generation with its encoder once, like a causal LM's prefill."""
+    import json
+
+    import torch
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    from transformers import BertForSequenceClassification, T5Config, T5ForConditionalGeneration
+
+    from adaptkit.demo import build_tokenizer, tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("bert")
+    config.num_labels = 3
+    BertForSequenceClassification(config).save_pretrained(str(tmp_path / "bert"))
+    build_tokenizer().save_pretrained(str(tmp_path / "bert"))
+    t5 = T5Config(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0,
+                  pad_token_id=0, eos_token_id=2, dropout_rate=0.0)
+    T5ForConditionalGeneration(t5).save_pretrained(str(tmp_path / "t5"))
+    build_tokenizer().save_pretrained(str(tmp_path / "t5"))
+    made = {}
+    for base, cls, task, targets in ((tmp_path / "bert", BertForSequenceClassification, "SEQ_CLS", ["query"]),
+                                     (tmp_path / "t5", T5ForConditionalGeneration, "SEQ_2_SEQ_LM", ["q"])):
+        for kind, peft_config in (("lora", LoraConfig(task_type=task, r=4, target_modules=targets)),
+                                  ("prompt", PromptTuningConfig(task_type=task, num_virtual_tokens=4))):
+            out = tmp_path / f"{base.name}-{kind}"
+            get_peft_model(cls.from_pretrained(str(base)), peft_config).save_pretrained(str(out))
+            made[base.name, kind] = out
+    for name in ("bert", "t5"):
+        result = ak.bench(tmp_path / name, {k: str(made[name, k]) for k in ("lora", "prompt")}, batch=(2,),
+                          prompt_len=8, new_tokens=3, repeats=2, warmup=1, json_path=tmp_path / f"{name}.json")
+        record = json.loads((tmp_path / f"{name}.json").read_text())
+        cases = {c["case"]: c for c in record["cases"]}
+        assert {"base", "lora unmerged: lora", "lora merged: lora", "lora mixed: lora",
+                "prompt embeddings: prompt"} <= set(cases)
+        assert "prompt cache: prompt" not in cases  # encoders and encoder-decoders prepend prompts
+        assert cases["base"]["prefill_s"]["ratio"] == 1.0 and cases["lora unmerged: lora"]["prefill_s"]["median_s"] > 0
+        if name == "bert":
+            assert all(c["decode_token_s"] is None for c in cases.values())
+            assert "one classification forward" in result.table()
+        else:
+            assert all(len(c["decode_steps_s"][0]) == 2 for c in cases.values())  # 3 tokens: 2 decode steps

@@ -7,7 +7,7 @@ work the mode adds per token in theory (``overhead.py``). A new kind adds one en
     lora        unmerged (routed per row), merged (folded into W: merge/unmerge around the request),
                 mixed (a batch whose rows cycle over every LoRA given)
     prefix      cache (its K/V in front of every row's cache)
-    prompt      cache (its K/V computed once at load), embeddings (prepended per request)
+    prompt      cache (its K/V computed once at load; causal LMs), embeddings (prepended per request)
     bottleneck  series or parallel, as the adapter was trained
     fusion      fuse (its bottleneck adapters and the attention over them)
 
@@ -111,6 +111,7 @@ class Mode:
     teardown: Callable | None = None
     per_kind: bool = False  # one case over every adapter of the kind, instead of one per adapter
     prompt_embeddings: bool = False  # the virtual tokens run through the model on every request
+    causal_only: bool = False  # only causal LMs serve it (encoder-decoders prepend prompts to the encoder)
     peft: str | None = None  # how peft_side.py runs the same case; None: PEFT has no such mode
 
 
@@ -123,7 +124,7 @@ MODES: dict[str, tuple[Mode, ...]] = {
     ),
     "prefix": (Mode("cache", peft="prompt_learning"),),
     "prompt": (
-        Mode("cache"),
+        Mode("cache", causal_only=True),
         Mode("embeddings", setup=_prompt_embeddings, teardown=_prompt_cache, prompt_embeddings=True,
              peft="prompt_learning"),
     ),
@@ -180,6 +181,8 @@ def plan_cases(
         if not of_kind:
             continue
         for mode in modes:
+            if mode.causal_only and not engine.base.facts.spec.is_causal:
+                continue
             groups = [of_kind] if mode.per_kind else [[a] for a in of_kind]
             for group in groups:
                 names = tuple(a.name for a in group)

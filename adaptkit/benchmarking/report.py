@@ -58,7 +58,7 @@ def case_rows(record: dict) -> list[dict]:
             "prefill x base": _ratio(case["prefill_s"]),
             "decode ms/token (med / p90)": _ms(case["decode_token_s"]),
             "decode x base": _ratio(case["decode_token_s"]),
-            "tokens/s": f"{case['tokens_per_s']['median']:.4g}",
+            "tokens/s": f"{case['tokens_per_s']['median']:.4g}" if case["tokens_per_s"] else "",
             "peak MiB (+ vs base)": f"{case['peak_memory_bytes'] / _MIB:.0f} ({case['added_memory_bytes'] / _MIB:+.1f})",
             "theory decode": _percent(case["theory"]["added_fraction_decode"]),
         }
@@ -89,10 +89,13 @@ def adapter_rows(record: dict) -> list[dict]:
 def format_bench(record: dict) -> str:
     """The terminal output: settings line, the cases table, the adapters table, what was skipped."""
     s, m = record["settings"], record["machine"]
+    classify = all(c["decode_token_s"] is None for c in record["cases"])  # an encoder: classification forwards
+    work = (f"one classification forward of {s['prompt_len']} tokens per row (the prefill columns)" if classify else
+            f"prompt {s['prompt_len']} tokens, {s['new_tokens']} new tokens")
     lines = [
-        f"adaptkit bench {s['base']}: {s['dtype']}{' NF4' if s['quantize'] else ''} on {s['device']}, prompt "
-        f"{s['prompt_len']} tokens, {s['new_tokens']} new tokens, {s['repeats']} rounds after {s['warmup']} warm-up; "
-        f"{m['cpu_model']}, torch threads {m['threads']}, torch {m['torch']}",
+        f"adaptkit bench {s['base']}: {s['dtype']}{' NF4' if s['quantize'] else ''} on {s['device']}, {work}, "
+        f"{s['repeats']} rounds after {s['warmup']} warm-up; {m['cpu_model']}, torch threads {m['threads']}, "
+        f"torch {m['torch']}",
         "",
     ]
     case_table = case_rows(record)
@@ -125,7 +128,7 @@ def plot_added_latency(record: dict, path: str | os.PathLike) -> Path:
         (axes[1], "decode_token_s", "added_fraction_decode", "decode (per token)"),
     ):
         for i, (engine, batch) in enumerate(series):
-            found = {c["matches"]: c for c in cases if c["engine"] == engine and c["batch"] == batch}
+            found = {c["matches"]: c for c in cases if c["engine"] == engine and c["batch"] == batch and c[figure]}
             xs = [j + (i - (len(series) - 1) / 2) * width for j, label in enumerate(labels) if label in found]
             ys = [100 * (found[label][figure]["ratio"] - 1) for label in labels if label in found]
             ax.bar(xs, ys, width, label=f"{engine}, batch {batch}", hatch="//" if engine == "peft" else None,

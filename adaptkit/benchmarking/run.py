@@ -145,7 +145,8 @@ def _switch_timings(engine, adapters: Sequence[BenchAdapter], batch: int, repeat
 
 
 def _measure_request(clocks: dict, stack: ExitStack, ids: torch.Tensor, new_tokens: int, device):
-    """``measured(model, generate)``: a timed run of ``generate(ids, new_tokens)``, split by model's clock."""
+    """``measured(model, generate)``: a timed run of ``generate(ids, new_tokens)``, split by model's clock.
+    ``new_tokens`` 0: one forward (an encoder's classification), its time as the prefill."""
 
     def measured(model, generate):
         if model not in clocks:
@@ -155,6 +156,8 @@ def _measure_request(clocks: dict, stack: ExitStack, ids: torch.Tensor, new_toke
         def run() -> dict:
             clock.start()
             generate(ids, new_tokens)
+            if new_tokens == 0:
+                return {"prefill": clock.split(1)[0]}
             prefill, steps = clock.split(new_tokens)
             return {"prefill": prefill, "decode_token": statistics.fmean(steps), "decode_steps": steps}
 
@@ -184,12 +187,14 @@ def _tokens_per_s(batch: int, decode: Timing) -> dict:
 
 
 def _case_record(label, engine_name, matches, spec: CaseSpec, timing: Timing, peak, base_peak, prompt_len, new_tokens):
-    decode = timing.parts["decode_token"]
+    decode = timing.parts.get("decode_token")  # None: a classification forward (encoders), no decoding
     record = {
         "case": label, "engine": engine_name, "matches": matches, "kind": spec.kind, "mode": spec.mode,
         "adapters": list(spec.adapters), "batch": spec.batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "request_s": _figure(timing), "prefill_s": _figure(timing.parts["prefill"]), "decode_token_s": _figure(decode),
-        "decode_steps_s": timing.extra["decode_steps"], "tokens_per_s": _tokens_per_s(spec.batch, decode),
+        "request_s": _figure(timing), "prefill_s": _figure(timing.parts["prefill"]),
+        "decode_token_s": None if decode is None else _figure(decode),
+        "decode_steps_s": timing.extra.get("decode_steps", []),
+        "tokens_per_s": None if decode is None else _tokens_per_s(spec.batch, decode),
         "peak_memory_bytes": peak[0], "added_memory_bytes": peak[0] - base_peak, "memory_source": peak[1],
         "theory": spec.theory,
     }
@@ -210,11 +215,15 @@ def _run_batch(engine, adapters, batch, work, settings, side, device, progress=F
     rows = ids.tolist()
     ids = ids.to(engine.device)
     clocks: dict = {}
+    classify = not (engine.base.facts.spec.is_causal or engine.base.facts.spec.is_seq2seq)
     with ExitStack() as stack:
-        measured = _measure_request(clocks, stack, ids, new_tokens, device)
+        measured = _measure_request(clocks, stack, ids, 0 if classify else new_tokens, device)
         cases, meta = {}, {}
         for spec in [base, *specs]:
             def generate(_ids, n, entries=spec.entries):
+                if classify:  # an encoder: one forward, its head's logits (a classification request)
+                    engine.logits(_ids, adapters=entries)
+                    return
                 engine.generate_ids(rows, adapters=entries, max_new_tokens=n, eos_token_id=[])
 
             cases[spec.label] = Case(measured(engine.model, generate), spec.setup, spec.teardown)
@@ -333,8 +342,8 @@ def _measure(base, pairs, batch, prompt_len, new_tokens, quantize, repeats, warm
 
     engine = Engine.from_pretrained(base, dtype=dtype, quantize=quantize, device=device)
     facts = engine.base.facts
-    if not facts.spec.is_causal:
-        raise EngineStateError(f"{base} is a {facts.model_type} encoder; bench measures generation and needs a causal LM")
+    if compare == "peft" and not (facts.spec.is_causal or facts.spec.is_seq2seq):
+        raise EngineStateError(f"{base} is a {facts.model_type} encoder; --compare peft runs generation cases only")
     work = base_work(engine.model, facts)
     loaded, loads = _load_adapters(engine, pairs, repeats, warmup)
     switches = _switch_timings(engine, loaded, max(batch), repeats)
