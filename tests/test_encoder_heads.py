@@ -12,20 +12,21 @@ import torch
 import adaptkit as ak
 
 LABELS = {0: "neg", 1: "neu", 2: "pos"}
-FAMILIES = ("bert", "roberta", "deberta-v2")
+FAMILIES = ("bert", "roberta", "deberta-v2", "xlm-roberta")
 TASKS = {"SEQ_CLS": "ForSequenceClassification", "TOKEN_CLS": "ForTokenClassification"}
 
 
 def _config(family: str):
-    from transformers import BertConfig, DebertaV2Config, RobertaConfig
+    from transformers import BertConfig, DebertaV2Config, RobertaConfig, XLMRobertaConfig
 
     common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                   id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     if family == "bert":
         return BertConfig(pad_token_id=0, **common)
-    if family == "roberta":
-        return RobertaConfig(pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)
+    if family in ("roberta", "xlm-roberta"):
+        config_cls = RobertaConfig if family == "roberta" else XLMRobertaConfig
+        return config_cls(pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)
     return DebertaV2Config(pad_token_id=0, relative_attention=True, position_buckets=16, max_relative_positions=32,
                            pos_att_type=["c2p", "p2c"], **common)
 
@@ -40,7 +41,8 @@ def bases(tmp_path_factory):
     for family in FAMILIES:
         for task, suffix in TASKS.items():
             folder = tmp_path_factory.mktemp(f"{family}-{task}") / "base"
-            cls = getattr(transformers, {"bert": "Bert", "roberta": "Roberta", "deberta-v2": "DebertaV2"}[family] + suffix)
+            prefix = {"bert": "Bert", "roberta": "Roberta", "deberta-v2": "DebertaV2", "xlm-roberta": "XLMRoberta"}[family]
+            cls = getattr(transformers, prefix + suffix)
             torch.manual_seed(0)
             model = cls(_config(family))
             with torch.no_grad():
@@ -72,7 +74,7 @@ def peft_sees_the_cache_argument(monkeypatch):
     so that its own prefix-tuning path runs as the reference."""
     import transformers
 
-    for family in ("Bert", "Roberta"):
+    for family in ("Bert", "Roberta", "XLMRoberta"):
         for suffix in TASKS.values():
             cls = getattr(transformers, family + suffix)
             original = cls.forward

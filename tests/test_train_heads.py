@@ -39,6 +39,7 @@ def token_rows(count=48, seed=0):
 
 CASES = [("seq-cls", "lora", {"r": 8}), ("seq-cls", "prompt", {"virtual_tokens": 6}),
          ("seq-cls", "ptuning", {"virtual_tokens": 6}), ("seq-cls", "prefix", {"virtual_tokens": 4}),
+         ("seq-cls", "ptuning2", {"virtual_tokens": 4}),
          ("token-cls", "lora", {"r": 8}), ("token-cls", "prompt", {"virtual_tokens": 6}),
          ("token-cls", "ptuning", {"virtual_tokens": 6}), ("token-cls", "prefix", {"virtual_tokens": 4})]
 
