@@ -21,6 +21,10 @@ def seq2seq_bases(tmp_path_factory):
         "t5": (T5ForConditionalGeneration, T5Config(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                                     num_heads=4, decoder_start_token_id=0, pad_token_id=0,
                                                     eos_token_id=2, dropout_rate=0.0), ["q", "v", "wo"]),
+        "flan-t5": (T5ForConditionalGeneration, T5Config(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                                         num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                                                         eos_token_id=2, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                                                         tie_word_embeddings=False), ["q", "v", "wi_0", "wi_1"]),
         "bart": (BartForConditionalGeneration, BartConfig(vocab_size=320, d_model=64, encoder_layers=2, decoder_layers=2,
                                                           encoder_attention_heads=4, decoder_attention_heads=4,
                                                           encoder_ffn_dim=128, decoder_ffn_dim=128,
@@ -57,7 +61,7 @@ def _lora(cls, base, targets, out, seed):
     return out
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("family", ["t5", "flan-t5", "bart"])
 def test_lora_on_encoder_decoders_equals_peft(family, seq2seq_bases, tmp_path):
     from peft import PeftModel
 
@@ -119,7 +123,7 @@ def _prompt(cls, base, kind, out, seed):
     return out
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("family", ["t5", "flan-t5", "bart"])
 def test_prompt_tuning_and_p_tuning_on_encoder_decoders(family, seq2seq_bases, tmp_path):
     """PEFT SEQ_2_SEQ_LM prompts go in front of the encoder's input; logits and greedy decoding from PEFT's
     forward (its generate uses the same encoder prompt) equal, in one batch with a LoRA row and a base row."""
