@@ -33,3 +33,28 @@ def check_served_like_peft(base, adapter, ids, tmp_path, atol: float = 1e-4) -> 
     model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=atol, rtol=0)
+
+
+def save_random_base(model, folder, std: float = 0.08):
+    """A tiny random model saved with the test tokenizer; its matrices drawn wider than transformers' init so
+    that adapters' effects show in the logits."""
+    from adaptkit.demo import build_tokenizer
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.normal_(0.0, std)
+    model.save_pretrained(str(folder))
+    build_tokenizer().save_pretrained(str(folder))
+    return folder
+
+
+def save_trained(model, out, seed: int = 0, std: float = 0.5):
+    """A PEFT model "trained" (its trainable parameters moved by seeded noise), saved with save_pretrained."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=gen) * std)
+    model.save_pretrained(str(out))
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft_checks import save_random_base, save_trained
 
 import adaptkit as ak
 
@@ -35,7 +36,6 @@ def _config(family: str):
 def bases(tmp_path_factory):
     import transformers
 
-    from adaptkit.demo import build_tokenizer
 
     made = {}
     for family in FAMILIES:
@@ -44,14 +44,7 @@ def bases(tmp_path_factory):
             prefix = {"bert": "Bert", "roberta": "Roberta", "deberta-v2": "DebertaV2", "xlm-roberta": "XLMRoberta"}[family]
             cls = getattr(transformers, prefix + suffix)
             torch.manual_seed(0)
-            model = cls(_config(family))
-            with torch.no_grad():
-                for param in model.parameters():
-                    if param.ndim == 2:
-                        param.normal_(0.0, 0.08)
-            model.save_pretrained(str(folder))
-            build_tokenizer().save_pretrained(str(folder))
-            made[family, task] = (folder, cls)
+            made[family, task] = (save_random_base(cls(_config(family)), folder), cls)
     return made
 
 
@@ -90,13 +83,7 @@ def _make(cls, base, config, out, seed):
     from peft import get_peft_model
 
     model = get_peft_model(cls.from_pretrained(str(base), attn_implementation="eager").eval(), config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:  # the adapter and its head
-                param.add_(torch.randn(param.shape, generator=gen) * 0.2)
-    model.save_pretrained(str(out))
-    return out
+    return save_trained(model, out, seed, std=0.2)  # the adapter and its head
 
 
 def _reference(cls, base, adapter, ids, mask, virtual):

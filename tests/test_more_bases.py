@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_ids
+from peft_checks import save_random_base
 
 import adaptkit as ak
 from adaptkit.errors import AdapterMismatchError
@@ -37,20 +38,12 @@ def _configs():
 def bases(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from adaptkit.demo import build_tokenizer
 
     made = {}
     for name, (config, targets) in _configs().items():
-        folder = tmp_path_factory.mktemp(name) / "base"
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.ndim == 2:
-                    param.normal_(0.0, 0.08)
-        model.save_pretrained(str(folder))
-        build_tokenizer().save_pretrained(str(folder))
-        made[name] = (folder, targets)
+        made[name] = (save_random_base(AutoModelForCausalLM.from_config(config), tmp_path_factory.mktemp(name) / "base"),
+                      targets)
     return made
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_ids
+from peft_checks import save_random_base, save_trained
 
 import adaptkit as ak
 
@@ -15,7 +16,6 @@ import adaptkit as ak
 def seq2seq_bases(tmp_path_factory):
     from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
-    from adaptkit.demo import build_tokenizer
 
     configs = {
         "t5": (T5ForConditionalGeneration, T5Config(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=2,
@@ -34,16 +34,8 @@ def seq2seq_bases(tmp_path_factory):
     }
     made = {}
     for name, (cls, config, targets) in configs.items():
-        folder = tmp_path_factory.mktemp(name) / "base"
         torch.manual_seed(0)
-        model = cls(config)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.ndim == 2:
-                    param.normal_(0.0, 0.1)
-        model.save_pretrained(str(folder))
-        build_tokenizer().save_pretrained(str(folder))
-        made[name] = (folder, cls, targets)
+        made[name] = (save_random_base(cls(config), tmp_path_factory.mktemp(name) / "base", std=0.1), cls, targets)
     return made
 
 
@@ -113,14 +105,7 @@ def _prompt(cls, base, kind, out, seed):
 
     config = (PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4) if kind == "prompt" else
               PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3, encoder_hidden_size=32))
-    model = get_peft_model(cls.from_pretrained(str(base)).eval(), config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.5)
-    model.save_pretrained(str(out))
-    return out
+    return save_trained(get_peft_model(cls.from_pretrained(str(base)).eval(), config), out, seed)
 
 
 @pytest.mark.parametrize("family", ["t5", "flan-t5", "bart"])

@@ -5,9 +5,8 @@ place and in checkpoints."""
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import load_hf, random_ids
-from peft_checks import check_served_like_peft
+from peft_checks import check_served_like_peft, save_trained
 from test_tied import tied_llama  # noqa: F401  (the module fixture)
 
 
@@ -16,13 +15,7 @@ def token_lora(base, out, seed=0):
 
     model = get_peft_model(load_hf(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                                                      trainable_token_indices=[5, 9, 17, 40]))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.5)
-    model.save_pretrained(str(out))
-    return out
+    return save_trained(model, out, seed)
 
 
 @pytest.mark.parametrize("base_name", ["tiny_llama", "tied_llama"])
