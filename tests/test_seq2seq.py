@@ -241,14 +241,11 @@ def test_seq2seq_training_reaches_the_margins_and_loads_in_peft(method, options,
         rows.append({"prompt": " ".join(gen.choice(classes[label]) for _ in range(3)), "completion": label})
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = ak.train(method, base, data, tmp_path / "out", epochs={"lora": 10, "prefix": 30, "ptuning": 120}.get(method, 60),
-                      lr={"lora": 1e-2, "prefix": 5e-2, "ptuning": 1e-2}.get(method, 1e-1),
+    result = ak.train(method, base, data, tmp_path / "out", epochs={"lora": 10, "prefix": 30, "ptuning": 200}.get(method, 60),
+                      lr={"lora": 1e-2, "prefix": 5e-2, "ptuning": 3e-3}.get(method, 1e-1),
                       eval_split=0.25, progress=False, **options)
     first, last = result.initial_eval, result.final_eval
-    assert last["loss"] <= 0.6 * first["loss"], (first, last)
-    # P-tuning's MLP encoder on this 2-layer random T5 plateaus near 0.35 held-out accuracy within a test's
-    # budget (its loss still falls to 0.08 of the start); the other methods meet the usual margin
-    assert last["accuracy"] >= (0.3 if method == "ptuning" else 0.85), (first, last)
+    assert last["accuracy"] >= 0.85 and last["loss"] <= 0.6 * first["loss"], (first, last)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_2_SEQ_LM"
     engine = ak.Engine.from_pretrained(base)
