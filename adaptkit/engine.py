@@ -51,9 +51,11 @@ from adaptkit.errors import (
 )
 from adaptkit.generation import (
     DecodeState,
+    attention_masks,
     cache_argument,
     check_sampling,
     left_pad,
+    new_cache,
     positions_from_mask,
     sample_next,
 )
@@ -374,6 +376,9 @@ class Engine:
             kwargs["use_cache"] = False
         # prefix / prompt rows: their K/V as the cache (or embeddings in front), mask and positions extended
         virtual = prefix_cache.add_virtual_inputs(self.model, plan, self._adapters, kwargs, self.prompt_as_cache)
+        if "position_ids" in kwargs:
+            kwargs["attention_mask"] = attention_masks(self.model, kwargs["attention_mask"], kwargs["position_ids"],
+                                                       self.base.dtype)
         with use_plan(plan):
             out = self.model(**kwargs)
         out = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
@@ -633,7 +638,7 @@ class Engine:
 
     def _seq2seq_start(self, prompt_ids, adapters, pad_id: int):
         """See :meth:`start_seq2seq`."""
-        from transformers import DynamicCache, EncoderDecoderCache
+        from transformers import EncoderDecoderCache
 
         width = max(len(p) for p in prompt_ids)
         ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long, device=self.device)
@@ -722,12 +727,15 @@ class Engine:
             raise EngineStateError(f"{self.base.facts.model_type} is an encoder; generate needs a causal LM")
         ids, mask = left_pad([list(r) for r in prompt_ids], pad_id, self.device)
         plan = self.plan(adapters, ids.shape[0])
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(self.model)
         step = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask), "use_cache": True,
                 cache_argument(self.model): cache}
         prefix_cache.add_virtual_inputs(self.model, plan, self._adapters, step, self.prompt_as_cache)
+        full_mask = step["attention_mask"]
+        step["attention_mask"] = attention_masks(self.model, full_mask, step["position_ids"], self.base.dtype)
         with use_plan(plan):
             out = self.model(**step)
+        step["attention_mask"] = full_mask
         state = DecodeState(cache, step["attention_mask"], step["position_ids"][:, -1:], plan.entries, plan)
         return out.logits[:, -1, :], state
 
@@ -744,8 +752,9 @@ class Engine:
         ones = torch.ones((state.batch_size, 1), dtype=state.mask.dtype, device=state.mask.device)
         state.mask = torch.cat([state.mask, ones], dim=1)
         state.positions = state.positions + 1
-        step = {"input_ids": tokens.view(-1, 1), "attention_mask": state.mask, "position_ids": state.positions,
-                "use_cache": True, cache_argument(self.model): state.cache}
+        step = {"input_ids": tokens.view(-1, 1),
+                "attention_mask": attention_masks(self.model, state.mask, state.positions, self.base.dtype),
+                "position_ids": state.positions, "use_cache": True, cache_argument(self.model): state.cache}
         with use_plan(state.plan):
             out = self.model(**step)
         return out.logits[:, -1, :]

@@ -155,3 +155,45 @@ class DecodeState:
     def length(self) -> int:
         """Cache entries per row, padding included (L)."""
         return self.mask.shape[1]
+
+
+# ----------------------------------------------------------------------------- sliding windows
+def sliding_layout(config) -> tuple[int | None, list[str] | None]:
+    """(the window, each layer's type) of a model with sliding-window attention; (None, ...) without any.
+    Mistral-style configs slide every layer when ``sliding_window`` is set; Gemma 2/3 and Qwen 2 list
+    ``layer_types`` (``sliding_attention`` / ``full_attention``)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return None, types
+    return int(window), types
+
+
+def new_cache(model: nn.Module) -> DynamicCache:
+    """An empty cache for ``model``. Sliding-window models get full-attention layers too: the window is
+    applied by :func:`attention_masks` from each slot's position, so left padding and rows joining a
+    running batch never take window slots (a sliding layer keeps its last W-1 slots, padding included)."""
+    if sliding_layout(model.config)[0] is not None:
+        return DynamicCache()
+    return DynamicCache(config=model.config)
+
+
+def attention_masks(model: nn.Module, mask: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """The attention mask ``model`` gets: ``mask`` [B, K] as it is, or, for sliding-window models, prepared
+    [B, 1, Q, K] additive masks from positions (key j of row b sits at position ``cumsum(mask)[b, j] - 1``;
+    query i at ``positions[b, i]``): causal everywhere, and within the window on sliding layers (a dict by
+    layer type where layers differ, as Gemma 2 takes it)."""
+    window, types = sliding_layout(model.config)
+    if window is None:
+        return mask
+    keys = (mask.long().cumsum(-1) - 1)[:, None, None, :]
+    queries = positions[:, None, :, None]
+    full = mask.bool()[:, None, None, :] & (keys <= queries)
+    sliding = full & (queries - keys < window)
+
+    def additive(allowed: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    if types is None:
+        return additive(sliding)
+    return {"full_attention": additive(full), "sliding_attention": additive(sliding)}

@@ -34,7 +34,7 @@ from adaptkit.adapters.prompt import KIND as PROMPT_KIND
 from adaptkit.adapters.prompt import PromptAdapter, check_prompt_fits
 from adaptkit.arch import decoder_layers, facts_from_config
 from adaptkit.errors import UnsupportedAdapterError
-from adaptkit.generation import cache_argument
+from adaptkit.generation import cache_argument, new_cache
 from adaptkit.routing import Fuse, Mix, RoutingPlan, RowEntry, Stack, members_of, route_rows, use_plan
 
 VIRTUAL_KINDS = (PREFIX_KIND, PROMPT_KIND)
@@ -210,7 +210,7 @@ def add_virtual_inputs(
         cache_kw = cache_argument(model)
         cache = kwargs.get(cache_kw)
         if cache is None:
-            cache = kwargs[cache_kw] = DynamicCache(config=model.config)
+            cache = kwargs[cache_kw] = new_cache(model)
         assert cache.get_seq_length() == 0, "the cache must be empty before the prefix goes in"
         mask = torch.cat([_fill_cache(cache, cached).to(mask.dtype), mask], dim=1)
         kwargs["use_cache"] = True

@@ -30,7 +30,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from adaptkit.errors import (
     AdaptkitError,
@@ -39,7 +38,7 @@ from adaptkit.errors import (
     QueueFullError,
     RequestError,
 )
-from adaptkit.generation import MIN_TEMPERATURE, Penalties, check_sampling, sample_next
+from adaptkit.generation import MIN_TEMPERATURE, Penalties, check_sampling, new_cache, sample_next
 from adaptkit.routing import RowEntry, members_of
 from adaptkit.serving.batch import DecodeState, check_joinable, join_states, select_rows
 from adaptkit.serving.residency import AdapterPool
@@ -144,7 +143,7 @@ class Scheduler:
         self.context_length = context_length
         self.seq2seq = engine.base.facts.spec.is_seq2seq  # encoder-decoders decode in waves (see _step_wave)
         if max_batch > 1 and not self.seq2seq:
-            check_joinable(DynamicCache(config=engine.model.config))  # refuse sliding-window caches now, not mid-run
+            check_joinable(new_cache(engine.model))  # refuse a cache layout that cannot join now, not mid-run
         self.eos_ids, self.pad_id = engine.stop_and_pad_ids()
         self.stats: Counter[str] = Counter()  # steps, rows_decoded, prefills, finished_<reason>
         self._waiting: deque[Request] = deque()
