@@ -30,7 +30,6 @@ from adaptkit.adapters.fusion import fusion_details
 from adaptkit.adapters.lora import (
     RESIDUAL_INITS,
     LoraAdapter,
-    LoraWeights,
     TokenRows,
     fold_base_residual,
     fold_trained_biases,
@@ -228,16 +227,8 @@ class Engine:
         if handlers is None:
             raise UnsupportedAdapterError(f"adapter kind {loaded.kind!r} cannot be served by this engine")
         self._check_base(loaded)
-        if isinstance(loaded, LoraAdapter) and loaded.needs_base_residual:
-            loaded = fold_base_residual(loaded, self._base_weight)
         if isinstance(loaded, LoraAdapter):
-            loaded = self._with_tied_token_rows(loaded)
-            if needs_base_layers(loaded):  # (IA)^3 and VeRA layers take their shape or update from the base layer
-                loaded = bind_base_layers(loaded, inject.base_modules(self.model).get)
-        if isinstance(loaded, LoraAdapter) and loaded.trained_biases:
-            modules = inject.base_modules(self.model)
-            loaded = fold_trained_biases(loaded, lambda m: getattr(modules.get(m), "bias", None),
-                                         lambda m: {k: v.detach().cpu() for k, v in modules[m].state_dict().items()})
+            loaded = self._fitted_lora(loaded)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise InvalidArgumentError(f"scale must be a finite number, got {scale!r}")
         if scale != 1.0:
@@ -253,26 +244,40 @@ class Engine:
         self._infos[name] = info
         return info
 
-    def _with_tied_token_rows(self, adapter: LoraAdapter) -> LoraAdapter:
+    def _fitted_lora(self, adapter: LoraAdapter) -> LoraAdapter:
+        """The LoRA-family adapter with what PEFT does to the base at load made part of it (the base stays as
+        loaded, for the other rows): PiSSA/OLoRA residuals, the tied head's token rows, layers bound to their
+        base layer ((IA)^3, VeRA), trained biases. One walk of the model serves every step."""
+        modules = inject.base_modules(self.model)
+        if adapter.needs_base_residual:
+            adapter = fold_base_residual(adapter, lambda name: self._base_weight(modules, name))
+        adapter = self._with_tied_token_rows(adapter, modules)
+        if needs_base_layers(adapter):
+            adapter = bind_base_layers(adapter, modules.get)
+        if adapter.trained_biases:
+            adapter = fold_trained_biases(adapter, lambda m: getattr(modules.get(m), "bias", None),
+                                          lambda m: {k: v.detach().cpu() for k, v in modules[m].state_dict().items()})
+        return adapter
+
+    def _with_tied_token_rows(self, adapter: LoraAdapter, modules: dict) -> LoraAdapter:
         """Where the output head shares the input embeddings' tensor, new token rows of the embeddings
         (``trainable_token_indices``) are the head's rows too, as PEFT ties them."""
         embed, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
         embed, head = inject.innermost(embed), head if head is None else inject.innermost(head)
         if head is None or head.weight is not embed.weight:
             return adapter
-        names = {id(m): n for n, m in inject.base_modules(self.model).items()}
+        names = {id(m): n for n, m in modules.items()}
         rows = adapter.layers.get(names[id(embed)])
         if not isinstance(rows, TokenRows) or names[id(head)] in adapter.layers:
             return adapter
         head_rows = TokenRows(rows.indices, rows.values.data, embedding=False)
         return dataclasses.replace(adapter, layers={**adapter.layers, names[id(head)]: head_rows})
 
-    def _base_weight(self, module_name: str):
-        """(the base weight of ``module_name`` as [out, in] float32, whether it is a Conv1D)."""
+    def _base_weight(self, modules: dict, module_name: str):
+        """(the base weight of ``module_name`` as [out, in] float32, whether it is stored [in, out])."""
         from adaptkit import quant
-        from adaptkit.inject import base_modules, stored_transposed, weight_out_in
 
-        module = base_modules(self.model).get(module_name)
+        module = modules.get(module_name)
         if module is None:
             raise AdapterMismatchError(f"{module_name} is not a module of {self.base.path}")
         if quant.is_quantized(module):
@@ -280,7 +285,7 @@ class Engine:
                 f"{module_name} is a 4-bit layer: PEFT's PiSSA/OLoRA inits change the base weight at load, which on "
                 "an NF4 base means re-quantizing it; load the base in 16/32-bit, or convert the adapter to a plain "
                 "LoRA with PEFT (path_initial_model_for_weight_conversion)")
-        return weight_out_in(module), stored_transposed(module)
+        return inject.weight_out_in(module), inject.stored_transposed(module)
 
     def _check_base(self, adapter) -> None:
         check_made_for(adapter, self.base.facts, self.base.fingerprint)
@@ -291,9 +296,7 @@ class Engine:
         so the same object added twice with different scales gives two different adapters)."""
         if not isinstance(adapter, LoraAdapter):
             raise UnsupportedAdapterError(f"scale= is not supported for {adapter.kind} adapters")
-        layers = {name: LoraWeights(w.lora_A.data, w.lora_B.data, w.scale * scale, lora_B_bias=None if w.lora_B_bias
-                                    is None else w.lora_B_bias.data, magnitude=None if w.magnitude is None else
-                                    w.magnitude.data, embedding=w.embedding) for name, w in adapter.layers.items()}
+        layers = {name: w.replaced(scale=w.scale * scale) for name, w in adapter.layers.items()}
         return dataclasses.replace(adapter, layers=layers)
 
     @_exclusive

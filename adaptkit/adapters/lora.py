@@ -158,6 +158,13 @@ class LoraWeights(nn.Module):
             out = out + self.lora_B_bias.to(x.dtype)
         return out * self.scale
 
+    def replaced(self, **changes) -> LoraWeights:
+        """A new ``LoraWeights`` with these tensors (or ``scale``) changed and the others shared."""
+        fields = {"lora_A": self.lora_A.data, "lora_B": self.lora_B.data, "scale": self.scale,
+                  "lora_B_bias": None if self.lora_B_bias is None else self.lora_B_bias.data,
+                  "magnitude": None if self.magnitude is None else self.magnitude.data, "embedding": self.embedding}
+        return LoraWeights(**{**fields, **changes})
+
     def embedding_output(self, ids: torch.Tensor) -> torch.Tensor:
         """For a LoRA on an embedding table (PEFT's ``lora_embedding_A`` [r, vocab], ``_B`` [dim, r]):
         ``s * A^T[ids] B^T``, ids [...] -> [..., dim]."""
@@ -356,9 +363,7 @@ def fold_trained_biases(adapter: LoraAdapter, base_bias, module_state=None) -> L
             w = layers[module]
             change = (new.float() - old.detach().float().cpu()) / w.scale
             bias = change if w.lora_B_bias is None else w.lora_B_bias.data.float() + change
-            layers[module] = LoraWeights(w.lora_A.data, w.lora_B.data, w.scale, lora_B_bias=bias.to(w.lora_A.dtype),
-                                         magnitude=None if w.magnitude is None else w.magnitude.data,
-                                         embedding=w.embedding)
+            layers[module] = w.replaced(lora_B_bias=bias.to(w.lora_A.dtype))
         else:
             state = dict(module_state(module)) if module_state is not None else {}
             saved[module] = {**state, **saved.get(module, {}), "bias": new}
@@ -378,10 +383,8 @@ def fold_base_residual(adapter: LoraAdapter, weight_of) -> LoraAdapter:
     for name, w in adapter.layers.items():
         weight, conv1d = weight_of(name)
         B0, A0 = residual_factors(init, weight, conv1d, w.rank, w.scale)
-        layers[name] = LoraWeights(torch.cat([w.lora_A.data.float(), A0]).to(w.lora_A.dtype),
-                                   torch.cat([w.lora_B.data.float(), -B0], dim=1).to(w.lora_B.dtype), w.scale,
-                                   lora_B_bias=None if w.lora_B_bias is None else w.lora_B_bias.data,
-                                   magnitude=None if w.magnitude is None else w.magnitude.data, embedding=w.embedding)
+        layers[name] = w.replaced(lora_A=torch.cat([w.lora_A.data.float(), A0]).to(w.lora_A.dtype),
+                                  lora_B=torch.cat([w.lora_B.data.float(), -B0], dim=1).to(w.lora_B.dtype))
     import dataclasses
 
     return dataclasses.replace(adapter, layers=layers, residual_folded=True)

@@ -84,6 +84,10 @@ class DeltaWeights(nn.Module):
     def lora_B_bias(self) -> torch.Tensor | None:
         return None
 
+    def replaced(self, **changes):
+        """LoraWeights' copy-with-changes: these weights have no factors to copy (``lora_B`` says why)."""
+        return self.lora_B
+
     def extra_repr(self) -> str:
         return f"{self.module_name}: {self.out_features}x{self.in_features}, scale={self.scale:g}"
 
