@@ -94,3 +94,19 @@ def test_a_residual_init_cannot_be_combined_without_its_base(tiny_llama, tmp_pat
     b = peft_init_lora(tiny_llama, tmp_path / "b", "olora", seed=1)
     with pytest.raises(UnsupportedAdapterError, match="merge_checkpoint instead"):
         ak.combine_adapters([a, b], out=tmp_path / "c", progress=False)
+
+
+def test_residual_inits_are_refused_on_an_nf4_base(tiny_llama, tmp_path, cpu_layout):
+    """PEFT's PiSSA/OLoRA load re-quantizes a 4-bit base; adaptkit refuses it by name, in both CPU layouts
+    of bitsandbytes' 4-bit weights, and leaves the engine (and the output folder) as they were."""
+    adapter = peft_init_lora(tiny_llama, tmp_path / "pissa", "pissa")
+    engine = ak.Engine.from_pretrained(tiny_llama, quantize="nf4", compute_dtype="float32")
+    ids = random_ids()
+    before = engine.logits(ids)  # (the repacked layout is built on this first no-grad forward)
+    with pytest.raises(UnsupportedAdapterError, match="4-bit layer: PEFT's PiSSA/OLoRA inits change the base weight"):
+        engine.add_adapter("pissa", adapter)
+    assert engine.adapters == {}
+    torch.testing.assert_close(engine.logits(ids), before, atol=0, rtol=0)
+    with pytest.raises(UnsupportedAdapterError, match="on an NF4 base means re-quantizing"):
+        ak.merge_qlora_checkpoint(tiny_llama, [adapter], tmp_path / "merged", progress=False)
+    assert not (tmp_path / "merged").exists()
