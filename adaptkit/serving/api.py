@@ -229,6 +229,12 @@ def check_adapter_name(name: str, taken: str) -> None:
                            f"model's name {taken!r}", param="lora_name")
 
 
+def unknown_model_error(name: str, param: str, known: list[str]) -> RequestError:
+    """404 for a request naming a model (adapter) nobody serves, with the list of those served."""
+    return RequestError(f"the model {name!r} does not exist; known models: {', '.join(known)}", param=param,
+                        status=404, code="model_not_found")
+
+
 def contained_adapter_path(adapter_dir: str | os.PathLike, lora_path: str) -> Path:
     """The real path of ``lora_path`` (relative to ``adapter_dir``, or absolute inside it), checked to stay inside.
 

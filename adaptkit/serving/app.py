@@ -146,9 +146,9 @@ async def _watch_disconnect(http_request: Request, generations: list[Generation]
             return
 
 
-def create_app(server) -> FastAPI:
-    """The FastAPI application over a :class:`~adaptkit.serving.server.Server`."""
-    app = FastAPI(title="adaptkit serve", docs_url=None, redoc_url=None)
+def openai_app(title: str) -> FastAPI:
+    """A FastAPI app whose errors (adaptkit's, and Starlette's 404/405) are answered in OpenAI's error shape."""
+    app = FastAPI(title=title, docs_url=None, redoc_url=None)
 
     @app.exception_handler(AdaptkitError)
     async def adaptkit_error(request: Request, exc: AdaptkitError):
@@ -160,6 +160,13 @@ def create_app(server) -> FastAPI:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
         return JSONResponse(body, status_code=exc.status_code)
+
+    return app
+
+
+def create_app(server) -> FastAPI:
+    """The FastAPI application over a :class:`~adaptkit.serving.server.Server`."""
+    app = openai_app("adaptkit serve")
 
     @app.get("/health")
     async def health():

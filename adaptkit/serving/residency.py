@@ -128,6 +128,16 @@ class AdapterPool:
         with self._reading_lock:
             self._reading.pop(name, None)
 
+    def evict(self, name: str, in_use: frozenset[str] = frozenset()) -> bool:
+        """Take ``name`` out of memory (it stays servable; the next request reads it again). Returns False,
+        changing nothing, when it is not resident, in use, or was added as an object (cannot be reloaded)."""
+        if name not in self._recent or name in in_use or self._paths.get(name) is None:
+            return False
+        self.engine.remove_adapter(name)
+        del self._recent[name]
+        self.evictions[name] += 1
+        return True
+
     def prefetch(self, names) -> None:
         """Start reading the files of whichever of ``names`` are neither resident nor being read."""
         with self._reading_lock:
@@ -193,9 +203,7 @@ class AdapterPool:
         if len(idle) < excess:
             return False
         for name in idle[:excess]:
-            self.engine.remove_adapter(name)
-            del self._recent[name]
-            self.evictions[name] += 1
+            self.evict(name)
         return True
 
     def _load(self, name: str, adapter=None) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from adaptkit.errors import InvalidArgumentError, MissingDependencyError, RequestError
 from adaptkit.routing import Mix
-from adaptkit.serving.api import ADAPTER_NAME
+from adaptkit.serving.api import ADAPTER_NAME, unknown_model_error
 from adaptkit.serving.guards import API_KEY_ENV, Limits
 from adaptkit.serving.metrics import ServeMetrics
 from adaptkit.serving.residency import AdapterPool
@@ -88,16 +88,8 @@ class Server:
 
     def _register_folder(self, folder: Path) -> None:
         """Every sub-folder of ``folder`` that holds an adapter, by its folder name (others are skipped)."""
-        from adaptkit.errors import AdaptkitError
-
-        for path in sorted(p for p in folder.iterdir() if p.is_dir()):
-            name = path.name
-            if not ADAPTER_NAME.match(name) or name == self.base_name or self.pool.serves(name):
-                continue
-            try:
-                self.pool.register(name, path, load=False, root=folder)
-            except AdaptkitError:
-                continue  # not an adapter folder
+        for name, path in adapter_folders(folder, self.base_name, set(self.pool.names)).items():
+            self.pool.register(name, path, load=False, root=folder)
 
     def start(self) -> Server:
         self.scheduler.start()
@@ -125,29 +117,10 @@ class Server:
 
     def resolve_model(self, model: str, adapters: dict[str, float] | None):
         """(the row entry, the metrics label) of a request's ``model`` and optional ``adapters`` mix."""
-        if adapters is not None:
-            if model != self.base_name:
-                raise RequestError(f"adapters: a weighted mix is applied to the base; set model to {self.base_name!r}",
-                                   param="adapters")
-            if not adapters:
-                raise RequestError("adapters: give at least one {name: weight}", param="adapters")
-            for name in adapters:
-                if not self.pool.serves(name):
-                    raise self.unknown_model(name, "adapters")
-            try:
-                return Mix(adapters), "mix"
-            except InvalidArgumentError as exc:
-                raise RequestError(f"adapters: {exc}", param="adapters") from exc
-        if model == self.base_name:
-            return None, self.base_name
-        if self.pool.serves(model):
-            return model, model
-        raise self.unknown_model(model, "model")
+        return resolve_model(model, adapters, self.base_name, self.pool.serves, self.known_models)
 
     def unknown_model(self, name: str, param: str) -> RequestError:
-        known = ", ".join(self.known_models())
-        return RequestError(f"the model {name!r} does not exist; known models: {known}", param=param, status=404,
-                            code="model_not_found")
+        return unknown_model_error(name, param, self.known_models())
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a completion prompt (text: with the tokenizer's special tokens, as ``Engine.generate``)."""
@@ -166,19 +139,74 @@ class Server:
                                f"{self.limits.max_prompt_chars} (--max-prompt-chars)", param=param)
 
     def require_runtime_loading(self) -> None:
-        if not self.allow_runtime_loading:
-            raise RequestError("runtime adapter loading is off; start the server with --allow-runtime-loading and "
-                               "--adapter-dir", status=403, code="runtime_loading_disabled")
+        require_runtime_loading(self.allow_runtime_loading)
 
     def model_cards(self) -> list[dict]:
         """``/v1/models``: the base, then every servable adapter with ``parent`` = the base."""
-        created = int(Path(self.engine.base.path).stat().st_mtime) if Path(self.engine.base.path).exists() else 0
-        cards = [{"id": self.base_name, "object": "model", "created": created, "owned_by": "adaptkit",
-                  "root": self.base_name, "parent": None}]
-        for name in self.pool.names:
-            cards.append({"id": name, "object": "model", "created": created, "owned_by": "adaptkit", "root": name,
-                          "parent": self.base_name, "kind": self.pool.kind_of(name)})
-        return cards
+        return model_cards(self.base_name, self.engine.base.path, {n: self.pool.kind_of(n) for n in self.pool.names})
+
+
+def resolve_model(model: str, adapters: dict[str, float] | None, base_name: str, serves, known):
+    """(the row entry, the metrics label) of a request's ``model`` and optional ``adapters`` mix; ``serves(name)``
+    says whether an adapter is served, ``known()`` lists every servable model (for the 404's message)."""
+    if adapters is not None:
+        if model != base_name:
+            raise RequestError(f"adapters: a weighted mix is applied to the base; set model to {base_name!r}",
+                               param="adapters")
+        if not adapters:
+            raise RequestError("adapters: give at least one {name: weight}", param="adapters")
+        for name in adapters:
+            if not serves(name):
+                raise unknown_model_error(name, "adapters", known())
+        try:
+            return Mix(adapters), "mix"
+        except InvalidArgumentError as exc:
+            raise RequestError(f"adapters: {exc}", param="adapters") from exc
+    if model == base_name:
+        return None, base_name
+    if serves(model):
+        return model, model
+    raise unknown_model_error(model, "model", known())
+
+
+def model_cards(base_name: str, base_path, kinds: dict[str, str | None],
+                placement: dict[str, list[str]] | None = None) -> list[dict]:
+    """``/v1/models``: the base, then each adapter of ``kinds`` (name -> kind) with ``parent`` = the base, and
+    with ``placement`` the replicas each one is resident on."""
+    created = int(Path(base_path).stat().st_mtime) if Path(base_path).exists() else 0
+    cards = [{"id": base_name, "object": "model", "created": created, "owned_by": "adaptkit", "root": base_name,
+              "parent": None}]
+    for name in sorted(kinds):
+        card = {"id": name, "object": "model", "created": created, "owned_by": "adaptkit", "root": name,
+                "parent": base_name, "kind": kinds[name]}
+        if placement is not None:
+            card["replicas"] = placement.get(name, [])
+        cards.append(card)
+    return cards
+
+
+def require_runtime_loading(allowed: bool) -> None:
+    if not allowed:
+        raise RequestError("runtime adapter loading is off; start the server with --allow-runtime-loading and "
+                           "--adapter-dir", status=403, code="runtime_loading_disabled")
+
+
+def adapter_folders(folder: Path, base_name: str, taken: set[str]) -> dict[str, Path]:
+    """``{folder name: path}`` of the sub-folders of ``folder`` that hold an adapter (by their config files),
+    skipping names that are not valid adapter names, the base's name and ``taken``."""
+    from adaptkit.errors import AdaptkitError
+    from adaptkit.formats.detect import detect_kind
+
+    found = {}
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        if not ADAPTER_NAME.match(path.name) or path.name == base_name or path.name in taken:
+            continue
+        try:
+            detect_kind(path)
+        except AdaptkitError:
+            continue  # not an adapter folder
+        found[path.name] = path
+    return found
 
 
 class BackgroundServer:
