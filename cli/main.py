@@ -451,22 +451,40 @@ def bench(base, adapter_values, batch, prompt_len, new_tokens, quantize, dtype, 
 @click.option("--keep-alive-timeout", default=5.0, show_default=True, help="Idle seconds before a kept-alive "
               "connection is closed.")
 @click.option("--max-connections", default=1024, show_default=True, help="Open connections; more are closed at once.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run the engines as Ray Serve replicas (pip install 'adaptkit[ray]'); requests for an adapter go to "
+                   "replicas that hold it. ADDRESS: a Ray cluster (auto, HOST:6379, ray://HOST:10001); without it, a "
+                   "local Ray instance on 127.0.0.1.")
+@click.option("--replicas", default=None, type=click.IntRange(min=1), help="Engine replicas with --ray (default 1).")
+@click.option("--cpus-per-replica", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="CPUs Ray reserves for each replica (--ray); torch in a replica uses that many threads.")
 def serve(base, adapter_values, adapter_dir, allow_runtime_loading, register_all, host, port, max_batch, max_queue,
           max_resident, request_timeout, default_max_tokens, served_model_name, quantize, dtype, device, api_key,
-          max_body_bytes, max_prompt_chars, read_timeout, keep_alive_timeout, max_connections):
+          max_body_bytes, max_prompt_chars, read_timeout, keep_alive_timeout, max_connections, ray_address, replicas,
+          cpus_per_replica):
     """Serve BASE and its adapters over an OpenAI-compatible HTTP API; the request's model names the adapter.
 
     \b
     adaptkit serve BASE --adapters sql=adapters/sql,adapters/tone --port 8000
     curl 127.0.0.1:8000/v1/completions -d '{"model": "sql", "prompt": "SELECT", "max_tokens": 16}'
+    adaptkit serve BASE --adapters sql=adapters/sql,adapters/tone --ray --replicas 2
     """
     from adaptkit.serving.guards import Limits
-    from adaptkit.serving.server import serve as run_server
 
     pairs = _named_paths(adapter_values)
     names = [name for name, _ in pairs]
     if len(set(names)) != len(names):
         raise click.UsageError(f"adapter names must be unique (got {', '.join(names)}); use NAME=PATH")
+    if ray_address is None and replicas is not None:
+        raise click.UsageError("--replicas needs --ray (one process serves with one engine)")
+    if ray_address is None:
+        from adaptkit.serving.server import serve as run_server
+    else:
+        from functools import partial
+
+        from adaptkit.serving.cluster import serve_ray
+
+        run_server = partial(serve_ray, address=ray_address, replicas=replicas or 1, cpus_per_replica=cpus_per_replica)
     run_server(base, dict(pairs), host=host, port=port, quantize=quantize, dtype=dtype, device=device,
                base_name=served_model_name,
                adapter_dir=adapter_dir, allow_runtime_loading=allow_runtime_loading, max_batch=max_batch,

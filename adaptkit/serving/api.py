@@ -229,6 +229,11 @@ def check_adapter_name(name: str, taken: str) -> None:
                            f"model's name {taken!r}", param="lora_name")
 
 
+def adapter_taken_error(name: str) -> RequestError:
+    """400 for a runtime load under a name already served."""
+    return RequestError(f"an adapter named {name!r} is already served; unload it first", param="lora_name")
+
+
 def unknown_model_error(name: str, param: str, known: list[str]) -> RequestError:
     """404 for a request naming a model (adapter) nobody serves, with the list of those served."""
     return RequestError(f"the model {name!r} does not exist; known models: {', '.join(known)}", param=param,

@@ -29,6 +29,7 @@ from adaptkit.serving.api import (
     CompletionRequest,
     LoadAdapterRequest,
     UnloadAdapterRequest,
+    adapter_taken_error,
     check_adapter_name,
     contained_adapter_path,
     error_body,
@@ -225,6 +226,8 @@ def create_app(server) -> FastAPI:
         server.require_runtime_loading()
         body = parse(LoadAdapterRequest, await http_request.body())
         check_adapter_name(body.lora_name, server.base_name)
+        if server.pool.serves(body.lora_name):
+            raise adapter_taken_error(body.lora_name)
         path = contained_adapter_path(server.adapter_dir, body.lora_path)
         from adaptkit.formats.detect import read_adapter
 

@@ -115,6 +115,40 @@ class ServeMetrics:
         return "\n".join(lines) + "\n"
 
 
+def routing_lines(routing: Counter) -> str:
+    """A replica's ``adaptkit_routing_total``: requests for each adapter that found it resident (hit) or not."""
+    lines = ["# HELP adaptkit_routing_total Requests naming an adapter, by whether this replica held it (hit) "
+             "or had to load it (miss).", "# TYPE adaptkit_routing_total counter"]
+    lines += [f"adaptkit_routing_total{_labels({'adapter': a, 'outcome': o})} {n}" for (a, o), n in sorted(routing.items())]
+    return "\n".join(lines) + "\n"
+
+
+def federate(texts: dict[str, str]) -> str:
+    """One exposition from several replicas' (``{replica: text}``): each sample gains a ``replica`` label,
+    each metric family keeps one HELP/TYPE header with every replica's samples under it."""
+    families: dict[str, list[str]] = {}
+    headers: dict[str, list[str]] = {}
+    for replica, text in texts.items():
+        family = None
+        for line in text.splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                family = line.split()[2]
+                headers.setdefault(family, [])
+                if len(headers[family]) < 2 and line not in headers[family]:
+                    headers[family].append(line)
+                families.setdefault(family, [])
+            elif line and family is not None:
+                head, _, value = line.rpartition(" ")
+                name, brace, labels = head.partition("{")  # labels: 'k="v",...}' or ''
+                replica_label = f'replica="{_escape(replica)}"'
+                labels = f"{replica_label},{labels}" if brace else f"{replica_label}}}"
+                families[family].append(f"{name}{{{labels} {value}")
+    lines = []
+    for family, samples in families.items():
+        lines += [*headers[family], *samples]
+    return "\n".join(lines) + "\n"
+
+
 def entry_label(entry, base_name: str) -> str:
     """The ``model`` label of a row entry: the adapter's name, the base's name, or ``mix``."""
     if entry is None:

@@ -1,0 +1,255 @@
+"""The front door of ``adaptkit serve --ray``: the OpenAI-compatible routes, forwarded to engine replicas.
+
+This process holds no model. It answers from the registry (``replica.py``) what concerns the whole
+deployment (``/v1/models``, ``/metrics`` with a ``replica`` label on every sample, ``/health``,
+runtime load/unload), checks each request as the single-process server does (schema, known
+model), and forwards it through the Serve deployment handle with the adapter as the multiplexed
+model id, so Ray Serve's router picks a replica that holds it.
+
+A replica that dies (killed, out of memory, its node gone) before a response started is retried
+on another replica until ``retry_for`` seconds have passed; generation is deterministic for a
+given request and seed, so the answer is the one the first replica would have given. A stream
+whose replica dies after its first chunk ends with an error event, as any mid-stream error does.
+The front door runs under the same guards as the single-process server (``guards.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray.exceptions import RayActorError
+from starlette.concurrency import run_in_threadpool
+
+from adaptkit.errors import RequestError, UnknownAdapterError
+from adaptkit.serving.api import (
+    ChatCompletionRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    UnloadAdapterRequest,
+    adapter_taken_error,
+    check_adapter_name,
+    contained_adapter_path,
+    error_body,
+    parse,
+    read_client_adapter,
+)
+from adaptkit.serving.app import openai_app
+from adaptkit.serving.metrics import federate
+from adaptkit.serving.server import model_cards, require_runtime_loading, resolve_model
+
+TABLE_TTL = 1.0  # seconds the front door trusts its copy of the registry (its own loads refresh it at once)
+ROUTES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+          "/classify": ClassifyRequest, "/v1/classify": ClassifyRequest}
+
+
+class Gateway:
+    """What the front door knows: the registry's table (cached), the handles, and its own counters.
+
+    Args:
+        replicas: the ``AdapterReplica`` deployment handle; ``registry``: the ``AdapterRegistry`` handle.
+        base_name: the ``model`` that means "no adapter"; base_path: for the model cards' ``created``.
+        adapter_dir, allow_runtime_loading: as ``Server``'s (the folder must be visible to every replica).
+        retry_for: seconds during which a request whose replica died is sent again.
+    """
+
+    def __init__(self, replicas, registry, base_name: str, base_path, adapter_dir=None,
+                 allow_runtime_loading: bool = False, retry_for: float = 60.0):
+        self.replicas, self.registry = replicas, registry
+        self.base_name, self.base_path = base_name, base_path
+        self.adapter_dir, self.allow_runtime_loading = adapter_dir, allow_runtime_loading
+        self.retry_for = retry_for
+        self.version, self.adapters, self.reports = 0, {}, {}
+        self.refreshed = float("-inf")
+        self.retries = 0  # requests sent again because their replica died
+        self.unanswered = 0  # requests no replica answered within retry_for
+
+    async def refresh(self, force: bool = False) -> None:
+        if force or time.monotonic() - self.refreshed > TABLE_TTL:
+            self.version, self.adapters, self.reports = await self.registry.snapshot.remote()
+            self.refreshed = time.monotonic()
+
+    def known(self) -> list[str]:
+        return [self.base_name, *sorted(self.adapters)]
+
+    def placement(self) -> dict[str, list[str]]:
+        """Adapter -> the replicas it is resident on (as of their last reports)."""
+        where: dict[str, list[str]] = {}
+        for replica, report in sorted(self.reports.items()):
+            for name in report["resident"]:
+                where.setdefault(name, []).append(replica)
+        return where
+
+    async def forward(self, http_request: Request, adapter: str | None, body: bytes) -> Response:
+        """The replicas' answer to ``http_request``, from one that holds ``adapter`` when possible."""
+        payload = {"method": http_request.method, "path": http_request.url.path,
+                   "query": http_request.url.query.encode(), "body": body, "version": self.version,
+                   "headers": [(k, v) for k, v in http_request.headers.raw if k.lower() != b"authorization"]}
+        handle = self.replicas.options(multiplexed_model_id=adapter or "", stream=True)
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.05
+        while True:
+            stream = handle.forward.remote(payload)
+            try:
+                first = await _until_disconnect(http_request, _start(stream))
+            except RayActorError as exc:
+                stream.cancel()
+                if time.monotonic() > deadline:
+                    self.unanswered += 1
+                    raise RequestError(f"no replica answered within {self.retry_for:.0f} s; the last one failed "
+                                       f"with {type(exc).__name__}", status=503, code="replica_unavailable") from exc
+                self.retries += 1
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+                continue
+            if first is None:  # the client went away
+                stream.cancel()
+                return Response(status_code=499)
+            start, chunks = first
+            response = StreamingResponse(_rest(stream, chunks, start["headers"]), status_code=start["status"])
+            response.raw_headers = start["headers"]
+            return response
+
+
+async def _start(stream) -> tuple[dict, list[bytes]]:
+    """The response's start and its first body chunk (a whole JSON answer, or a stream's first event)."""
+    start = await stream.__anext__()
+    chunks = []
+    try:
+        chunks.append(await stream.__anext__())
+    except StopAsyncIteration:
+        pass
+    return start, chunks
+
+
+async def _until_disconnect(http_request: Request, awaitable):
+    """``await awaitable``, or None when the client disconnects first."""
+    work = asyncio.ensure_future(awaitable)
+
+    async def disconnect():
+        while (await http_request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnect())
+    try:
+        await asyncio.wait([work, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    return None
+
+
+async def _rest(stream, chunks: list[bytes], headers) -> object:
+    """The body: the chunks already received, then the rest from the replica."""
+    sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+    try:
+        for chunk in chunks:
+            yield chunk
+        async for chunk in stream:
+            yield chunk
+    except RayActorError as exc:  # the replica died mid-stream: the status line is out, say so in the stream
+        if not sse:
+            raise
+        error = RequestError(f"the replica serving this stream failed ({type(exc).__name__}); retry the request",
+                             status=503, code="replica_unavailable")
+        yield f"data: {json.dumps(error_body(error)[1])}\n\ndata: [DONE]\n\n".encode()
+    finally:
+        stream.cancel()
+
+
+def create_gateway_app(gateway: Gateway):
+    """The front door's FastAPI app (wrapped by ``guards.guard`` like the single-process app)."""
+    app = openai_app("adaptkit serve --ray")
+
+    @app.get("/health")
+    async def health():
+        await gateway.refresh(force=True)
+        if not any(report["healthy"] for report in gateway.reports.values()):
+            return JSONResponse({"status": "unavailable", "replicas": 0}, status_code=503)
+        return {"status": "ok", "replicas": sum(report["healthy"] for report in gateway.reports.values())}
+
+    @app.get("/metrics")
+    async def metrics():
+        await gateway.refresh(force=True)
+        own = [
+            "# HELP adaptkit_replicas Replicas that reported within the last seconds.",
+            "# TYPE adaptkit_replicas gauge", f"adaptkit_replicas {len(gateway.reports)}",
+            "# HELP adaptkit_gateway_retries_total Requests sent again because their replica died.",
+            "# TYPE adaptkit_gateway_retries_total counter", f"adaptkit_gateway_retries_total {gateway.retries}",
+            "# HELP adaptkit_gateway_unanswered_total Requests no replica answered in time (503).",
+            "# TYPE adaptkit_gateway_unanswered_total counter",
+            f"adaptkit_gateway_unanswered_total {gateway.unanswered}",
+        ]
+        text = federate({r: rep["metrics"] for r, rep in sorted(gateway.reports.items())})
+        return PlainTextResponse(text + "\n".join(own) + "\n", media_type="text/plain; version=0.0.4")
+
+    def cards() -> list[dict]:
+        kinds = {name: entry["kind"] for name, entry in gateway.adapters.items()}
+        return model_cards(gateway.base_name, gateway.base_path, kinds, gateway.placement())
+
+    @app.get("/v1/models")
+    async def models():
+        await gateway.refresh()
+        return {"object": "list", "data": cards()}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        await gateway.refresh()
+        for card in cards():
+            if card["id"] == model_id:
+                return card
+        raise _unknown(gateway, model_id)
+
+    async def forwarded(http_request: Request):
+        body = await http_request.body()
+        request = parse(ROUTES[http_request.url.path], body)
+        if hasattr(request, "check_supported"):
+            request.check_supported()
+        await gateway.refresh()
+        entry, _ = resolve_model(request.model, request.adapters, gateway.base_name,
+                                 lambda name: name in gateway.adapters, gateway.known)
+        return await gateway.forward(http_request, entry if isinstance(entry, str) else None, body)
+
+    for path in ROUTES:
+        app.add_api_route(path, forwarded, methods=["POST"])
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(http_request: Request):
+        require_runtime_loading(gateway.allow_runtime_loading)
+        body = parse(LoadAdapterRequest, await http_request.body())
+        check_adapter_name(body.lora_name, gateway.base_name)
+        path = contained_adapter_path(gateway.adapter_dir, body.lora_path)
+        from adaptkit.formats.detect import read_adapter
+
+        adapter = await run_in_threadpool(read_client_adapter, read_adapter, path, body.lora_path)
+        entry = {"path": str(path), "root": str(gateway.adapter_dir), "kind": adapter.kind}
+        _, taken = await gateway.registry.register.remote(body.lora_name, entry)
+        if taken:
+            raise adapter_taken_error(body.lora_name)
+        await gateway.refresh(force=True)
+        return {"status": "ok", "name": body.lora_name, "kind": adapter.kind, "resident": False}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(http_request: Request):
+        require_runtime_loading(gateway.allow_runtime_loading)
+        body = parse(UnloadAdapterRequest, await http_request.body())
+        _, removed = await gateway.registry.unregister.remote(body.lora_name)
+        await gateway.refresh(force=True)
+        if not removed:
+            known = ", ".join(sorted(gateway.adapters)) or "none"
+            raise UnknownAdapterError(f"no adapter named {body.lora_name!r} is served; served adapters: {known}")
+        return {"status": "ok", "name": body.lora_name}
+
+    return app
+
+
+def _unknown(gateway: Gateway, name: str) -> RequestError:
+    from adaptkit.serving.api import unknown_model_error
+
+    return unknown_model_error(name, "model", gateway.known())
