@@ -12,7 +12,15 @@ every request generates exactly ``--max-tokens`` tokens) and measures each reque
 Concurrency 1 is the same requests sent one after the other. The server's mean batch size comes
 from its ``/metrics`` (decoded rows / decode steps).
 
+With ``--ray``: the same mixed load (the four adapters, concurrency 16) against ``adaptkit serve --ray``
+on a local Ray instance with 1 and with 2 replicas, next to the single-process server, each with all
+adapters resident and with ``--max-resident 2`` (then 4 adapters fit on 2 replicas only). Reported:
+throughput, latency, and the routing hit rate (requests that reached a replica already holding their
+adapter, from the replicas' ``adaptkit_routing_total``). On one machine the replicas share its cores:
+more replicas add adapter capacity and isolation, not compute.
+
     python benchmarks/bench_serve.py [--out bench-results/serve.json] [--requests 32] [--max-tokens 16]
+    python benchmarks/bench_serve.py --ray [--out bench-results/serve-ray.json] [--requests 64]
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ class ServerProcess:
         command = [sys.executable, "-c", "from adaptkit.cli.main import main; main()", "serve", str(base),
                    *(["--adapters", spec] if spec else []), "--port", "0", "--host", "127.0.0.1",
                    "--max-batch", str(max_batch), "--max-queue", str(max_queue), *extra]
+        self.ray = "--ray" in extra
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         for line in self.process.stderr:
             found = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)
@@ -72,9 +81,14 @@ class ServerProcess:
         # keep draining stderr so the server never blocks on a full pipe
         threading.Thread(target=lambda: [None for _ in self.process.stderr], daemon=True).start()
 
-    def metric(self, name: str) -> float:
-        found = re.search(rf"^{name} (\S+)$", httpx.get(self.url + "/metrics").text, re.MULTILINE)
-        return float(found.group(1)) if found else 0.0
+    def metric(self, name: str, **labels) -> float:
+        """The sum of ``name``'s samples carrying ``labels`` (every replica's, behind ``--ray``)."""
+        total = 0.0
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            head, _, value = line.rpartition(" ")
+            if head.partition("{")[0] == name and all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+        return total
 
     def close(self) -> None:
         self.process.terminate()
@@ -105,6 +119,7 @@ def run_load(server: ServerProcess, jobs: list[dict], concurrency: int) -> dict:
                         failures.append(response.text[:200])
 
     steps, rows = server.metric("adaptkit_decode_steps_total"), server.metric("adaptkit_decoded_rows_total")
+    hits, misses = server.metric("adaptkit_routing_total", outcome="hit"), server.metric("adaptkit_routing_total", outcome="miss")
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     start = time.perf_counter()
     for thread in threads:
@@ -112,14 +127,21 @@ def run_load(server: ServerProcess, jobs: list[dict], concurrency: int) -> dict:
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
+    if server.ray:
+        from adaptkit.serving.replica import REPORT_EVERY
+
+        time.sleep(2 * REPORT_EVERY)  # the replicas' counters reach /metrics with their next report
     steps = server.metric("adaptkit_decode_steps_total") - steps
     rows = server.metric("adaptkit_decoded_rows_total") - rows
+    hits = server.metric("adaptkit_routing_total", outcome="hit") - hits
+    misses = server.metric("adaptkit_routing_total", outcome="miss") - misses
     if failures:
         raise RuntimeError(f"{len(failures)} requests failed, e.g. {failures[0]}")
     tokens = sum(job["max_tokens"] for job in jobs)
     return {"requests": len(jobs), "wall_s": wall, "req_per_s": len(jobs) / wall, "tokens_per_s": tokens / wall,
             "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
-            "mean_batch": rows / steps if steps else None, "latencies_s": latencies}
+            "mean_batch": rows / steps if steps else None, "latencies_s": latencies,
+            "hit_rate": hits / (hits + misses) if hits + misses else None}
 
 
 def make_jobs(models: list[str], count: int, max_tokens: int) -> list[dict]:
@@ -127,13 +149,54 @@ def make_jobs(models: list[str], count: int, max_tokens: int) -> list[dict]:
              "temperature": 0, "ignore_eos": True} for i in range(count)]
 
 
+def run_ray(args) -> None:
+    """Single process vs ``--ray`` with 1 and 2 replicas, all adapters resident and at most 2 per replica."""
+    import os
+
+    cores = os.cpu_count() or 1
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base, adapters = build(Path(tmp))
+        for resident in (None, 2):
+            limit = ("--max-resident", str(resident)) if resident else ()
+            for setup, extra in (
+                ("one process", ()),
+                ("ray, 1 replica", ("--ray", "--replicas", "1", "--cpus-per-replica", str(cores))),
+                ("ray, 2 replicas", ("--ray", "--replicas", "2", "--cpus-per-replica", str(max(1, cores // 2)))),
+            ):
+                server = ServerProcess(base, adapters, max_batch=16, max_queue=4 * args.requests, extra=(*limit, *extra))
+                try:
+                    run_load(server, make_jobs(list(KINDS), 16, args.max_tokens), 4)  # warm-up: adapters placed
+                    results = [run_load(server, make_jobs(list(KINDS), args.requests, args.max_tokens), 16)
+                               for _ in range(args.repeats)]
+                    result = sorted(results, key=lambda r: r["req_per_s"])[len(results) // 2]  # the median round
+                    rows.append({"setup": setup, "max_resident": resident or "all", "concurrency": 16, **result})
+                finally:
+                    server.close()
+    for row in rows:
+        one = next(r for r in rows if r["setup"] == "one process" and r["max_resident"] == row["max_resident"])
+        row["vs_one_process"] = row["req_per_s"] / one["req_per_s"]
+    print(format_table(rows, ["setup", "max_resident", "requests", "req_per_s", "tokens_per_s", "p50_ms", "p99_ms",
+                              "mean_batch", "hit_rate", "vs_one_process"]))
+    write_results(args.out, rows, model=MODEL, max_tokens=args.max_tokens, adapters=list(KINDS), cores=cores,
+                  note=f"one machine with {cores} cores shared by every replica: replicas add adapter capacity, "
+                       "not compute; server in its own process, closed-loop client threads in this one")
+    print(f"\nwrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench-results/serve.json")
+    parser.add_argument("--out", default=None, help="JSON record (default bench-results/serve.json, serve-ray.json).")
     parser.add_argument("--requests", type=int, default=32, help="Requests per cell (bounded load).")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--repeats", type=int, default=1, help="Rounds per --ray cell; the median round is kept.")
+    parser.add_argument("--ray", action="store_true", help="adaptkit serve --ray with 1 and 2 replicas.")
     args = parser.parse_args()
+    if args.ray:
+        args.out = args.out or "bench-results/serve-ray.json"
+        return run_ray(args)
+    args.out = args.out or "bench-results/serve.json"
     levels = [int(c) for c in args.concurrency.split(",")]
     mixed_models = ["base", *KINDS]
     rows = []

@@ -47,12 +47,12 @@ def test_every_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
     env = {**os.environ, "ADAPTKIT_DEMO_MODEL": os.environ.get("ADAPTKIT_README_MODEL", "random"), "HF_HUB_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    port, servers, ran = free_port(), [], []
+    ports, servers, ran = {str(8000 + i): str(free_port()) for i in range(4)}, [], []
     try:
         for lang, info, body in blocks():
             if "pip install" in body:
                 continue  # the set-up commands: this environment is the one they make
-            body = body.replace("8000", str(port))
+            body = re.sub(r"\b800[0-3]\b", lambda m: ports[m.group(0)], body)
             if lang == "yaml":
                 target = re.fullmatch(r"file=(\S+)", info)
                 assert target, f"a YAML block needs file=PATH to be runnable: {body[:60]!r}"
@@ -60,7 +60,7 @@ def test_every_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
             elif lang == "bash":
                 for line in _commands(body):
                     if line.startswith("adaptkit serve"):
-                        servers.append(_start_server(line, port, env, tmp_path))
+                        servers.append(_start_server(line, env, tmp_path))
                         continue
                     done = subprocess.run(line, shell=True, env=env, capture_output=True, text=True, timeout=600)
                     assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
@@ -87,13 +87,15 @@ def _commands(body: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def _start_server(line: str, port: int, env: dict, folder: Path) -> subprocess.Popen:
-    log = open(folder / "serve.log", "w")
+def _start_server(line: str, env: dict, folder: Path) -> subprocess.Popen:
+    port = re.search(r"--port (\d+)", line).group(1)
+    log_path = folder / f"serve-{port}.log"
+    log = open(log_path, "w")
     server = subprocess.Popen(line, shell=True, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def healthy():
         if server.poll() is not None:
-            raise AssertionError(f"{line} exited: {(folder / 'serve.log').read_text()}")
+            raise AssertionError(f"{line} exited: {log_path.read_text()}")
         try:
             return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
         except httpx.HTTPError:

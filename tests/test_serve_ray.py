@@ -128,6 +128,27 @@ def per_replica(values: dict, name: str, **labels) -> dict[str, float]:
     return out
 
 
+@pytest.mark.parametrize("case", ["replicas without ray", "no base", "bad adapter"])
+def test_cli_refuses_bad_input_before_deploying(tmp_path, tiny_llama, case):
+    from click.testing import CliRunner
+
+    from adaptkit.cli.main import main
+
+    base, extra = str(tiny_llama), ["--ray"]
+    if case == "replicas without ray":
+        extra = ["--replicas", "2"]
+    elif case == "no base":
+        base = str(tmp_path / "missing")
+    else:
+        (tmp_path / "junk").mkdir()
+        extra += ["--adapters", f"junk={tmp_path / 'junk'}"]
+    result = CliRunner().invoke(main, ["serve", base, *extra])
+    expected = {"replicas without ray": (2, "--replicas needs --ray"), "no base": (1, "no config.json"),
+                "bad adapter": (1, "junk")}[case]
+    assert (result.exit_code, expected[1] in result.output) == (expected[0], True), result.output
+    assert "Traceback" not in result.output
+
+
 def test_32_concurrent_requests_equal_the_single_process_server(servers):
     work = jobs(32, ["base", *ADAPTERS])
     assert concurrently(servers.ray, work) == concurrently(servers.single, work)

@@ -7,6 +7,9 @@
   of a running batch's KV cache
 - ``residency.py``: which adapters stay in memory (LRU); ``metrics.py``: Prometheus counters;
   ``text.py``: detokenized streaming, stop strings, chat prompts
+- ``--ray``: ``cluster.py`` (:class:`RayServer`: connect or start Ray, deploy), ``replica.py`` (the Ray Serve
+  deployments: engine replicas with the adapter as the multiplexed model id, and the adapter registry),
+  ``gateway.py`` (the front door: forwards to replicas, retries when one dies, federates /metrics)
 
 Imports the core (engine, routing, generation, formats) and nothing from training/, benchmarking/
 or merging/.

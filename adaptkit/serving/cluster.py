@@ -58,12 +58,15 @@ class RayServer:
                  request_timeout: float | None = None, default_max_tokens: int = 16, limits: Limits | None = None,
                  api_key: str | None = None, retry_for: float = 60.0):
         _import_ray(address == LOCAL)  # first: a missing extra fails here, and the local setting precedes the import
+        from adaptkit.base import check_device, read_config
         from adaptkit.formats.detect import detect_kind
         from adaptkit.serving.gateway import Gateway
         from adaptkit.serving.server import adapter_folders
 
         if replicas < 1:
             raise InvalidArgumentError(f"--replicas must be >= 1, got {replicas}")
+        read_config(base)  # a wrong base fails here, with the single-process server's message, before any deploy
+        check_device(device)
         if allow_runtime_loading and adapter_dir is None:
             raise InvalidArgumentError("runtime loading needs --adapter-dir (the only folder it may read from)")
         if adapter_dir is not None and not Path(adapter_dir).is_dir():
