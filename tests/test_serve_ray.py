@@ -283,12 +283,23 @@ def test_a_local_ray_instance_listens_on_127_0_0_1_only(servers):
 
 
 def test_a_replica_killed_mid_run_every_request_is_still_answered(servers):
+    """16 long requests over both replicas and one stream on the victim; the victim is SIGKILLed while all
+    decode. Every request is answered as the single-process server answers it (the gateway sends the victim's
+    again); the stream, whose first tokens were out, ends with an error event and [DONE] instead of hanging."""
+    home = placed(servers.ray)
+    victim = home["lora1"]
+    pid = httpx.get(servers.ray + "/health").json()["replicas"][victim]["pid"]
     work = jobs(16, ADAPTERS, max_tokens=400)
     for job in work:
-        job["kind"] = "completion" if job["kind"] == "stream" else job["kind"]  # a started stream cannot move
+        job["kind"] = "completion" if job["kind"] == "stream" else job["kind"]  # streams are the case below
     expected = concurrently(servers.single, work, threads=16)
     retries = metrics(servers.ray)[("adaptkit_gateway_retries_total", frozenset())]
-    with ThreadPoolExecutor(16) as pool:
+    stream = {"model": "lora1", "prompt": "stream", "max_tokens": 600, "stream": True, "ignore_eos": True}
+    with client(servers.ray) as http, http.stream("POST", "/v1/completions", json=stream) as streamed, \
+            ThreadPoolExecutor(16) as pool:
+        assert streamed.headers["x-adaptkit-replica"] == victim
+        events = streamed.iter_lines()
+        first = next(line for line in events if line.startswith("data: "))
         answers = pool.map(lambda job: answer(servers.ray, job), work)
 
         def busy_replicas():
@@ -296,9 +307,11 @@ def test_a_replica_killed_mid_run_every_request_is_still_answered(servers):
             return len([n for n in running.values() if n > 0]) == 2
 
         wait_until(busy_replicas, "both replicas decoding", limit=60, every=0.05)
-        victim = next(p for p in psutil.process_iter(["name", "cmdline"])
-                      if "ServeReplica:adaptkit:AdapterReplica" in " ".join(p.info["cmdline"] or [p.info["name"]]))
-        os.kill(victim.pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         answers = list(answers)
+        rest = [line for line in events if line.startswith("data: ")]
     assert answers == expected
     assert metrics(servers.ray)[("adaptkit_gateway_retries_total", frozenset())] > retries
+    assert json.loads(first[6:])["choices"][0]["text"] is not None
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][6:])["error"]["code"] == "replica_unavailable"

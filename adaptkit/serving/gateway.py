@@ -169,10 +169,13 @@ def create_gateway_app(gateway: Gateway):
 
     @app.get("/health")
     async def health():
+        """ok while one replica or more is healthy; each replica's process, residency and registry version."""
         await gateway.refresh(force=True)
-        if not any(report["healthy"] for report in gateway.reports.values()):
-            return JSONResponse({"status": "unavailable", "replicas": 0}, status_code=503)
-        return {"status": "ok", "replicas": sum(report["healthy"] for report in gateway.reports.values())}
+        replicas = {r: {key: report[key] for key in ("healthy", "pid", "resident", "version")}
+                    for r, report in sorted(gateway.reports.items())}
+        ok = any(report["healthy"] for report in replicas.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "replicas": replicas},
+                            status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics():
