@@ -9,6 +9,9 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Ray reads this once, when it is first imported, and transformers may import it before adaptkit does (its
+# find_spec("ray.tune") imports ray): set here, the tests' local Ray instance stays on 127.0.0.1 whatever runs first
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 

@@ -42,7 +42,7 @@ def servers(tmp_path_factory):
     base = build_tiny_model(root / "base", "llama", max_position_embeddings=1024)
     adapter_dir = root / "adapters"
     paths = write_adapters(base, adapter_dir, ADAPTERS)
-    write_adapters(base, adapter_dir, ("bottleneck",), seed=7)  # loaded at runtime
+    write_adapters(base, adapter_dir, ("bottleneck", "lora3"), seed=7)  # loaded at runtime
     options = dict(adapter_dir=adapter_dir, allow_runtime_loading=True, api_key=KEY, limits=LIMITS, max_batch=16)
     single = Server(ak.Engine.from_pretrained(base), paths, **options)
     distributed = RayServer(base, paths, replicas=2, max_resident=2, **options)
@@ -210,22 +210,30 @@ def test_runtime_load_and_unload_reach_every_replica(servers):
     def registered() -> set[float]:
         return set(per_replica(metrics(servers.ray), "adaptkit_registered_adapters").values())
 
+    def both(path: str, body: dict) -> list[httpx.Response]:
+        return [client(url).post(path, json=body) for url in (servers.single, servers.ray)]
+
     body = {"lora_name": "tone", "lora_path": "bottleneck"}
-    for url in (servers.single, servers.ray):
-        reply = client(url).post("/v1/load_lora_adapter", json=body)
-        assert reply.status_code == 200, reply.text
+    assert [r.status_code for r in both("/v1/load_lora_adapter", body)] == [200, 200]
     job = {"model": "tone", "prompt": "the quick", "kind": "completion", "max_tokens": 8, "temperature": 0.0,
            "seed": 0}
     assert answer(servers.ray, job) == answer(servers.single, job)  # at once: the request carries the version
     wait_until(lambda: registered() == {5.0}, "both replicas serving 5 adapters", limit=30, every=0.1)
-    assert client(servers.ray).post("/v1/load_lora_adapter", json=body).json() == \
-        client(servers.single).post("/v1/load_lora_adapter", json=body).json()  # taken: the same refusal
-    for url in (servers.single, servers.ray):
-        assert client(url).post("/v1/unload_lora_adapter", json={"lora_name": "tone"}).status_code == 200
+    taken = both("/v1/load_lora_adapter", body)
+    assert taken[0].status_code == taken[1].status_code == 400 and taken[0].json() == taken[1].json()
+    # the same name from another folder at once (no report in between): the replica that held the old
+    # weights (where its requests are routed) serves the new ones
+    assert [r.status_code for r in both("/v1/unload_lora_adapter", {"lora_name": "tone"})] == [200, 200]
+    assert [r.status_code for r in both("/v1/load_lora_adapter", {**body, "lora_path": "lora3"})] == [200, 200]
+    expected = answer(servers.single, job)
+    assert expected != answer(servers.single, {**job, "model": "base"})
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda _: answer(servers.ray, job), range(8))) == [expected] * 8
+    assert [r.status_code for r in both("/v1/unload_lora_adapter", {"lora_name": "tone"})] == [200, 200]
     wait_until(lambda: registered() == {4.0}, "both replicas back to 4 adapters", limit=30, every=0.1)
-    gone = [client(url).post("/v1/completions", json={"model": "tone", "prompt": "x"}) for url in servers.__dict__.values()]
+    gone = both("/v1/completions", {"model": "tone", "prompt": "x"})
     assert [r.status_code for r in gone] == [404, 404] and gone[0].json() == gone[1].json()
-    again = [client(url).post("/v1/unload_lora_adapter", json={"lora_name": "tone"}) for url in servers.__dict__.values()]
+    again = both("/v1/unload_lora_adapter", {"lora_name": "tone"})
     assert again[0].status_code == again[1].status_code == 404 and again[0].json() == again[1].json()
 
 

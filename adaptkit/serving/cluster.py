@@ -109,17 +109,27 @@ class RayServer:
                 ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
                          log_to_driver=False)
                 self._started_ray = True
+                if ray.util.get_node_ip_address() not in ("127.0.0.1", "::1"):
+                    log.warning("ray was imported before adaptkit could keep this local instance on 127.0.0.1 (it "
+                                "listens on %s); set %s=0 before anything imports ray",
+                                ray.util.get_node_ip_address(), LOOPBACK_ONLY_ENV)
                 log.warning("local Ray instance on 127.0.0.1; Ray Serve's replicas also open an inter-deployment "
                             "gRPC port on every interface (not configurable in Ray Serve >= 2.54), which refuses "
                             "callers without this instance's token unless RAY_AUTH_MODE=disabled")
             else:
                 ray.init(address=self.address, log_to_driver=False)
+        gpus = self.replicas * self.resources["num_gpus"]
+        if self._started_ray and gpus > ray.cluster_resources().get("GPU", 0):
+            self.stop()
+            raise DeploymentError(f"{self.replicas} replica(s) with --device {self.engine_options['device']} need "
+                                  f"{gpus:g} GPUs; this machine has {ray.cluster_resources().get('GPU', 0):g}")
         serve.start(proxy_location="Disabled")  # HTTP is this process's front door, with adaptkit's guards
         registry = AdapterRegistry.bind(self.table)
         replicas = AdapterReplica.options(
             num_replicas=self.replicas, ray_actor_options=self.resources,
             max_ongoing_requests=self.server_options["max_batch"] + self.server_options["max_queue"],
-        ).bind(registry, self.base, (0, self.table), self.engine_options, self.server_options,
+            max_queued_requests=self.server_options["max_queue"],  # past it: 429, as from one process
+        ).bind(registry, self.base, self.table, self.engine_options, self.server_options,
                max(1, int(self.resources["num_cpus"])))
         log.info("deploying %d replica(s) of %s on Ray Serve", self.replicas, self.base)
         try:

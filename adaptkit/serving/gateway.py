@@ -6,10 +6,11 @@ runtime load/unload), checks each request as the single-process server does (sch
 model), and forwards it through the Serve deployment handle with the adapter as the multiplexed
 model id, so Ray Serve's router picks a replica that holds it.
 
-A replica that dies (killed, out of memory, its node gone) before a response started is retried
-on another replica until ``retry_for`` seconds have passed; generation is deterministic for a
-given request and seed, so the answer is the one the first replica would have given. A stream
+A request whose replica dies (killed, out of memory, its node gone) before its response started
+is sent to another replica until ``retry_for`` seconds have passed; greedy and seeded requests get
+the answer the first replica would have given (an unseeded sampled one, another sample). A stream
 whose replica dies after its first chunk ends with an error event, as any mid-stream error does.
+Past ``--max-queue`` requests waiting for a replica, the answer is 429, as from one process.
 The front door runs under the same guards as the single-process server (``guards.py``).
 """
 
@@ -21,10 +22,11 @@ import time
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.concurrency import run_in_threadpool
 
-from adaptkit.errors import RequestError, UnknownAdapterError
+from adaptkit.errors import AdaptkitError, QueueFullError, RequestError, UnknownAdapterError
 from adaptkit.serving.api import (
     ChatCompletionRequest,
     ClassifyRequest,
@@ -63,14 +65,38 @@ class Gateway:
         self.base_name, self.base_path = base_name, base_path
         self.adapter_dir, self.allow_runtime_loading = adapter_dir, allow_runtime_loading
         self.retry_for = retry_for
-        self.version, self.adapters, self.reports = 0, {}, {}
+        self.version, self.adapters, self.reports = None, {}, {}
         self.refreshed = float("-inf")
         self.retries = 0  # requests sent again because their replica died
         self.unanswered = 0  # requests no replica answered within retry_for
+        self._asked = self._stored = 0  # refreshes asked for / the newest one stored (an older answer loses)
+        self._table_fetch: asyncio.Future | None = None  # the one table fetch in flight, shared
 
-    async def refresh(self, force: bool = False) -> None:
-        if force or time.monotonic() - self.refreshed > TABLE_TTL:
-            self.version, self.adapters, self.reports = await self.registry.snapshot.remote()
+    async def refresh(self) -> None:
+        """The registry's table and the replicas' reports, now (``/metrics``, ``/health``, ``/v1/models``)."""
+        self._asked += 1
+        asked = self._asked
+        version, adapters, self.reports = await self.registry.snapshot.remote()
+        self._store(asked, version, adapters)
+
+    async def refresh_table(self) -> None:
+        """The registry's table, at most ``TABLE_TTL`` seconds old (request path: one fetch shared by all)."""
+        if time.monotonic() - self.refreshed <= TABLE_TTL:
+            return
+        if self._table_fetch is None or self._table_fetch.done():
+            self._asked += 1
+            asked = self._asked
+
+            async def fetch():
+                version, adapters = await self.registry.table.remote()
+                self._store(asked, version, adapters)
+
+            self._table_fetch = asyncio.ensure_future(fetch())
+        await asyncio.shield(self._table_fetch)
+
+    def _store(self, asked: int, version, adapters: dict) -> None:
+        if asked > self._stored:
+            self._stored, self.version, self.adapters = asked, version, adapters
             self.refreshed = time.monotonic()
 
     def known(self) -> list[str]:
@@ -106,6 +132,9 @@ class Gateway:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 1.0)
                 continue
+            except BaseException as exc:
+                stream.cancel()
+                raise _served_error(exc) from exc
             if first is None:  # the client went away
                 stream.cancel()
                 return Response(status_code=499)
@@ -113,6 +142,23 @@ class Gateway:
             response = StreamingResponse(_rest(stream, chunks, start["headers"]), status_code=start["status"])
             response.raw_headers = start["headers"]
             return response
+
+
+def _served_error(exc: BaseException) -> BaseException:
+    """What a client is told of a failure inside Ray: adaptkit's own error as raised, Serve's refusals as
+    429/503, anything else a 500 with its type and first line (never a remote traceback)."""
+    if isinstance(exc, BackPressureError):
+        return QueueFullError("every replica's queue is full (--max-queue); retry later")
+    if isinstance(exc, DeploymentUnavailableError):
+        return RequestError("no replica is running; retry later", status=503, code="replica_unavailable")
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, AdaptkitError):
+            return cause
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        return RequestError(f"internal error in a replica: {type(cause).__name__}: {first}", status=500,
+                            code="internal_error")
+    return exc
 
 
 async def _start(stream) -> tuple[dict, list[bytes]]:
@@ -153,11 +199,13 @@ async def _rest(stream, chunks: list[bytes], headers) -> object:
             yield chunk
         async for chunk in stream:
             yield chunk
-    except RayActorError as exc:  # the replica died mid-stream: the status line is out, say so in the stream
+    except Exception as exc:  # the status line is out: a stream says so in the stream, as one process does
         if not sse:
             raise
-        error = RequestError(f"the replica serving this stream failed ({type(exc).__name__}); retry the request",
-                             status=503, code="replica_unavailable")
+        error = _served_error(exc)
+        if isinstance(exc, RayActorError):
+            error = RequestError(f"the replica serving this stream failed ({type(exc).__name__}); retry the "
+                                 "request", status=503, code="replica_unavailable")
         yield f"data: {json.dumps(error_body(error)[1])}\n\ndata: [DONE]\n\n".encode()
     finally:
         stream.cancel()
@@ -170,7 +218,7 @@ def create_gateway_app(gateway: Gateway):
     @app.get("/health")
     async def health():
         """ok while one replica or more is healthy; each replica's process, residency and registry version."""
-        await gateway.refresh(force=True)
+        await gateway.refresh()
         replicas = {r: {key: report[key] for key in ("healthy", "pid", "resident", "version")}
                     for r, report in sorted(gateway.reports.items())}
         ok = any(report["healthy"] for report in replicas.values())
@@ -179,7 +227,7 @@ def create_gateway_app(gateway: Gateway):
 
     @app.get("/metrics")
     async def metrics():
-        await gateway.refresh(force=True)
+        await gateway.refresh()
         own = [
             "# HELP adaptkit_replicas Replicas that reported within the last seconds.",
             "# TYPE adaptkit_replicas gauge", f"adaptkit_replicas {len(gateway.reports)}",
@@ -214,7 +262,7 @@ def create_gateway_app(gateway: Gateway):
         request = parse(ROUTES[http_request.url.path], body)
         if hasattr(request, "check_supported"):
             request.check_supported()
-        await gateway.refresh()
+        await gateway.refresh_table()
         entry, _ = resolve_model(request.model, request.adapters, gateway.base_name,
                                  lambda name: name in gateway.adapters, gateway.known)
         return await gateway.forward(http_request, entry if isinstance(entry, str) else None, body)
@@ -235,7 +283,7 @@ def create_gateway_app(gateway: Gateway):
         _, taken = await gateway.registry.register.remote(body.lora_name, entry)
         if taken:
             raise adapter_taken_error(body.lora_name)
-        await gateway.refresh(force=True)
+        await gateway.refresh()
         return {"status": "ok", "name": body.lora_name, "kind": adapter.kind, "resident": False}
 
     @app.post("/v1/unload_lora_adapter")
@@ -243,7 +291,7 @@ def create_gateway_app(gateway: Gateway):
         require_runtime_loading(gateway.allow_runtime_loading)
         body = parse(UnloadAdapterRequest, await http_request.body())
         _, removed = await gateway.registry.unregister.remote(body.lora_name)
-        await gateway.refresh(force=True)
+        await gateway.refresh()
         if not removed:
             known = ", ".join(sorted(gateway.adapters)) or "none"
             raise UnknownAdapterError(f"no adapter named {body.lora_name!r} is served; served adapters: {known}")

@@ -20,10 +20,12 @@ Imports ray; loaded only for ``adaptkit serve --ray`` (``pip install 'adaptkit[r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 import time
+import uuid
 from collections import Counter
 
 from ray import serve
@@ -31,11 +33,16 @@ from ray import serve
 log = logging.getLogger("adaptkit.serve")
 REPORT_EVERY = 0.5  # seconds between a replica's reports to the registry
 REPORT_FRESH = 5.0  # a replica silent for longer is counted as gone
+SYNC_TIMEOUT = 30.0  # seconds a replica waits for the registry's table
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 class AdapterRegistry:
     """The adapters every replica serves and the replicas' latest reports.
+
+    Versions are ``(boot, changes)``: a registry that Serve restarted starts again from the deployment's
+    table under a new boot id (runtime-loaded adapters are lost with it), and replicas follow whatever
+    version differs from theirs, never only a higher one.
 
     Args:
         adapters: ``{name: {"path": folder, "root": folder it must stay inside or None, "kind": kind}}``.
@@ -43,34 +50,35 @@ class AdapterRegistry:
 
     def __init__(self, adapters: dict[str, dict]):
         self.adapters = dict(adapters)
-        self.version = 0
+        self.version = (uuid.uuid4().hex[:8], 0)
         self.reports: dict[str, dict] = {}
 
-    def table(self) -> tuple[int, dict[str, dict]]:
+    def table(self) -> tuple[tuple, dict[str, dict]]:
         return self.version, self.adapters
 
-    def register(self, name: str, entry: dict) -> tuple[int, bool]:
+    def _changed(self, adapters: dict[str, dict]) -> tuple:
+        self.adapters = adapters
+        self.version = (self.version[0], self.version[1] + 1)
+        return self.version
+
+    def register(self, name: str, entry: dict) -> tuple[tuple, bool]:
         """(the new version, False), or (the version, True) when ``name`` is taken."""
         if name in self.adapters:
             return self.version, True
-        self.adapters = {**self.adapters, name: entry}
-        self.version += 1
-        return self.version, False
+        return self._changed({**self.adapters, name: entry}), False
 
-    def unregister(self, name: str) -> tuple[int, bool]:
+    def unregister(self, name: str) -> tuple[tuple, bool]:
         """(the new version, True), or (the version, False) when no adapter is called ``name``."""
         if name not in self.adapters:
             return self.version, False
-        self.adapters = {k: v for k, v in self.adapters.items() if k != name}
-        self.version += 1
-        return self.version, True
+        return self._changed({k: v for k, v in self.adapters.items() if k != name}), True
 
-    def report(self, replica: str, report: dict) -> int:
-        """Record a replica's report; returns the current version (the replica syncs when it is behind)."""
+    def report(self, replica: str, report: dict) -> tuple:
+        """Record a replica's report; returns the current version (the replica syncs when it differs)."""
         self.reports[replica] = {**report, "received": time.monotonic()}
         return self.version
 
-    def snapshot(self) -> tuple[int, dict[str, dict], dict[str, dict]]:
+    def snapshot(self) -> tuple[tuple, dict[str, dict], dict[str, dict]]:
         """(version, adapters, the reports of replicas heard from within ``REPORT_FRESH`` seconds)."""
         now = time.monotonic()
         self.reports = {r: rep for r, rep in self.reports.items() if now - rep["received"] <= REPORT_FRESH}
@@ -85,12 +93,12 @@ class AdapterReplica:
         registry: the :class:`AdapterRegistry` handle.
         base: the base model's folder (or Hub id); ``engine_options``: ``Engine.from_pretrained``'s dtype,
             quantize, device.
-        table: the registry's ``(version, adapters)`` at deployment, so a replica starts in sync.
+        table: the adapters at deployment (a replica serves them from the start, then follows the registry).
         server_options: ``Server``'s options (max_batch, max_queue, max_resident, limits, ...).
         threads: torch's CPU threads in this replica (the CPUs Ray reserved for it).
     """
 
-    def __init__(self, registry, base: str, table: tuple[int, dict], engine_options: dict, server_options: dict,
+    def __init__(self, registry, base: str, table: dict[str, dict], engine_options: dict, server_options: dict,
                  threads: int | None = None):
         import torch
 
@@ -104,23 +112,25 @@ class AdapterReplica:
         engine = Engine.from_pretrained(base, **engine_options)
         self.server = Server(engine, **server_options).start()
         self.app = self.server.app()
-        self.routing: Counter[tuple[str, str]] = Counter()  # (adapter, hit | miss)
-        self.version = -1
-        self._sync_lock = threading.Lock()
-        self._apply(*table)
-        async def placement(name: str) -> _Placement:  # the request itself attaches the adapter when admitted
-            return _Placement(self, name)
-
-        resident = self.server.pool.max_resident
-        self._place = serve.multiplexed(max_num_models_per_replica=resident or -1)(placement)
-        self._stopped = threading.Event()
         self._tasks: set[asyncio.Task] = set()  # requests' apps still finishing after their caller left
+        self.routing: Counter[tuple[str, str]] = Counter()  # (adapter, hit | miss)
+        self.version = None  # the registry version this replica serves
+        self.applied: dict[str, dict] = {}  # the registry entries the pool serves, by name
+        self._sync_lock = threading.Lock()
+        self._apply(None, table)
+
+        async def placement(name: str) -> str:  # the request itself attaches the adapter when admitted
+            return name
+
+        # Ray's LRU over the same K as the pool's, touched by the same requests: both drop the same adapter
+        self._place = serve.multiplexed(max_num_models_per_replica=self.server.pool.max_resident or -1)(placement)
+        self._stopped = threading.Event()
         threading.Thread(target=self._report_loop, name="adaptkit-ray-report", daemon=True).start()
 
     async def forward(self, request: dict):
         """Answer one HTTP request (``gateway.py``'s payload): yields ``{"status", "headers"}``, then the body."""
-        if request["version"] > self.version:
-            version, table = await self.registry.table.remote()
+        if request["version"] != self.version:  # a load or unload this replica has not seen yet
+            version, table = await asyncio.wait_for(self.registry.table.remote(), SYNC_TIMEOUT)
             await asyncio.to_thread(self._apply, version, table)
         name = serve.get_multiplexed_model_id()
         headers = [(b"x-adaptkit-replica", self.id.encode())]
@@ -129,40 +139,44 @@ class AdapterReplica:
             self.routing[(name, outcome)] += 1
             headers.append((b"x-adaptkit-routing", outcome.encode()))
             await self._place(name)  # tells Ray's router this replica holds it
-        async for message in asgi_call(self.app, request, self._tasks):
-            if isinstance(message, dict):
-                message = {**message, "headers": [*message["headers"], *headers]}
-            yield message
+        async with contextlib.aclosing(asgi_call(self.app, request, self._tasks)) as messages:
+            async for message in messages:
+                if isinstance(message, dict):
+                    message = {**message, "headers": [*message["headers"], *headers]}
+                yield message
 
-    def evict(self, name: str) -> bool:
-        """Take ``name`` out of the engine when no running request uses it (Ray's LRU dropped it here)."""
-        scheduler, pool = self.server.scheduler, self.server.pool
-        return scheduler.call(lambda: pool.evict(name, scheduler.in_use())).result()
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose scheduler thread ended is replaced."""
+        if not self.server.healthy():
+            raise RuntimeError(f"replica {self.id}: the scheduler thread has stopped")
 
-    def _apply(self, version: int, table: dict[str, dict]) -> None:
-        """Serve exactly the adapters of ``table``; one in use by a running request is removed at a later sync."""
+    def _apply(self, version, table: dict[str, dict]) -> None:
+        """Serve exactly the adapters of ``table`` (a changed folder: removed, then added again); one that a
+        running request uses is removed at a later sync, and the version is taken only once all is done."""
         from adaptkit.errors import AdaptkitError
 
         with self._sync_lock:
-            if version <= self.version:
+            if version is not None and version == self.version:
                 return
 
             def change() -> bool:
                 pool, in_use, complete = self.server.pool, self.server.scheduler.in_use(), True
-                for name in set(pool.names) - set(table):
+                for name in [n for n in self.applied if table.get(n) != self.applied[n]]:
                     if name in in_use:
                         complete = False
-                    else:
-                        pool.unregister(name)
+                        continue
+                    pool.unregister(name)
+                    del self.applied[name]
                 for name, entry in table.items():
-                    if not pool.serves(name):
+                    if name not in self.applied and not pool.serves(name):
                         try:
                             pool.register(name, entry["path"], load=False, root=entry["root"])
+                            self.applied[name] = entry
                         except AdaptkitError as exc:  # checked by the front door; gone since: its requests get 404
                             log.warning("replica %s: adapter %s: %s", self.id, name, exc)
                 return complete
 
-            if self.server.scheduler.call(change).result():
+            if self.server.scheduler.call(change).result(timeout=SYNC_TIMEOUT) and version is not None:
                 self.version = version
 
     def _report(self) -> dict:
@@ -176,10 +190,10 @@ class AdapterReplica:
     def _report_loop(self) -> None:
         while not self._stopped.wait(REPORT_EVERY):
             try:
-                version = self.registry.report.remote(self.id, self._report()).result(timeout_s=10)
-                if version > self.version:
-                    self._apply(*self.registry.table.remote().result(timeout_s=10))
-            except Exception as exc:  # the registry restarting: report again next time
+                version = self.registry.report.remote(self.id, self._report()).result(timeout_s=SYNC_TIMEOUT)
+                if version != self.version:
+                    self._apply(*self.registry.table.remote().result(timeout_s=SYNC_TIMEOUT))
+            except Exception as exc:  # the registry restarting, or this replica stopping: try again next time
                 log.debug("replica %s: report failed: %s", self.id, exc)
 
     def __del__(self):
@@ -188,21 +202,6 @@ class AdapterReplica:
         if stopped is not None and not stopped.is_set():
             stopped.set()
             self.server.stop()
-
-
-class _Placement:
-    """What Ray's multiplexer holds for an adapter on this replica; dropping it (LRU) evicts the adapter."""
-
-    def __init__(self, replica: AdapterReplica, name: str):
-        self.replica, self.name, self.dropped = replica, name, False
-
-    def __del__(self):  # Ray calls it on eviction (in a thread), Python again at collection: once is enough
-        if not self.dropped:
-            self.dropped = True
-            try:
-                self.replica.evict(self.name)
-            except Exception as exc:  # the replica is stopping
-                log.debug("evicting %s: %s", self.name, exc)
 
 
 async def asgi_call(app, request: dict, tasks: set):

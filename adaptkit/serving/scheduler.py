@@ -192,9 +192,13 @@ class Scheduler:
         return request
 
     def call(self, fn: Callable[[], object]) -> Future:
-        """Run ``fn`` on the scheduler thread between two steps (engine changes happen only there)."""
+        """Run ``fn`` on the scheduler thread between two steps (engine changes happen only there); once the
+        scheduler is stopping, the future fails at once."""
         future: Future = Future()
         with self._lock:
+            if self._stopping:
+                future.set_exception(EngineStateError("the server is shutting down"))
+                return future
             self._commands.append((fn, future))
         self._wake.set()
         return future
