@@ -13,8 +13,9 @@ Concurrency 1 is the same requests sent one after the other. The server's mean b
 from its ``/metrics`` (decoded rows / decode steps).
 
 With ``--ray``: the same mixed load (the four adapters, concurrency 16) against ``adaptkit serve --ray``
-on a local Ray instance with 1 and with 2 replicas, next to the single-process server, each with all
-adapters resident and with ``--max-resident 2`` (then 4 adapters fit on 2 replicas only). Reported:
+on a local Ray instance with 1 and with 2 replicas, next to the single-process server (the three up
+together, rounds interleaved), each with all adapters resident and with ``--max-resident 2`` (then
+4 adapters fit on 2 replicas only). Reported:
 throughput, latency, and the routing hit rate (requests that reached a replica already holding their
 adapter, from the replicas' ``adaptkit_routing_total``). On one machine the replicas share its cores:
 more replicas add adapter capacity and isolation, not compute.
@@ -150,29 +151,38 @@ def make_jobs(models: list[str], count: int, max_tokens: int) -> list[dict]:
 
 
 def run_ray(args) -> None:
-    """Single process vs ``--ray`` with 1 and 2 replicas, all adapters resident and at most 2 per replica."""
+    """Single process vs ``--ray`` with 1 and 2 replicas, all adapters resident and at most 2 per replica.
+
+    The three servers of a setting run at the same time and take turns, round after round, so each
+    ratio compares rounds measured side by side; the median round of each is kept."""
     import os
 
     cores = os.cpu_count() or 1
+    setups = (("one process", ()),
+              ("ray, 1 replica", ("--ray", "--replicas", "1", "--cpus-per-replica", str(cores))),
+              ("ray, 2 replicas", ("--ray", "--replicas", "2", "--cpus-per-replica", str(max(1, cores // 2)))))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters = build(Path(tmp))
         for resident in (None, 2):
             limit = ("--max-resident", str(resident)) if resident else ()
-            for setup, extra in (
-                ("one process", ()),
-                ("ray, 1 replica", ("--ray", "--replicas", "1", "--cpus-per-replica", str(cores))),
-                ("ray, 2 replicas", ("--ray", "--replicas", "2", "--cpus-per-replica", str(max(1, cores // 2)))),
-            ):
-                server = ServerProcess(base, adapters, max_batch=16, max_queue=4 * args.requests, extra=(*limit, *extra))
-                try:
+            servers = []
+            try:
+                for _, extra in setups:
+                    servers.append(ServerProcess(base, adapters, max_batch=16, max_queue=4 * args.requests,
+                                                 extra=(*limit, *extra)))
+                rounds: dict[str, list[dict]] = {name: [] for name, _ in setups}
+                for server in servers:
                     run_load(server, make_jobs(list(KINDS), 16, args.max_tokens), 4)  # warm-up: adapters placed
-                    results = [run_load(server, make_jobs(list(KINDS), args.requests, args.max_tokens), 16)
-                               for _ in range(args.repeats)]
-                    result = sorted(results, key=lambda r: r["req_per_s"])[len(results) // 2]  # the median round
-                    rows.append({"setup": setup, "max_resident": resident or "all", "concurrency": 16, **result})
-                finally:
+                for _ in range(args.repeats):
+                    for (name, _), server in zip(setups, servers):
+                        rounds[name].append(run_load(server, make_jobs(list(KINDS), args.requests, args.max_tokens), 16))
+            finally:
+                for server in servers:
                     server.close()
+            for name, results in rounds.items():
+                median = sorted(results, key=lambda r: r["req_per_s"])[len(results) // 2]
+                rows.append({"setup": name, "max_resident": resident or "all", "concurrency": 16, **median})
     for row in rows:
         one = next(r for r in rows if r["setup"] == "one process" and r["max_resident"] == row["max_resident"])
         row["vs_one_process"] = row["req_per_s"] / one["req_per_s"]
@@ -180,7 +190,8 @@ def run_ray(args) -> None:
                               "mean_batch", "hit_rate", "vs_one_process"]))
     write_results(args.out, rows, model=MODEL, max_tokens=args.max_tokens, adapters=list(KINDS), cores=cores,
                   note=f"one machine with {cores} cores shared by every replica: replicas add adapter capacity, "
-                       "not compute; server in its own process, closed-loop client threads in this one")
+                       "not compute; the three servers of a setting up together, rounds interleaved; server in "
+                       "its own process, closed-loop client threads in this one")
     print(f"\nwrote {args.out}")
 
 
