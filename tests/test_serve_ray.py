@@ -323,3 +323,24 @@ def test_a_replica_killed_mid_run_every_request_is_still_answered(servers):
     assert json.loads(first[6:])["choices"][0]["text"] is not None
     assert rest[-1] == "data: [DONE]"
     assert json.loads(rest[-2][6:])["error"]["code"] == "replica_unavailable"
+
+
+@pytest.mark.parametrize("case", ["backpressure", "adaptkit error", "other error"])
+def test_failures_inside_ray_become_openai_errors_without_remote_tracebacks(case):
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    from adaptkit.errors import EngineStateError
+    from adaptkit.serving.api import error_body
+    from adaptkit.serving.gateway import _served_error
+
+    trace = "Traceback (most recent call last):\n  File \"replica.py\", line 1, in forward\nsecret internals"
+    raised = {"backpressure": BackPressureError(num_queued_requests=64, max_queued_requests=64),
+              "adaptkit error": RayTaskError("forward", trace, EngineStateError("the server is shutting down")),
+              "other error": RayTaskError("forward", trace, KeyError("slot"))}[case]
+    status, body = error_body(_served_error(raised))
+    expected = {"backpressure": (429, "every replica's queue is full (--max-queue); retry later"),
+                "adaptkit error": (409, "the server is shutting down"),
+                "other error": (500, "internal error in a replica: KeyError: 'slot'")}[case]
+    assert (status, body["error"]["message"]) == expected
+    assert "Traceback" not in json.dumps(body) and "secret" not in json.dumps(body)
