@@ -114,6 +114,7 @@ class AdapterReplica:
         self.app = self.server.app()
         self._tasks: set[asyncio.Task] = set()  # requests' apps still finishing after their caller left
         self.routing: Counter[tuple[str, str]] = Counter()  # (adapter, hit | miss)
+        self._routing_lock = threading.Lock()  # counted on the event loop, read by the report thread
         self.version = None  # the registry version this replica serves
         self.applied: dict[str, dict] = {}  # the registry entries the pool serves, by name
         self._sync_lock = threading.Lock()
@@ -136,7 +137,8 @@ class AdapterReplica:
         headers = [(b"x-adaptkit-replica", self.id.encode())]
         if name and self.server.pool.serves(name):
             outcome = "hit" if name in self.server.pool.resident else "miss"
-            self.routing[(name, outcome)] += 1
+            with self._routing_lock:
+                self.routing[(name, outcome)] += 1
             headers.append((b"x-adaptkit-routing", outcome.encode()))
             await self._place(name)  # tells Ray's router this replica holds it
         async with contextlib.aclosing(asgi_call(self.app, request, self._tasks)) as messages:
@@ -184,8 +186,10 @@ class AdapterReplica:
 
         pool = self.server.pool
         text = self.server.metrics.render(self.server.scheduler, self.server.base_name)
+        with self._routing_lock:
+            routing = Counter(self.routing)
         return {"pid": os.getpid(), "healthy": self.server.healthy(), "version": self.version,
-                "resident": pool.resident, "metrics": text + routing_lines(self.routing)}
+                "resident": pool.resident, "metrics": text + routing_lines(routing)}
 
     def _report_loop(self) -> None:
         while not self._stopped.wait(REPORT_EVERY):
