@@ -21,7 +21,8 @@ class _Group(click.Group):
         from adaptkit.errors import AdaptkitError
 
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _terminated)  # like Ctrl-C: outputs in progress are removed
+            for signum in (signal.SIGTERM, signal.SIGINT):  # outputs in progress are removed, and the signal noted
+                signal.signal(signum, _terminated)
         try:
             return super().invoke(ctx)
         except AdaptkitError as exc:
@@ -31,6 +32,10 @@ class _Group(click.Group):
             sys.exit(1)
         except KeyboardInterrupt:
             _interrupted()
+        except Exception:
+            if _signalled:  # raised inside a library (safetensors turns it into a ValueError): still an interrupt
+                _interrupted()
+            raise
 
 
 _signalled: list[int] = []

@@ -124,6 +124,24 @@ def test_a_merge_killed_midway_then_rerun(slow_base, tmp_path, how):
         assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
 
 
+def test_an_interrupt_that_a_library_turned_into_another_error_still_reads_as_interrupted(tiny_llama, lora,
+                                                                                         tmp_path, monkeypatch):
+    """A signal landing inside safetensors' reader comes out as a ValueError ("could not determine the shape of
+    object type 'torch.storage.UntypedStorage'", seen once in CI): still exit 130 and one line, no traceback."""
+    import adaptkit as ak
+
+    cli = sys.modules[main.__module__]
+
+    def cut_short(*args, **kwargs):
+        cli._signalled.append(signal.SIGTERM)  # what the SIGTERM handler records before raising
+        raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+
+    monkeypatch.setattr(ak, "merge_checkpoint", cut_short)
+    monkeypatch.setattr(cli, "_signalled", [])
+    result = merge(tiny_llama, lora, "-o", tmp_path / "merged")
+    assert (result.exit_code, result.output.strip()) == (130, "error: interrupted; outputs in progress were removed")
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_outputs_respect_the_umask(tiny_llama, lora, tmp_path, umask):
     """Folders and files come out as ``save_pretrained``'s would: 0777/0666 less the umask (temporary folders
