@@ -85,8 +85,8 @@ class RayServer:
         if register_all:
             if self.adapter_dir is None:
                 raise InvalidArgumentError("registering every adapter of a folder needs --adapter-dir")
-            for name, path in adapter_folders(self.adapter_dir, self.base_name, set(table)).items():
-                table[name] = {"path": str(path), "root": str(self.adapter_dir), "kind": detect_kind(path)}
+            for name, (path, kind) in adapter_folders(self.adapter_dir, self.base_name, set(table)).items():
+                table[name] = {"path": str(path), "root": str(self.adapter_dir), "kind": kind}
         self.table = table
         gpus = gpus_per_replica if gpus_per_replica is not None else (1.0 if device.startswith("cuda") else 0.0)
         self.resources = {"num_cpus": cpus_per_replica, "num_gpus": gpus}
@@ -154,9 +154,6 @@ class RayServer:
                     serve.shutdown()
                     ray.shutdown()
                     self._started_ray = False
-
-    def healthy(self) -> bool:
-        return self.gateway.registry is not None
 
     def app(self):
         from adaptkit.serving.gateway import create_gateway_app

@@ -172,7 +172,7 @@ class AdapterReplica:
                 for name, entry in table.items():
                     if name not in self.applied and not pool.serves(name):
                         try:
-                            pool.register(name, entry["path"], load=False, root=entry["root"])
+                            pool.register(name, entry["path"], load=False, root=entry["root"], kind=entry["kind"])
                             self.applied[name] = entry
                         except AdaptkitError as exc:  # checked by the front door; gone since: its requests get 404
                             log.warning("replica %s: adapter %s: %s", self.id, name, exc)

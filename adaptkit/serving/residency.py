@@ -81,11 +81,13 @@ class AdapterPool:
         return self._kinds.get(name)
 
     def register(self, name: str, path: str | os.PathLike, adapter=None, in_use: frozenset[str] = frozenset(),
-                 evict: bool = True, load: bool = True, root: str | os.PathLike | None = None) -> bool:
+                 evict: bool = True, load: bool = True, root: str | os.PathLike | None = None,
+                 kind: str | None = None) -> bool:
         """Make ``name`` servable from ``path``; load it now (``adapter``: already read from ``path``) when
         ``load`` and there is room, or (``evict``) an idle adapter to evict. Returns whether it is resident.
 
-        With ``load=False`` only the kind is read (from the config files): registering is cheap.
+        With ``load=False`` only the kind is read (from the config files; ``kind``: already read): registering
+        is cheap.
         ``root``: the folder ``path`` must stay inside, checked again at every later read (a folder
         swapped for a link that leads elsewhere after an eviction is refused then).
         """
@@ -96,7 +98,7 @@ class AdapterPool:
         if not load:
             from adaptkit.formats.detect import detect_kind
 
-            self._kinds[name] = detect_kind(path)  # a folder that is no adapter fails here, not at first use
+            self._kinds[name] = kind or detect_kind(path)  # a folder that is no adapter fails here, not at first use
             self._paths[name] = Path(path)
             return False
         self._paths[name] = Path(path)

@@ -88,8 +88,8 @@ class Server:
 
     def _register_folder(self, folder: Path) -> None:
         """Every sub-folder of ``folder`` that holds an adapter, by its folder name (others are skipped)."""
-        for name, path in adapter_folders(folder, self.base_name, set(self.pool.names)).items():
-            self.pool.register(name, path, load=False, root=folder)
+        for name, (path, kind) in adapter_folders(folder, self.base_name, set(self.pool.names)).items():
+            self.pool.register(name, path, load=False, root=folder, kind=kind)
 
     def start(self) -> Server:
         self.scheduler.start()
@@ -191,9 +191,9 @@ def require_runtime_loading(allowed: bool) -> None:
                            "--adapter-dir", status=403, code="runtime_loading_disabled")
 
 
-def adapter_folders(folder: Path, base_name: str, taken: set[str]) -> dict[str, Path]:
-    """``{folder name: path}`` of the sub-folders of ``folder`` that hold an adapter (by their config files),
-    skipping names that are not valid adapter names, the base's name and ``taken``."""
+def adapter_folders(folder: Path, base_name: str, taken: set[str]) -> dict[str, tuple[Path, str]]:
+    """``{folder name: (path, kind)}`` of the sub-folders of ``folder`` that hold an adapter (by their config
+    files), skipping names that are not valid adapter names, the base's name and ``taken``."""
     from adaptkit.errors import AdaptkitError
     from adaptkit.formats.detect import detect_kind
 
@@ -202,10 +202,9 @@ def adapter_folders(folder: Path, base_name: str, taken: set[str]) -> dict[str, 
         if not ADAPTER_NAME.match(path.name) or path.name == base_name or path.name in taken:
             continue
         try:
-            detect_kind(path)
+            found[path.name] = (path, detect_kind(path))
         except AdaptkitError:
             continue  # not an adapter folder
-        found[path.name] = path
     return found
 
 
