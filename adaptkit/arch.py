@@ -1,13 +1,23 @@
-"""Per-architecture facts: where the transformer blocks are, what their sub-modules are called.
+"""Per-architecture facts: where the transformer blocks are, what their sub-modules are called, and
+what the model caches.
 
-Three layouts are known: the Llama family (Llama, Mistral, Qwen2, ... share it), GPT-2 (whose
-``Conv1D`` stores weights transposed, ``[in, out]``) and BERT (post-LN encoder).
+The module layouts are a table per family (the Llama family: Llama, Mistral, Qwen2, ... share one;
+GPT-2, whose ``Conv1D`` stores weights transposed, ``[in, out]``; BERT, post-LN; ...). What the model
+does at run time is not written down here but measured from the live model: the K/V heads and head
+size as cached (a one-token forward into a cache, :func:`cached_kv_shapes`) and the layers that slide
+(transformers' own cache built from the config, :func:`sliding_windows`), so a release that changes
+them (transformers 5.25 made Falcon-40B cache ``num_kv_heads`` heads, where 5.24 cached every head)
+changes nothing here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import weakref
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from adaptkit.errors import BaseModelError
@@ -185,6 +195,9 @@ class ModelFacts:
     head_dim: int
     vocab_size: int
     max_positions: int | None = None  # the context: max_position_embeddings (GPT-2: n_positions)
+    # each layer's (K/V heads, head size) as the model caches them; None: read from the config only
+    # (``num_kv_heads``/``head_dim`` then say what the config says; with a layout they are its layers' own)
+    kv_layout: tuple[tuple[int, int], ...] | None = None
 
     @property
     def family(self) -> str:
@@ -206,8 +219,6 @@ def facts_from_config(config) -> ModelFacts:
     else:
         hidden, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        if family == "falcon":  # the heads Falcon *caches*: the new architecture caches K/V expanded to every head
-            kv_heads = heads if config.new_decoder_architecture else (1 if config.multi_query else config.num_kv_heads)
     head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads
     return ModelFacts(
         spec=ARCH_SPECS[family],
@@ -234,3 +245,76 @@ def decoder_layers(model: nn.Module, spec: ArchSpec) -> tuple[str, nn.ModuleList
     raise BaseModelError(
         f"could not find the transformer blocks of this {spec.family} model (looked for {', '.join(spec.layers_paths)})"
     )
+
+
+# ----------------------------------------------------------------------------- measured from the model
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ModelFacts
+
+
+def facts_of(model: nn.Module) -> ModelFacts:
+    """The facts of a live model: its config's sizes, with the K/V layout measured from the model
+    (:func:`cached_kv_shapes`) where it caches any. Measured once per model."""
+    found = _MEASURED.get(model)
+    if found is None:
+        facts = facts_from_config(model.config)
+        layout = cached_kv_shapes(model)
+        if layout:
+            heads, head_dim = layout[0] if len(set(layout)) == 1 else (facts.num_kv_heads, facts.head_dim)
+            facts = dataclasses.replace(facts, num_kv_heads=heads, head_dim=head_dim, kv_layout=layout)
+        found = _MEASURED[model] = facts
+    return found
+
+
+def cached_kv_shapes(model: nn.Module) -> tuple[tuple[int, int], ...] | None:
+    """Each layer's (K/V heads, head size) as ``model`` caches them, from a one-token forward into an
+    empty cache (an encoder-decoder's: its decoder's self-attention cache); None when the model caches
+    nothing (an encoder whose attention takes no cache).
+
+    The forward runs on a twin of the model on the meta device (shapes only: no weight is read, the live
+    model and its 4-bit layouts are left untouched); a model whose forward the meta device cannot run
+    (data-dependent routing, as in mixtures of experts) is run for real on one token.
+    """
+    meta = torch.device("meta")
+    try:
+        with meta:
+            twin = type(model)(model.config)
+        return _one_token_cache(twin, meta)
+    except Exception:  # an op without a meta kernel (or one that reads values): ask the live model instead
+        device = next(model.parameters()).device
+        if device == meta:  # a skeleton without weights (adaptkit inspect): the config's word until a load measures
+            return None
+        with torch.no_grad():
+            return _one_token_cache(model, device)
+
+
+def _one_token_cache(model: nn.Module, device: torch.device) -> tuple[tuple[int, int], ...] | None:
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    ids = torch.ones(1, 1, dtype=torch.long, device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": True}
+    if model.config.is_encoder_decoder:
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        inputs["decoder_input_ids"] = ids
+    else:
+        cache = DynamicCache()
+        model = model.base_model  # an encoder's task head takes no cache; its body does
+    model(**inputs, **{cache_argument(model): cache})
+    layers = getattr(cache, "self_attention_cache", cache).layers
+    shapes = tuple((layer.keys.shape[1], layer.keys.shape[-1]) for layer in layers
+                   if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0)
+    return shapes or None
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The forward() keyword of the KV cache: ``cache`` in newer transformers 5.x, else ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def sliding_windows(config) -> tuple[int | None, ...]:
+    """Each layer's attention window (None: full attention), as transformers reads the config
+    (``sliding_window``, ``layer_types``) when it builds the model's own cache."""
+    from transformers import DynamicCache
+
+    return tuple(getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+                 for layer in DynamicCache(config=config).layers)

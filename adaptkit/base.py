@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adaptkit.arch import ModelFacts, facts_from_config
+from adaptkit.arch import ModelFacts, facts_from_config, facts_of
 from adaptkit.errors import BaseModelError, InvalidArgumentError
 from adaptkit.hub import local_path
 
@@ -229,10 +229,10 @@ def load_base(
     return LoadedBase(
         model=model,
         tokenizer=load_tokenizer(path),
-        facts=facts,
+        facts=facts_of(model),  # the K/V layout measured from the model, before any adapter is injected
         path=path,
         dtype=torch_dtype,
-        fingerprint=fingerprint_of(facts, embed),
+        fingerprint=fingerprint_of(facts, embed),  # from the config alone, as checkpoint_fingerprint computes it
         quantize=quantize,
         generic_kernel_layers=generic_kernel_layers,
     )

@@ -78,17 +78,18 @@ def check_fits_checkpoint(adapters: Sequence, base: str | os.PathLike) -> None:
     adapter records a base fingerprint).
     """
     from adaptkit.adapters.lora import LoraAdapter
-    from adaptkit.arch import facts_from_config
+    from adaptkit.arch import facts_of
     from adaptkit.base import check_made_for, checkpoint_fingerprint, meta_model, read_config
     from adaptkit.formats.checkpoint import open_checkpoint
     from adaptkit.inject import base_modules, check_lora_fits
 
     config = read_config(base)
-    facts = facts_from_config(config)
+    skeleton = meta_model(base)
+    facts = facts_of(skeleton)
     fingerprint = None
     if any(getattr(a, "fingerprint", None) for a in adapters):
         fingerprint = checkpoint_fingerprint(open_checkpoint(base), config)
-    modules = base_modules(meta_model(base))
+    modules = base_modules(skeleton)
     for adapter in adapters:
         check_made_for(adapter, facts, fingerprint)
         if isinstance(adapter, LoraAdapter):

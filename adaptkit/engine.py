@@ -40,6 +40,7 @@ from adaptkit.adapters.peft_types import bind_base_layers, needs_base_layers
 from adaptkit.adapters.pet import pet_details
 from adaptkit.adapters.prefix import prefix_details
 from adaptkit.adapters.prompt import prompt_details
+from adaptkit.arch import cache_argument
 from adaptkit.base import LoadedBase, check_made_for, load_base
 from adaptkit.errors import (
     AdapterMismatchError,
@@ -51,7 +52,6 @@ from adaptkit.errors import (
 from adaptkit.generation import (
     DecodeState,
     attention_masks,
-    cache_argument,
     check_sampling,
     left_pad,
     new_cache,
@@ -654,7 +654,8 @@ class Engine:
         inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :0]}
         prefix_cache.add_virtual_inputs(self.model, plan, self._adapters, inputs, self.prompt_as_cache)
         mask = inputs["attention_mask"]  # prompt rows: their virtual tokens in front of the encoder's input
-        cache = inputs.get("past_key_values", cache)  # prefix rows: their K/V in the decoder's cache
+        cache_kw = cache_argument(self.model)
+        cache = inputs.pop(cache_kw, cache)  # prefix rows: their K/V in the decoder's cache
         decoder_mask = inputs.get("decoder_attention_mask")
         with use_plan(plan):
             encoded = self.model.get_encoder()(input_ids=inputs.get("input_ids"), attention_mask=mask,
@@ -668,7 +669,7 @@ class Engine:
                 extra["decoder_attention_mask"] = decoder_mask
             with torch.inference_mode(), use_plan(plan):
                 out = self.model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=tokens.view(-1, 1),
-                                 past_key_values=cache, use_cache=True, **extra)
+                                 use_cache=True, **{cache_kw: cache}, **extra)
             return out.logits[:, -1, :]
 
         return step(torch.full((len(prompt_ids),), start, device=self.device)), step

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -10,15 +9,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from adaptkit.errors import InvalidArgumentError
+from adaptkit.arch import sliding_windows
+from adaptkit.errors import EngineStateError, InvalidArgumentError
 from adaptkit.routing import RoutingPlan, RowEntry
-
-
-def cache_argument(model: nn.Module) -> str:
-    """The forward() keyword of the KV cache: ``cache`` in newer transformers 5.x, else ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
 
 MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy (logits / 1e-40 overflow to inf and NaN)
 
@@ -159,14 +152,20 @@ class DecodeState:
 
 # ----------------------------------------------------------------------------- sliding windows
 def sliding_layout(config) -> tuple[int | None, list[str] | None]:
-    """(the window, each layer's type) of a model with sliding-window attention; (None, ...) without any.
-    Mistral-style configs slide every layer when ``sliding_window`` is set; Gemma 2/3 and Qwen 2 list
-    ``layer_types`` (``sliding_attention`` / ``full_attention``)."""
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    if window is None or (types is not None and "sliding_attention" not in types):
-        return None, types
-    return int(window), types
+    """(the window, each layer's type) of a model with sliding-window attention; (None, None) without any.
+    Which layers slide is transformers' own reading of the config (:func:`adaptkit.arch.sliding_windows`):
+    every layer (Mistral's ``sliding_window``) gives one mask, some of them (Gemma 2/3's ``layer_types``)
+    a mask per layer type."""
+    windows = sliding_windows(config)
+    sizes = {w for w in windows if w is not None}
+    if not sizes:
+        return None, None
+    if len(sizes) > 1:
+        raise EngineStateError(f"{config.model_type}: layers slide over different windows {sorted(sizes)}; adaptkit "
+                               "batches models whose sliding layers share one window")
+    if all(w is not None for w in windows):
+        return sizes.pop(), None
+    return sizes.pop(), ["full_attention" if w is None else "sliding_attention" for w in windows]
 
 
 def new_cache(model: nn.Module) -> DynamicCache:

@@ -32,9 +32,9 @@ from adaptkit.adapters.prefix import KIND as PREFIX_KIND
 from adaptkit.adapters.prefix import PrefixAdapter, PrefixConfig, check_prefix_fits
 from adaptkit.adapters.prompt import KIND as PROMPT_KIND
 from adaptkit.adapters.prompt import PromptAdapter, check_prompt_fits
-from adaptkit.arch import decoder_layers, facts_from_config
+from adaptkit.arch import cache_argument, decoder_layers, facts_of
 from adaptkit.errors import UnsupportedAdapterError
-from adaptkit.generation import cache_argument, new_cache
+from adaptkit.generation import new_cache
 from adaptkit.routing import Fuse, Mix, RoutingPlan, RowEntry, Stack, members_of, route_rows, use_plan
 
 VIRTUAL_KINDS = (PREFIX_KIND, PROMPT_KIND)
@@ -70,7 +70,7 @@ def prompt_kv(model: nn.Module, embeddings: torch.Tensor, entry: RowEntry = None
 def attach_prefix(model: nn.Module, name: str, adapter: PrefixAdapter, dtype: torch.dtype, device) -> None:
     """Check the prefix fits the base; put its K/V on the base's device and dtype; register its stored
     modules (a task head) if it has any."""
-    check_prefix_fits(adapter, facts_from_config(model.config))
+    check_prefix_fits(adapter, facts_of(model))
     inject.check_saved_fits(inject.base_modules(model), adapter.saved_modules, adapter.source or "prefix adapter")
     adapter.to(device, dtype)
     inject.attach_saved(model, name, adapter.saved_modules)
@@ -78,7 +78,7 @@ def attach_prefix(model: nn.Module, name: str, adapter: PrefixAdapter, dtype: to
 
 def attach_prompt(model: nn.Module, name: str, adapter: PromptAdapter, dtype: torch.dtype, device) -> None:
     """Check the prompt fits the base; on a causal LM compute its virtual tokens' K/V now, once."""
-    facts = facts_from_config(model.config)
+    facts = facts_of(model)
     check_prompt_fits(adapter, facts)
     if adapter.saved_modules:
         _check_prompt_heads(model, adapter, facts)
@@ -181,7 +181,7 @@ def add_virtual_inputs(
     """
     if not any(adapters[n].kind in VIRTUAL_KINDS for n in plan.groups):
         return 0
-    causal = facts_from_config(model.config).spec.is_causal
+    causal = facts_of(model).spec.is_causal
     cached: list[PrefixKV | None] = []
     prepended: list[torch.Tensor | None] = []
     for entry in plan.entries:
@@ -193,8 +193,8 @@ def add_virtual_inputs(
         else:
             cached.append(None if adapter is None else _row_prefix(model, name, adapter, rest, adapters))
             prepended.append(None)
-    if facts_from_config(model.config).spec.is_seq2seq and any(kv is not None for kv in cached):
-        _decoder_prefix(kwargs, cached)  # a prefix is the decoder's: its self-attention cache
+    if facts_of(model).spec.is_seq2seq and any(kv is not None for kv in cached):
+        _decoder_prefix(model, kwargs, cached)  # a prefix is the decoder's: its self-attention cache
         cached = [None] * len(cached)
         if all(e is None for e in prepended):
             return 0
@@ -248,7 +248,7 @@ def _peft_decoder_layers(kv: PrefixKV) -> PrefixKV:
     return PrefixKV(kv.keys.index_select(0, index), kv.values.index_select(0, index))
 
 
-def _decoder_prefix(kwargs: dict, rows: list[PrefixKV | None]) -> None:
+def _decoder_prefix(model: nn.Module, kwargs: dict, rows: list[PrefixKV | None]) -> None:
     """Encoder-decoders: the rows' prefixes as the decoder's self-attention cache, as PEFT lays them out
     (its cross-attention cache left empty: computed from the encoder's output); ``decoder_attention_mask``
     masks the padding of shorter prefixes. The caller's ``decoder_input_ids`` follow the prefix."""
@@ -257,7 +257,7 @@ def _decoder_prefix(kwargs: dict, rows: list[PrefixKV | None]) -> None:
     rows = [None if kv is None else _peft_decoder_layers(kv) for kv in rows]
     self_attention = DynamicCache()
     prefix_mask = _fill_cache(self_attention, rows)
-    kwargs["past_key_values"] = EncoderDecoderCache(self_attention, DynamicCache())
+    kwargs[cache_argument(model)] = EncoderDecoderCache(self_attention, DynamicCache())
     decoder = kwargs.get("decoder_input_ids")
     steps = decoder.shape[1] if decoder is not None else 0
     kwargs["decoder_attention_mask"] = torch.cat(
@@ -288,7 +288,7 @@ def _prepend_left_packed(model: nn.Module, plan: RoutingPlan, prepended: list, k
         packed_mask[row, start:start + seq] = mask[row]
     kwargs["inputs_embeds"] = embeds
     kwargs["attention_mask"] = torch.cat([cache_mask, packed_mask], dim=1)
-    if not facts_from_config(model.config).spec.is_seq2seq:  # T5 (relative) and BART count positions themselves
+    if not facts_of(model).spec.is_seq2seq:  # T5 (relative) and BART count positions themselves
         first = _first_position(model) + cached_lengths.view(-1, 1)
         kwargs["position_ids"] = torch.arange(width + seq, device=ids.device).expand(batch, -1) + first
     if "token_type_ids" in kwargs:
@@ -361,7 +361,7 @@ def prefix_cache_for(adapter, model: nn.Module, fingerprint: str | None = None) 
         raise UnsupportedAdapterError(
             f"{adapter.source or 'adapter'} is a {adapter.kind} adapter; only prefix and prompt adapters have a K/V cache"
         )
-    facts = facts_from_config(model.config)
+    facts = facts_of(model)
     if adapter.kind == PREFIX_KIND:
         kv, method = PrefixKV(adapter.keys, adapter.values), adapter.config.method
     elif not facts.spec.is_causal:

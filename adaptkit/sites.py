@@ -28,7 +28,7 @@ from adaptkit import inject
 from adaptkit.adapters import compose
 from adaptkit.adapters.bottleneck import BottleneckAdapter, SiteKey
 from adaptkit.adapters.fusion import FusionAdapter
-from adaptkit.arch import adapter_site, decoder_layers, facts_from_config
+from adaptkit.arch import adapter_site, decoder_layers, facts_of
 from adaptkit.errors import AdapterMismatchError, EngineStateError
 from adaptkit.routing import RoutingPlan, current_plan
 
@@ -140,7 +140,7 @@ class ResidualRecorder(inject.ModuleWrapper):
 # ---------------------------------------------------------------------- attach / detach
 def _site_names(model: nn.Module, key: SiteKey) -> tuple[str, str | None]:
     """(qualified name of the wrapped sub-block, of its residual norm or None) for a site."""
-    facts = facts_from_config(model.config)
+    facts = facts_of(model)
     layers_path, layers = decoder_layers(model, facts.spec)
     layer, site = key
     if not 0 <= layer < len(layers):

@@ -50,12 +50,13 @@ LORA_FIELD_TO_KEY = {field: key for key, field in reversed(LORA_KEY_TABLE.items(
 _LORA_FIELDS = {
     "r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias",
     "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules",
-    "modules_to_save", "bias", "init_lora_weights", "trainable_token_indices",
+    "modules_to_save", "bias", "init_lora_weights", "trainable_token_indices", "ensure_weight_tying",
 }
 _TRAINING_ONLY = {
     "peft_type", "task_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
     "lora_dropout", "loftq_config", "auto_mapping", "megatron_core", "qalora_group_size",
-    "eva_config", "corda_config", "runtime_config", "ensure_weight_tying", "lora_ga_config",
+    "eva_config", "corda_config", "astra_config", "runtime_config", "lora_ga_config",
+    # (inits whose load re-run changes the base are refused through init_lora_weights instead)
     # training-time techniques whose saved adapters compute exactly as plain LoRA (PEFT's outputs are
     # bit-identical without them): VeLoRA's activation compression, MonteCLoRA's sampling (off in eval),
     # QA-LoRA's input pooling (it acts on GPTQ-quantized bases only; adaptkit loads no GPTQ base)
@@ -116,7 +117,7 @@ def _init_lora_weights(config: dict, path: Path) -> bool | str:
     value = config.get("init_lora_weights", True)
     if value in PLAIN_INITS or value in RESIDUAL_INITS:
         return value
-    if isinstance(value, str) and value.startswith(("pissa_niter_", "corda", "loftq", "lora_ga")):
+    if isinstance(value, str) and value.startswith(("pissa_niter_", "corda", "loftq", "lora_ga", "astra")):
         raise UnsupportedAdapterError(
             f"{path}: init_lora_weights={value!r}: PEFT changes the base weights when it loads this adapter, from a "
             "randomized SVD, calibration data or quantization that cannot be recomputed exactly here. Convert it to a "
@@ -153,14 +154,20 @@ def lora_config_from_peft(config: dict, path: Path) -> LoraConfig:
 
 
 def place_module_tensor(module: str, param: str, tensor: torch.Tensor, lora_config: LoraConfig, saved: dict,
-                        base_weights: dict) -> bool:
+                        base_weights: dict, adapted: frozenset[str] = frozenset(), tied: bool = False) -> bool:
     """File a key that is not an adapter weight: a targeted layer's own tensor (PEFT saves those of
-    embedding and output layers, ``.base_layer.``) or a ``modules_to_save`` entry. False: it is neither."""
-    if module.endswith(".base_layer") and lora_config.targets(module[: -len(".base_layer")]):
-        base_weights.setdefault(module[: -len(".base_layer")], {})[param] = tensor
+    embedding and output layers, ``.base_layer.``) or a ``modules_to_save`` entry. False: it is neither.
+
+    ``adapted``: the modules the file holds LoRA factors for (targeted, whatever the config lists: with
+    ``ensure_weight_tying`` PEFT adapts the tied partner of a targeted embedding or head too). ``tied``:
+    ``ensure_weight_tying`` is set, so a stored module's tied partner is stored beside it (PEFT 0.22 saves
+    ``lm_head.weight`` with a saved ``embed_tokens``); its module is checked against the base at load."""
+    layer = module.removesuffix(".base_layer")
+    if layer != module and (lora_config.targets(layer) or layer in adapted):
+        base_weights.setdefault(layer, {})[param] = tensor
         return True
     module = module.replace(".modules_to_save.default", "")
-    if lora_config.saves_module(module):
+    if lora_config.saves_module(module) or (tied and layer == module):
         saved.setdefault(module, {})[param] = tensor
         return True
     return False
@@ -206,6 +213,8 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
     embedding_layers: set[str] = set()
     trained_biases: dict[str, torch.Tensor] = {}
     token_rows: dict[str, torch.Tensor] = {}
+    adapted = frozenset(split[0] for split in map(split_lora_key, map(_strip_prefix, state)) if split is not None)
+    tied = fields.get_bool(config, "ensure_weight_tying", cfg_path)
     for raw_key, tensor in state.items():
         key = _strip_prefix(raw_key)
         if any(f".{state_key}" in key for option, state_key in _TRAINING_STATE.items() if config.get(option)):
@@ -225,7 +234,7 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
         if trains_biases and param == "bias" and not lora_config.saves_module(module.removesuffix(".base_layer")):
             trained_biases[module.removesuffix(".base_layer")] = tensor  # PEFT bias="all" / "lora_only"
             continue
-        if place_module_tensor(module, param, tensor, lora_config, saved, base_weights):
+        if place_module_tensor(module, param, tensor, lora_config, saved, base_weights, adapted, tied):
             continue
         raise AdapterFormatError(f"{weight_file}: unexpected key {raw_key!r} (not a LoRA factor nor a modules_to_save entry)")
     if not factors and not saved:

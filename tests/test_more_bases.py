@@ -79,9 +79,8 @@ def test_lora_prefix_and_prompt_equal_peft(name, bases, tmp_path):
 
     base, targets = bases[name]
     configs = {"lora": LoraConfig(r=4, lora_alpha=8, target_modules=targets),
-               "prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)}
-    if name != "falcon_mq":  # PEFT's own prefix tuning fails there (it builds K/V for every head; Falcon caches one)
-        configs["prefix"] = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)
+               "prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+               "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)}
     ids = random_ids(batch=4, length=9)
     with torch.no_grad():
         plain = _load(base)(input_ids=ids).logits
@@ -105,11 +104,25 @@ def test_lora_prefix_and_prompt_equal_peft(name, bases, tmp_path):
         torch.testing.assert_close(_load(merged)(input_ids=ids).logits, expected["lora"], atol=1e-4, rtol=0)
 
 
-def test_a_prefix_with_every_head_is_refused_on_multi_query_falcon(bases, tmp_path):
-    from peft import PrefixTuningConfig
+@pytest.mark.parametrize("name, cached_heads", [("falcon", 2), ("falcon_mq", 1)])
+def test_a_prefix_with_every_head_is_refused_where_falcon_caches_fewer(name, cached_heads, bases, tmp_path):
+    """A prefix laid out for every attention head (as PEFT laid them out for Falcon when transformers cached
+    every head) fits neither Falcon layout: PEFT itself refuses to load it, and so does adaptkit, by name."""
+    import json
 
-    base, _ = bases["falcon_mq"]
+    from peft import PeftModel, PrefixTuningConfig
+    from safetensors.torch import load_file, save_file
+
+    base, _ = bases[name]
     adapter = _peft(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5), tmp_path / "prefix", 0)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.update(num_attention_heads=4, token_dim=64, encoder_hidden_size=64)  # every head: 2 layers x 2 x 4 x 16
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    save_file({key: torch.randn(5, 256) for key in load_file(adapter / "adapter_model.safetensors")},
+              adapter / "adapter_model.safetensors")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(_load(base), str(adapter))
     engine = ak.Engine.from_pretrained(base)
-    with pytest.raises(AdapterMismatchError, match="4 KV heads.*1 KV heads"):
+    with pytest.raises(AdapterMismatchError, match=f"4 KV heads.*caches 2 layers x {cached_heads} KV heads"):
         engine.add_adapter("prefix", adapter)
+    assert engine.adapters == {}

@@ -75,7 +75,7 @@ def test_inspect_names_the_init(tiny_llama, tmp_path):
     assert "init_lora_weights: pissa" in result.output and "recomputed" in result.output
 
 
-@pytest.mark.parametrize("init", ["pissa_niter_4", "corda", "loftq", "lora_ga"])
+@pytest.mark.parametrize("init", ["pissa_niter_4", "corda", "loftq", "lora_ga", "astra"])
 def test_inits_that_cannot_be_recomputed_are_refused_with_the_conversion(init, tiny_llama, tmp_path):
     import json
 

@@ -27,11 +27,17 @@ CASES = [
     ("tied_llama", {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]}),
     ("tiny_gpt2", {"target_modules": ["c_attn"], "modules_to_save": ["wte"]}),
     ("tiny_gpt2", {"target_modules": ["c_attn", "lm_head"], "fan_in_fan_out": False}),
+    # PEFT 0.22's ensure_weight_tying: what is trained on one side of the tie acts on both, and both are saved
+    ("tied_llama", {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"], "ensure_weight_tying": True}),
+    ("tied_llama", {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"], "ensure_weight_tying": True}),
+    ("tied_llama", {"target_modules": ["q_proj", "embed_tokens"], "ensure_weight_tying": True}),
+    ("tied_llama", {"target_modules": ["q_proj", "lm_head"], "ensure_weight_tying": True}),
 ]
 
 
 @pytest.mark.parametrize("base_name, config", CASES, ids=["llama-lora-head", "llama-save-embed", "gpt2-save-wte",
-                                                         "gpt2-lora-head"])
+                                                         "gpt2-lora-head", "tying-save-embed", "tying-save-head",
+                                                         "tying-lora-embed", "tying-lora-head"])
 def test_tied_bases_merge_to_what_the_unmerged_adapter_computes(base_name, config, request, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -141,12 +141,17 @@ def check_prefix_fits(adapter: PrefixAdapter, facts) -> None:
             f"{source}: a prefix adapter needs attention that takes extra keys and values; {facts.model_type} has "
             f"none (those that do: causal LMs, encoder-decoders' decoders and {', '.join(CACHE_ENCODERS)}); use prompt tuning on this encoder"
         )
+    if facts.kv_layout is not None and len(set(facts.kv_layout)) > 1:
+        raise UnsupportedAdapterError(
+            f"{source}: the {facts.model_type} base caches K/V of different shapes per layer ((heads, head_dim): "
+            f"{sorted(set(facts.kv_layout))}); a prefix has one shape for every layer, so it cannot be served here"
+        )
     ours = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
     base = (facts.num_layers, facts.num_kv_heads, facts.head_dim)
     if ours != base:
         raise AdapterMismatchError(
             f"{source}: the prefix has {ours[0]} layers x {ours[1]} KV heads x head_dim {ours[2]}, but the base "
-            f"({facts.model_type}) has {base[0]} layers x {base[1]} KV heads x head_dim {base[2]}; "
+            f"({facts.model_type}) caches {base[0]} layers x {base[1]} KV heads x head_dim {base[2]}; "
             "the adapter was made for another base"
         )
 
