@@ -103,3 +103,64 @@ def test_public_functions_are_functions_whatever_was_imported_first(name):
         importlib.import_module(module)
     assert callable(getattr(adaptkit, name)) and not isinstance(getattr(adaptkit, name), type(adaptkit))
     assert importlib.util.find_spec(f"adaptkit.{name}") is None
+
+
+# ----------------------------------------------------------------------------- declared dependencies
+# the extra that installs a module's feature (first matching prefix); elsewhere: the core dependencies
+EXTRA_OF_MODULE = {
+    "adaptkit.serving.cluster": "ray", "adaptkit.serving.replica": "ray", "adaptkit.serving.gateway": "ray",
+    "adaptkit.serving": "serve", "adaptkit.demo_model": "demo", "adaptkit.benchmarking.report": "bench",
+    "adaptkit.formats.onnx": "onnx",
+}
+# imported only behind a MissingDependencyError that says how to install it (a reference, never a dependency)
+OPTIONAL = {"peft": "adaptkit.benchmarking.peft_side", "openai": "adaptkit.serving.server"}
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level names of the non-standard-library modules a source file imports, anywhere in it."""
+    import sys
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.partition(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n != "adaptkit"}
+
+
+def declared_requirements() -> dict[str, set[str]]:
+    """{"core" | extra: normalized distribution names} from pyproject.toml."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib", reason="pyproject.toml is read with Python 3.11's tomllib")
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+    return {"core": names(project["dependencies"])} | {
+        extra: names(reqs) for extra, reqs in project["optional-dependencies"].items()}
+
+
+def test_every_extra_declares_what_its_feature_imports():
+    """An extra installed alone must bring every package its feature's modules import (a package that only
+    another extra pulls in is a broken install): [demo] brings accelerate, which transformers needs for GGUF."""
+    from importlib.metadata import packages_distributions
+
+    distributions = packages_distributions()
+    declared = declared_requirements()
+    missing = []
+    for name, path in all_modules().items():
+        extra = next((e for prefix, e in EXTRA_OF_MODULE.items() if name == prefix or name.startswith(prefix + ".")),
+                     None)
+        allowed = declared["core"] | (declared[extra] if extra else set())
+        for module in third_party_imports(path):
+            if OPTIONAL.get(module) == name:
+                continue
+            dists = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
+            if not dists & allowed:
+                missing.append(f"{name} imports {module} ({', '.join(sorted(dists))}): not in {extra or 'core'}")
+    assert missing == []
+    # transformers reads GGUF (the demo's model) only with both of these; it imports them itself
+    assert {"gguf", "accelerate"} <= declared["demo"]
