@@ -183,4 +183,4 @@ def test_inspect_says_whether_a_prefix_fits(tiny_llama, tiny_gpt2, tmp_path):
     assert fits.exit_code == 0 and "kind: prefix" in fits.output and "virtual_tokens: 2" in fits.output
     other = CliRunner().invoke(main, ["inspect", str(source), "--base", str(tiny_gpt2)])
     assert other.exit_code == 1
-    assert "2 layers x 2 KV heads x head_dim 16, but the base (gpt2) has 2 layers x 4 KV heads" in other.output
+    assert "2 layers x 2 KV heads x head_dim 16, but the base (gpt2) caches 2 layers x 4 KV heads" in other.output
