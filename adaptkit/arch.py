@@ -173,13 +173,110 @@ def adapter_site(facts: ModelFacts, site: str) -> AdapterSite:
 
 
 def family_of(model_type: str) -> str:
-    """The layout family of a transformers ``model_type``; raises for unknown ones."""
+    """The layout family of a transformers ``model_type`` adaptkit has a table entry for; raises for others
+    (their layout is discovered instead: :func:`discover_spec`)."""
     if model_type in _LLAMA_FAMILY:
         return "llama"
     if model_type in _FAMILY_OF_TYPE:
         return _FAMILY_OF_TYPE[model_type]
     known = sorted(_LLAMA_FAMILY | set(_FAMILY_OF_TYPE))
-    raise BaseModelError(f"model_type {model_type!r} is not supported; known model types: {', '.join(known)}")
+    raise BaseModelError(f"model_type {model_type!r} has no layout table entry; known model types: {', '.join(known)}")
+
+
+def has_table_entry(model_type: str) -> bool:
+    return model_type in _LLAMA_FAMILY or model_type in _FAMILY_OF_TYPE
+
+
+def model_class_for(config):
+    """The transformers class that runs ``config``: the checkpoint's own architecture when transformers has
+    it, else the causal-LM class of its model type (an encoder's bare model where it has none)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    if has_table_entry(config.model_type) and family_of(config.model_type) == "bert":
+        return transformers.AutoModel
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def skeleton_of(config) -> nn.Module:
+    """The module tree ``config`` builds, on the meta device: names, classes and shapes, no weights."""
+    cls = model_class_for(config)
+    with torch.device("meta"):
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+
+
+# ----------------------------------------------------------------------------- discovered layouts
+def discover_spec(model: nn.Module) -> ArchSpec:
+    """The layout of a model adaptkit has no table entry for, read from the model (or its skeleton).
+
+    The blocks are the longest ``ModuleList`` of transformers' own no-split block classes
+    (``_no_split_modules``: the decoder layers); a block's attention and feed-forward are its children
+    whose classes say so; the input embedding is ``get_input_embeddings()``; GPT-2-style ``Conv1D``
+    layers are found by type. Norm placement is not discovered: bottleneck sites stay table-only.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    config = model.config
+    names = {module: name for name, module in model.named_modules()}
+    blocks_path, blocks = _blocks(model)
+    first = blocks[0]
+    attention = _child(first, ("attention", "attn"))
+    mlp = _child(first, ("mlp", "moe", "feedforward", "feed_forward", "ffn", "experts"))
+    embedding = model.get_input_embeddings()
+    conv1d = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, Conv1D)})
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    return ArchSpec(
+        family=config.model_type,
+        layers_paths=(blocks_path,),
+        attention=attention or "",
+        mlp=mlp or "",
+        attention_norm=None,
+        mlp_norm=None,
+        is_causal=not encoder_decoder and (getattr(config, "is_decoder", False) or _is_causal_lm(model)),
+        conv1d_modules=tuple(conv1d),
+        embedding_keys=(f"{names[embedding]}.weight",) if embedding in names else (),
+        is_seq2seq=encoder_decoder,
+    )
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or \
+        type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(path, list) of the model's transformer blocks: the longest ``ModuleList`` whose members are all of
+    the model's no-split block classes (any ``ModuleList`` of repeated modules where it names none)."""
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    lists = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) > 0]
+    found = [(len(module), -name.count("."), name, module) for name, module in lists
+             if {type(m).__name__ for m in module} <= block_classes]
+    if not found:  # the no-split list names other classes (embeddings, a cross-attention): repeated modules
+        found = [(len(module), -name.count("."), name, module) for name, module in lists
+                 if len({type(m).__name__ for m in module}) == 1]
+    if not found:
+        raise BaseModelError(f"{type(model).__name__}: no list of transformer blocks found (looked for a ModuleList of "
+                             f"{', '.join(sorted(block_classes)) or 'repeated modules'})")
+    _, _, name, blocks = max(found, key=lambda f: f[:2])
+    return name, blocks
+
+
+def _child(block: nn.Module, words: tuple[str, ...]) -> str | None:
+    """The first direct child of ``block`` whose class or attribute name contains one of ``words``."""
+    for name, child in block.named_children():
+        label = (type(child).__name__ + " " + name).lower().replace("_", "")
+        if any(word.replace("_", "") in label for word in words):
+            return name
+    return None
 
 
 @dataclass(frozen=True)
@@ -195,18 +292,48 @@ class ModelFacts:
     head_dim: int
     vocab_size: int
     max_positions: int | None = None  # the context: max_position_embeddings (GPT-2: n_positions)
-    # each layer's (K/V heads, head size) as the model caches them; None: read from the config only
-    # (``num_kv_heads``/``head_dim`` then say what the config says; with a layout they are its layers' own)
-    kv_layout: tuple[tuple[int, int], ...] | None = None
+    # each layer's (K/V heads, head size) as the model caches them (None: a layer that caches no K/V, as a
+    # hybrid's state-space layers); the whole None: read from the config only (``num_kv_heads``/``head_dim``
+    # then say what the config says; with a uniform layout they are its layers' own)
+    kv_layout: tuple[tuple[int, int] | None, ...] | None = None
 
     @property
     def family(self) -> str:
         return self.spec.family
 
 
+def runtime_model_type(config) -> str:
+    """The model type of the class transformers runs ``config`` with: its own, or another's whose class it
+    reuses (transformers 5.25 runs ``exaone`` and ``internlm3`` configs with ``LlamaForCausalLM``)."""
+    cls = model_class_for(config)
+    mapping = getattr(cls, "_model_mapping", None)  # an Auto class: the concrete class for this config
+    if mapping is not None:
+        try:
+            cls = mapping[type(config)]
+        except KeyError:
+            return config.model_type
+    return getattr(getattr(cls, "config_class", None), "model_type", None) or config.model_type
+
+
+def family_of_class(class_name: str) -> str | None:
+    """The layout family of a transformers class name (``LlamaForCausalLM`` -> ``llama``; a class of a
+    model type without a table entry -> that model type), None for a name transformers does not have."""
+    import transformers
+
+    cls = getattr(transformers, class_name, None)
+    model_type = getattr(getattr(cls, "config_class", None), "model_type", None)
+    if not model_type:
+        return None
+    return family_of(model_type) if has_table_entry(model_type) else model_type
+
+
 def facts_from_config(config) -> ModelFacts:
-    """Read the sizes adaptkit needs from a transformers config."""
-    family = family_of(config.model_type)
+    """Read the sizes adaptkit needs from a transformers config; a model type without a table entry gets
+    its layout discovered from the skeleton the config builds (:func:`discover_spec`)."""
+    runtime = runtime_model_type(config)
+    if not has_table_entry(runtime):
+        return _discovered_facts(config)
+    family = family_of(runtime)
     if family == "gpt2":
         hidden, layers, heads = config.n_embd, config.n_layer, config.n_head
         kv_heads = heads
@@ -233,6 +360,38 @@ def facts_from_config(config) -> ModelFacts:
     )
 
 
+_DISCOVERED: dict[str, ModelFacts] = {}  # config JSON -> facts: one skeleton per distinct config
+
+
+def _discovered_facts(config) -> ModelFacts:
+    key = config.to_json_string(use_diff=False)
+    found = _DISCOVERED.get(key)
+    if found is not None:
+        return found
+    spec = discover_spec(skeleton_of(config))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden, layers, heads = (getattr(text, name, None) for name in ("hidden_size", "num_hidden_layers",
+                                                                     "num_attention_heads"))
+    missing = [n for n, v in (("hidden_size", hidden), ("num_hidden_layers", layers), ("num_attention_heads", heads),
+                              ("vocab_size", getattr(text, "vocab_size", None))) if v is None]
+    if missing:
+        raise BaseModelError(f"{config.model_type}: its config names no {', '.join(missing)}; adaptkit reads a base's "
+                             "sizes from these standard fields")
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    found = _DISCOVERED[key] = ModelFacts(
+        spec=spec,
+        model_type=config.model_type,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=getattr(text, "head_dim", None) or hidden // heads,
+        vocab_size=text.vocab_size,
+        max_positions=getattr(text, "max_position_embeddings", None),
+    )
+    return found
+
+
 def decoder_layers(model: nn.Module, spec: ArchSpec) -> tuple[str, nn.ModuleList]:
     """The qualified name and the ``ModuleList`` of the model's transformer blocks."""
     for path in spec.layers_paths:
@@ -257,15 +416,39 @@ def facts_of(model: nn.Module) -> ModelFacts:
     found = _MEASURED.get(model)
     if found is None:
         facts = facts_from_config(model.config)
+        if not has_table_entry(runtime_model_type(model.config)) and facts.spec.is_causal:
+            facts = _checked_causal(model, facts)
         layout = cached_kv_shapes(model)
         if layout:
-            heads, head_dim = layout[0] if len(set(layout)) == 1 else (facts.num_kv_heads, facts.head_dim)
+            heads, head_dim = layout[0] if len(set(layout)) == 1 and None not in layout else \
+                (facts.num_kv_heads, facts.head_dim)
             facts = dataclasses.replace(facts, num_kv_heads=heads, head_dim=head_dim, kv_layout=layout)
         found = _MEASURED[model] = facts
     return found
 
 
-def cached_kv_shapes(model: nn.Module) -> tuple[tuple[int, int], ...] | None:
+def _checked_causal(model: nn.Module, facts: ModelFacts) -> ModelFacts:
+    """A discovered causal-LM class, asked on three tokens: does a token see the ones after it (an encoder
+    run through its LM-head class without ``is_decoder``: served as an encoder), and does it number
+    positions from 0, as adaptkit's ``position_ids`` for padded rows do (refused by name where not)."""
+    device = next(model.parameters()).device
+    if device.type == "meta":
+        return facts
+    ids = (torch.arange(3, device=device) % facts.vocab_size + 3) % facts.vocab_size
+    ids = ids.unsqueeze(0)
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits
+        first_two = model(input_ids=ids[:, :2]).logits
+        if not torch.allclose(whole[:, :2], first_two, atol=1e-4, rtol=1e-3):
+            return dataclasses.replace(facts, spec=dataclasses.replace(facts.spec, is_causal=False))
+        numbered = model(input_ids=ids, position_ids=torch.arange(3, device=device).unsqueeze(0)).logits
+    if not torch.allclose(whole, numbered, atol=1e-4, rtol=1e-3):
+        raise BaseModelError(f"{facts.model_type}: the model does not number positions from 0 (its own positions differ "
+                             "from position_ids 0, 1, 2), so adaptkit cannot give padded rows their positions")
+    return facts
+
+
+def cached_kv_shapes(model: nn.Module) -> tuple[tuple[int, int] | None, ...] | None:
     """Each layer's (K/V heads, head size) as ``model`` caches them, from a one-token forward into an
     empty cache (an encoder-decoder's: its decoder's self-attention cache); None when the model caches
     nothing (an encoder whose attention takes no cache).
@@ -287,22 +470,27 @@ def cached_kv_shapes(model: nn.Module) -> tuple[tuple[int, int], ...] | None:
             return _one_token_cache(model, device)
 
 
-def _one_token_cache(model: nn.Module, device: torch.device) -> tuple[tuple[int, int], ...] | None:
+def _one_token_cache(model: nn.Module, device: torch.device) -> tuple[tuple[int, int] | None, ...] | None:
+    """Run one token with ``use_cache`` and read each cache layer's K/V shape (None for a layer that holds
+    none: a state-space or linear-attention layer of a hybrid model)."""
     from transformers import DynamicCache, EncoderDecoderCache
 
     ids = torch.ones(1, 1, dtype=torch.long, device=device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": True}
     if model.config.is_encoder_decoder:
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         inputs["decoder_input_ids"] = ids
     else:
-        cache = DynamicCache()
         model = model.base_model  # an encoder's task head takes no cache; its body does
-    model(**inputs, **{cache_argument(model): cache})
+    out = model(**inputs)  # the model's own cache: hybrid models keep conv/recurrent state beside K/V
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    if cache is None:  # an encoder fills a cache only when given one
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if model.config.is_encoder_decoder else DynamicCache()
+        model(**inputs, **{cache_argument(model): cache})
     layers = getattr(cache, "self_attention_cache", cache).layers
-    shapes = tuple((layer.keys.shape[1], layer.keys.shape[-1]) for layer in layers
-                   if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0)
-    return shapes or None
+    shapes = tuple((layer.keys.shape[1], layer.keys.shape[-1])
+                   if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel() > 0 else None
+                   for layer in layers)
+    return shapes if any(shapes) else None
 
 
 def cache_argument(model: nn.Module) -> str:

@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adaptkit.arch import ModelFacts, facts_from_config, facts_of
+from adaptkit.arch import (
+    ModelFacts,
+    facts_from_config,
+    facts_of,
+    family_of_class,
+    model_class_for,
+    skeleton_of,
+)
 from adaptkit.errors import BaseModelError, InvalidArgumentError
 from adaptkit.hub import local_path
 
@@ -59,21 +66,6 @@ def read_config(path: str | os.PathLike):
         return AutoConfig.from_pretrained(str(path))
     except Exception as exc:  # transformers raises many types here
         raise BaseModelError(f"{path / 'config.json'}: cannot be read as a transformers config ({exc})") from exc
-
-
-def model_class_for(config):
-    """The transformers class to instantiate: the checkpoint's own architecture when known."""
-    import transformers
-
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    from adaptkit.arch import family_of
-
-    if family_of(config.model_type) == "bert":
-        return transformers.AutoModel
-    return transformers.AutoModelForCausalLM
 
 
 def fingerprint_of(facts: ModelFacts, embedding_rows: torch.Tensor) -> str:
@@ -238,18 +230,6 @@ def load_base(
     )
 
 
-_CLASS_FAMILIES = (("gpt2", "gpt2"), ("bert", "bert"), ("roberta", "bert"), ("llama", "llama"), ("mistral", "llama"),
-                   ("qwen", "llama"), ("gemma", "llama"), ("phi3", "llama"), ("olmo", "llama"), ("granite", "llama"),
-                   ("opt", "opt"), ("gptneox", "neox"), ("falcon", "falcon"), ("xlmroberta", "bert"),
-                   ("debertav2", "bert"), ("t5", "t5"), ("mt5", "t5"), ("bart", "bart"))
-
-
-def family_of_class(class_name: str) -> str | None:
-    """The layout family of a transformers class name (``LlamaForCausalLM`` -> ``llama``), if known."""
-    lowered = class_name.lower()
-    return next((family for prefix, family in _CLASS_FAMILIES if lowered.startswith(prefix)), None)
-
-
 def check_made_for(adapter, facts: ModelFacts, fingerprint: str | None) -> None:
     """Raise :class:`AdapterMismatchError` when the adapter records another base than this one."""
     from adaptkit.errors import AdapterMismatchError
@@ -271,10 +251,7 @@ def check_made_for(adapter, facts: ModelFacts, fingerprint: str | None) -> None:
 
 def meta_model(path: str | os.PathLike) -> nn.Module:
     """The base's module tree on the meta device: names and shapes without reading any weight."""
-    config = read_config(path)
-    cls = model_class_for(config)
-    with torch.device("meta"):
-        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    return skeleton_of(read_config(path))
 
 
 def checkpoint_fingerprint(checkpoint, config) -> str | None:

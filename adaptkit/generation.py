@@ -158,8 +158,8 @@ def sliding_layout(config) -> tuple[int | None, list[str] | None]:
     a mask per layer type."""
     windows = sliding_windows(config)
     sizes = {w for w in windows if w is not None}
-    if not sizes:
-        return None, None
+    if not sizes or set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}:
+        return None, None  # no window, or layers of other kinds (linear attention): the model's own masks
     if len(sizes) > 1:
         raise EngineStateError(f"{config.model_type}: layers slide over different windows {sorted(sizes)}; adaptkit "
                                "batches models whose sliding layers share one window")

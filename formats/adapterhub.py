@@ -26,8 +26,7 @@ from safetensors.torch import save_file
 
 from adaptkit.adapters.bottleneck import BottleneckAdapter, BottleneckConfig, BottleneckLayer, SiteKey
 from adaptkit.adapters.fusion import FusionAdapter, FusionConfig, FusionLayer
-from adaptkit.arch import family_of
-from adaptkit.base import family_of_class
+from adaptkit.arch import family_of, family_of_class
 from adaptkit.errors import AdapterFormatError, AdaptkitError, BaseModelError, UnsupportedAdapterError
 from adaptkit.formats import fields as checked
 from adaptkit.formats.tensors import first_existing, load_adapter_tensors

@@ -24,7 +24,7 @@ from adaptkit.adapters.prefix import (
     prefix_from_flat,
 )
 from adaptkit.adapters.prompt import PromptAdapter, PromptConfig, fold_lstm_encoder, fold_mlp_encoder
-from adaptkit.base import family_of_class
+from adaptkit.arch import family_of_class
 from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
 from adaptkit.formats import fields
 from adaptkit.formats.tensors import first_existing, load_adapter_tensors

@@ -141,6 +141,12 @@ def check_prefix_fits(adapter: PrefixAdapter, facts) -> None:
             f"{source}: a prefix adapter needs attention that takes extra keys and values; {facts.model_type} has "
             f"none (those that do: causal LMs, encoder-decoders' decoders and {', '.join(CACHE_ENCODERS)}); use prompt tuning on this encoder"
         )
+    if facts.kv_layout is not None and None in facts.kv_layout:
+        stateful = [i for i, shape in enumerate(facts.kv_layout) if shape is None]
+        raise UnsupportedAdapterError(
+            f"{source}: layers {stateful} of the {facts.model_type} base keep a recurrent or convolution state, not "
+            "keys and values; a prefix has K/V for every layer, so it cannot be served here (prompt tuning can)"
+        )
     if facts.kv_layout is not None and len(set(facts.kv_layout)) > 1:
         raise UnsupportedAdapterError(
             f"{source}: the {facts.model_type} base caches K/V of different shapes per layer ((heads, head_dim): "

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adaptkit.adapters.lora import LoraAdapter, LoraConfig, LoraWeights, check_merge_weights
-from adaptkit.base import family_of_class
+from adaptkit.arch import family_of_class
 from adaptkit.errors import AdapterMismatchError, InvalidArgumentError, UnsupportedAdapterError
 from adaptkit.formats.detect import load_lora_adapters
 from adaptkit.lowrank import LowRank
