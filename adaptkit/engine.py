@@ -31,6 +31,7 @@ from adaptkit.adapters.lora import (
     RESIDUAL_INITS,
     LoraAdapter,
     TokenRows,
+    bind_parameter_factors,
     fold_base_residual,
     fold_trained_biases,
     merged_bias,
@@ -254,6 +255,7 @@ class Engine:
         adapter = self._with_tied_token_rows(adapter, modules)
         if needs_base_layers(adapter):
             adapter = bind_base_layers(adapter, modules.get)
+        adapter = bind_parameter_factors(adapter, modules.get)
         if adapter.trained_biases:
             adapter = fold_trained_biases(adapter, lambda m: getattr(modules.get(m), "bias", None),
                                           lambda m: {k: v.detach().cpu() for k, v in modules[m].state_dict().items()})
@@ -296,6 +298,8 @@ class Engine:
         so the same object added twice with different scales gives two different adapters)."""
         if not isinstance(adapter, LoraAdapter):
             raise UnsupportedAdapterError(f"scale= is not supported for {adapter.kind} adapters")
+        if adapter.parameter_factors or adapter.parameter_layers:
+            raise UnsupportedAdapterError(f"{adapter.source}: scale= is not supported with target_parameters")
         layers = {name: w.replaced(scale=w.scale * scale) for name, w in adapter.layers.items()}
         return dataclasses.replace(adapter, layers=layers)
 
@@ -792,6 +796,11 @@ class Engine:
                         f"{module_name}: lora_bias cannot be merged into a layer without a bias (serve it unmerged)"
                     )
                 writes.append((base_layer, "bias", merged_bias(base_layer.bias, [(factors, 1.0)])))
+        for key in adapter.parameter_layers:
+            owner, _, param_name = key.rpartition(".")
+            wrapper = inject.wrapper_at(self.model, owner, inject.ParamLoraModule)
+            param = inject.innermost(wrapper).get_parameter(param_name)
+            writes.append((inject.innermost(wrapper), param_name, param + wrapper.lora[name][param_name].delta().to(param.dtype)))
         for module_name in adapter.saved_modules:
             switched = inject.wrapper_at(self.model, module_name, inject.SwitchedModule)
             for param_name, value in switched.replacements[name].named_parameters():

@@ -232,6 +232,98 @@ class LoraEmbedding(ModuleWrapper):
         return y
 
 
+class ParamLoraModule(ModuleWrapper):
+    """A module some of whose parameters LoRAs adapt (PEFT's ``target_parameters``: fused MoE experts, a
+    router's weight), each adapter on its own rows.
+
+    The update does not add to the module's output (it feeds top-k routing or an activation), so rows run
+    the module with ``W + delta`` of their own adapters (``torch.func.functional_call``: the module itself is
+    untouched): the whole batch at once when every row has the same adapters, else each group of rows on its
+    own tokens. The module's tensor inputs lead with the batch's rows [B, ...] or its tokens flattened row
+    by row [B*S, ...], as an MoE block flattens them for its router and experts.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.lora = nn.ModuleDict()  # adapter -> {parameter name: ParamLora}
+
+    def add(self, name: str, param_name: str, lora: nn.Module) -> None:
+        if name not in self.lora:
+            self.lora[name] = nn.ModuleDict()
+        self.lora[name][param_name] = lora
+
+    def remove(self, name: str) -> None:
+        del self.lora[name]
+
+    def forward(self, *args, **kwargs):
+        plan = current_plan()
+        if plan is None or not any(name in plan.groups for name in self.lora):
+            return self.base(*args, **kwargs)
+        rows_of: dict[tuple, list[int]] = {}
+        for row, key in enumerate(self._row_keys(plan)):
+            rows_of.setdefault(key, []).append(row)
+        if len(rows_of) == 1:
+            return self._run(next(iter(rows_of)), args, kwargs)
+        first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        tokens = first.shape[0]
+        if tokens % plan.batch_size:
+            raise EngineStateError(f"{type(self.base).__name__}: inputs of {tokens} rows are neither the batch's "
+                                   f"{plan.batch_size} rows nor its tokens; run these adapters in separate batches")
+        per_row = tokens // plan.batch_size
+        out, parts = None, []
+        for key, rows in rows_of.items():
+            index = (torch.tensor(rows, device=first.device)[:, None] * per_row
+                     + torch.arange(per_row, device=first.device)).flatten()
+
+            def pick(value, index=index):
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == tokens:
+                    return value.index_select(0, index)
+                return value
+
+            parts.append((index, self._run(key, [pick(a) for a in args], {k: pick(v) for k, v in kwargs.items()})))
+        out = _stitch([part for _, part in parts], [index for index, _ in parts], tokens)
+        return out
+
+    def _row_keys(self, plan) -> list[tuple]:
+        """Per row: the (adapter, weight) pairs of this module's adapters that the row uses."""
+        keys = [[] for _ in range(plan.batch_size)]
+        for name in self.lora:
+            group = plan.groups.get(name)
+            if group is None:
+                continue
+            rows = range(plan.batch_size) if group.rows is None else group.rows.tolist()
+            weights = [1.0] * len(rows) if group.row_weights is None else group.row_weights.flatten().tolist()
+            for row, weight in zip(rows, weights):
+                keys[row].append((name, weight))
+        return [tuple(k) for k in keys]
+
+    def _run(self, key: tuple, args, kwargs):
+        if not key:
+            return self.base(*args, **kwargs)
+        params = {}
+        for name, weight in key:
+            for param_name, lora in self.lora[name].items():
+                current = params.get(param_name, self.base.get_parameter(param_name))
+                params[param_name] = current + (lora.delta() * weight).to(current.dtype)
+        return torch.func.functional_call(self.base, params, tuple(args), kwargs)
+
+
+def _stitch(parts: list, indices: list[torch.Tensor], tokens: int):
+    """The outputs of row groups put back in token order (tensors, or tuples/lists of them)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        if first.ndim == 0 or first.shape[0] != len(indices[0]):
+            return first  # not per token (a scalar loss): the first group's stands
+        whole = first.new_empty((tokens, *first.shape[1:]))
+        for index, part in zip(indices, parts):
+            whole.index_copy_(0, index, part)
+        return whole
+    if isinstance(first, (tuple, list)):
+        return type(first)(_stitch([p[i] for p in parts], indices, tokens) for i in range(len(first)))
+    return first
+
+
 class SwitchedModule(ModuleWrapper):
     """A module that some adapters replace by their own stored copy (``modules_to_save``)."""
 
@@ -360,7 +452,7 @@ def wrap_once(model: nn.Module, name: str, wrapper_cls: type[nn.Module]) -> nn.M
 
 
 def _is_empty(wrapper: nn.Module) -> bool:
-    return (isinstance(wrapper, (LoraLinear, LoraEmbedding)) and not wrapper.lora) or (
+    return (isinstance(wrapper, (LoraLinear, LoraEmbedding, ParamLoraModule)) and not wrapper.lora) or (
         isinstance(wrapper, SwitchedModule) and not wrapper.replacements)
 
 
@@ -445,6 +537,9 @@ def attach_lora(model: nn.Module, name: str, adapter, dtype: torch.dtype, device
             weights.magnitude.data = weights.magnitude.data.float()
         layer_type = LoraEmbedding if isinstance(modules[module_name], nn.Embedding) else LoraLinear
         wrap_once(model, module_name, layer_type).add(name, weights)
+    for key, lora in adapter.parameter_layers.items():
+        owner, _, param_name = key.rpartition(".")
+        wrap_once(model, owner, ParamLoraModule).add(name, param_name, lora.to(device=device, dtype=dtype))
     attach_saved(model, name, adapter.saved_modules)
 
 
@@ -465,8 +560,9 @@ def find(model: nn.Module, name: str) -> nn.Module | None:
 def detach_lora(model: nn.Module, name: str, adapter) -> None:
     """Remove the adapter ``name`` from every wrapper; unwrap wrappers left empty. Also the rollback of a
     failed attach, so names the model lacks are skipped."""
-    for module_name in adapter.layers:
-        module = find(model, module_name) and wrapper_at(model, module_name, (LoraLinear, LoraEmbedding))
+    owners = {key.rpartition(".")[0] for key in adapter.parameter_layers}
+    for module_name in [*adapter.layers, *owners]:
+        module = find(model, module_name) and wrapper_at(model, module_name, (LoraLinear, LoraEmbedding, ParamLoraModule))
         if module is not None and name in module.lora:
             module.remove(name)
             unwrap_if_empty(model, module_name)

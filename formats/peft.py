@@ -51,6 +51,7 @@ _LORA_FIELDS = {
     "r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias",
     "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules",
     "modules_to_save", "bias", "init_lora_weights", "trainable_token_indices", "ensure_weight_tying",
+    "target_parameters",
 }
 _TRAINING_ONLY = {
     "peft_type", "task_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
@@ -66,7 +67,7 @@ _TRAINING_ONLY = {
 _TRAINING_STATE = {"velora_config": "lora_velora_", "monteclora_config": "lora_monteclora_"}
 # Fields whose non-empty value changes the forward pass in a way adaptkit does not implement.
 _UNSUPPORTED_WHEN_SET = {
-    "layer_replication", "target_parameters", "alora_invocation_tokens",
+    "layer_replication", "alora_invocation_tokens",
     "megatron_config", "use_bdlora", "arrow_config", "kasa_config",
 }
 
@@ -132,13 +133,15 @@ def lora_config_from_peft(config: dict, path: Path) -> LoraConfig:
     """Build a :class:`LoraConfig` from a PEFT LoRA config dict."""
     _check_fields(config, path)
     targets = fields.get_names(config, "target_modules", path, allow_regex=True)
-    if targets is None:
+    parameters = tuple(fields.get_names(config, "target_parameters", path) or ())
+    if targets is None and not parameters:
         raise AdapterFormatError(f"{path}: target_modules is missing")
     pattern = fields.get_names(config, "layers_pattern", path)
     return LoraConfig(
         r=fields.get_int(config, "r", path),
         alpha=fields.get_float(config, "lora_alpha", path, default=8),
-        target_modules=targets,
+        target_modules=targets or (),
+        target_parameters=parameters,
         use_rslora=fields.get_bool(config, "use_rslora", path),
         use_dora=fields.get_bool(config, "use_dora", path),
         fan_in_fan_out=fields.get_bool(config, "fan_in_fan_out", path),
@@ -213,6 +216,7 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
     embedding_layers: set[str] = set()
     trained_biases: dict[str, torch.Tensor] = {}
     token_rows: dict[str, torch.Tensor] = {}
+    parameter_factors: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     adapted = frozenset(split[0] for split in map(split_lora_key, map(_strip_prefix, state)) if split is not None)
     tied = fields.get_bool(config, "ensure_weight_tying", cfg_path)
     for raw_key, tensor in state.items():
@@ -223,6 +227,12 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
             token_rows[key[: -len(TOKEN_ROWS_KEY)]] = tensor
             continue
         split = split_lora_key(key)
+        if split is not None and lora_config.target_parameters and not lora_config.targets(split[0]):
+            owner, depth = split[0], 0  # a targeted parameter's module; PEFT nests one wrapper per parameter
+            while owner.endswith(".base_layer"):
+                owner, depth = owner.removesuffix(".base_layer"), depth + 1
+            parameter_factors.setdefault(owner, {}).setdefault(depth, {})[split[1]] = tensor
+            continue
         if split is not None:
             module, field = split
             if ".lora_embedding_" in key:
@@ -237,8 +247,13 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
         if place_module_tensor(module, param, tensor, lora_config, saved, base_weights, adapted, tied):
             continue
         raise AdapterFormatError(f"{weight_file}: unexpected key {raw_key!r} (not a LoRA factor nor a modules_to_save entry)")
-    if not factors and not saved:
+    if not factors and not saved and not parameter_factors:
         raise AdapterFormatError(f"{weight_file}: holds no LoRA weights")
+    for owner, by_depth in parameter_factors.items():
+        for depth, pair in by_depth.items():
+            if set(pair) != {"lora_A", "lora_B"}:
+                raise AdapterFormatError(f"{weight_file}: {owner}{'.base_layer' * depth} lacks lora_A or lora_B")
+            by_depth[depth] = (pair["lora_A"], pair["lora_B"])
     layers = {}
     for module, tensors in factors.items():
         if "lora_A" not in tensors or "lora_B" not in tensors:
@@ -268,7 +283,7 @@ def read_lora(folder: str | os.PathLike, config: dict | None = None) -> LoraAdap
                                      f"lists {len(indices)} trainable_token_indices")
         layers[module] = TokenRows(torch.tensor(indices), values, embedding=True)
     return lora_adapter_of(folder, config, lora_config, layers, saved_modules=saved, base_weights=base_weights,
-                           trained_biases=trained_biases)
+                           trained_biases=trained_biases, parameter_factors=parameter_factors)
 
 
 def lora_adapter_of(folder: Path, config: dict, lora_config: LoraConfig, layers: dict, **parts) -> LoraAdapter:

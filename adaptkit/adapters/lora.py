@@ -15,6 +15,7 @@ Target selection follows PEFT exactly (``target_modules`` list or regex, ``layer
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from adaptkit.errors import InvalidArgumentError, UnsupportedAdapterError
+from adaptkit.errors import AdapterMismatchError, InvalidArgumentError, UnsupportedAdapterError
 
 KIND = "lora"
 
@@ -57,12 +58,19 @@ class LoraConfig:
     exclude_modules: tuple[str, ...] | str | None = None
     modules_to_save: tuple[str, ...] = ()
     init_lora_weights: bool | str = True  # PEFT's; "pissa"/"olora" change the base at load (see fold_base_residual)
+    # PEFT's target_parameters: parameters adapted in place of modules ("gate_up_proj", "mlp.gate.weight"),
+    # matched as suffixes of "module.param" names (fused MoE experts, routers)
+    target_parameters: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.r <= 0:
             raise UnsupportedAdapterError(f"LoRA rank r must be positive, got {self.r}")
-        if not self.target_modules:
+        if not self.target_modules and not self.target_parameters:
             raise UnsupportedAdapterError("LoRA target_modules is empty: the adapter would change nothing")
+
+    def targets_parameter(self, key: str) -> bool:
+        """PEFT's match of a ``module.param`` name against ``target_parameters``: equal, or a dotted suffix."""
+        return any(key == t or key.endswith("." + t) for t in self.target_parameters)
 
     def rank_for(self, module_name: str) -> int:
         key = _pattern_key(self.rank_pattern, module_name)
@@ -248,6 +256,92 @@ class TokenRows(nn.Module):
         return out
 
 
+class ParamLora(nn.Module):
+    """A LoRA on a parameter rather than a module (PEFT's ``target_parameters``): a router's weight, or fused
+    MoE expert weights ``[E, ., .]`` with one rank-``r`` update per expert.
+
+    PEFT's layout: ``lora_A`` [r E, in], ``lora_B`` [out, r E]; for experts ``A`` reads as [E, r, in] and
+    ``B`` as [out, r, E], and expert e's update is ``s * B[:, :, e] @ A[e]``. A 3-D parameter is [E, in, out]
+    when its module says ``is_transposed`` (gpt-oss), else [E, out, in] (Qwen3-MoE, Mixtral); a 2-D one is
+    [out, in]. The forward runs the module with ``W + delta`` (PEFT does the same through a parametrization).
+    """
+
+    def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, shape: tuple[int, ...],
+                 transposed: bool = False):
+        super().__init__()
+        self.lora_A = nn.Parameter(lora_A, requires_grad=False)
+        self.lora_B = nn.Parameter(lora_B, requires_grad=False)
+        self.scale = scale
+        self.shape = tuple(shape)
+        self.transposed = transposed
+
+    @property
+    def num_experts(self) -> int:
+        return self.shape[0] if len(self.shape) == 3 else 1
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0] // self.num_experts
+
+    def expected_factor_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(A, B) shapes PEFT saves for a parameter of ``self.shape`` at this rank."""
+        if len(self.shape) == 2:
+            out_f, in_f = self.shape
+        elif self.transposed:
+            _, in_f, out_f = self.shape
+        else:
+            _, out_f, in_f = self.shape
+        rows = self.rank * self.num_experts
+        return (rows, in_f), (out_f, rows)
+
+    def delta(self) -> torch.Tensor:
+        """The update, in the parameter's own shape and the factors' dtype."""
+        a, b = self.lora_A, self.lora_B
+        if len(self.shape) == 2:
+            return (b @ a) * self.scale
+        experts = self.num_experts
+        a = a.reshape(experts, -1, a.shape[-1])  # [E, r, in]
+        b = b.reshape(b.shape[0], -1, experts)  # [out, r, E]
+        pattern = "ore,eri->eio" if self.transposed else "ore,eri->eoi"  # [E, in, out] or [E, out, in]
+        return torch.einsum(pattern, b, a) * self.scale
+
+
+def bind_parameter_factors(adapter: LoraAdapter, module_at) -> LoraAdapter:
+    """Resolve the factors PEFT saves per module (nested ``base_layer.`` for a module with several targeted
+    parameters) into :class:`ParamLora` per ``module.param``, with the base module ``module_at(name)``.
+
+    PEFT wraps a module's targeted parameters in their registration order, the first innermost: with N
+    of them, the i-th has N-1-i ``base_layer.`` steps in its keys.
+    """
+    if not adapter.parameter_factors:
+        return adapter
+    source = adapter.source or "LoRA adapter"
+    bound = {}
+    for owner, by_depth in adapter.parameter_factors.items():
+        module = module_at(owner)
+        if module is None:
+            raise AdapterMismatchError(f"{source}: the base has no module {owner!r} (target_parameters); "
+                                       "the adapter was made for another base")
+        params = [(n, p) for n, p in module.named_parameters(recurse=False)
+                  if adapter.config.targets_parameter(f"{owner}.{n}")]
+        if len(params) != len(by_depth):
+            raise AdapterMismatchError(
+                f"{source}: {owner} has {len(by_depth)} factor pairs but the base's module has {len(params)} "
+                f"parameters matching target_parameters ({', '.join(n for n, _ in params) or 'none'})")
+        for i, (name, param) in enumerate(params):
+            a, b = by_depth[len(params) - 1 - i]
+            key = f"{owner}.{name}"
+            lora = ParamLora(a, b, adapter.config.scale_for(key), tuple(param.shape),
+                             transposed=bool(getattr(module, "is_transposed", False)))
+            if (tuple(a.shape), tuple(b.shape)) != lora.expected_factor_shapes():
+                raise AdapterMismatchError(
+                    f"{source}: {key}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit the base's "
+                    f"{tuple(param.shape)} parameter (expected {lora.expected_factor_shapes()}); the adapter was made "
+                    "for another base")
+            bound[key] = lora
+    return dataclasses.replace(adapter, parameter_factors={}, parameter_layers=bound)
+
+
 @dataclass
 class LoraAdapter:
     """A loaded LoRA: its config, the factors per module, and whole modules it replaces."""
@@ -267,6 +361,10 @@ class LoraAdapter:
     # base biases trained with the adapter (PEFT's bias="all" / "lora_only"): {module: new bias}; folded
     # into lora_B_bias (targeted layers) and stored copies (other layers) by fold_trained_biases
     trained_biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    # target_parameters: factors as read ({owner module: {base_layer depth: (A, B)}}), then bound to the
+    # base's parameters by bind_parameter_factors ({"module.param": ParamLora})
+    parameter_factors: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    parameter_layers: dict[str, ParamLora] = field(default_factory=dict)
 
     kind = KIND
 
@@ -277,15 +375,19 @@ class LoraAdapter:
 
     residual_folded: bool = False  # the layers already carry the init's base residual as extra rank
 
+    def _tensors(self):
+        yield from (p for w in self.layers.values() for p in w.parameters())
+        yield from (t for sd in self.saved_modules.values() for t in sd.values())
+        yield from (t for by_depth in self.parameter_factors.values() for pair in by_depth.values() for t in pair)
+        yield from (p for w in self.parameter_layers.values() for p in w.parameters())
+
     @property
     def parameter_count(self) -> int:
-        count = sum(p.numel() for w in self.layers.values() for p in w.parameters())
-        return count + sum(t.numel() for sd in self.saved_modules.values() for t in sd.values())
+        return sum(t.numel() for t in self._tensors())
 
     @property
     def nbytes(self) -> int:
-        n = sum(p.numel() * p.element_size() for w in self.layers.values() for p in w.parameters())
-        return n + sum(t.numel() * t.element_size() for sd in self.saved_modules.values() for t in sd.values())
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def ranks(self) -> dict[str, int]:
         return {name: w.rank for name, w in self.layers.items()}
@@ -350,7 +452,6 @@ def fold_trained_biases(adapter: LoraAdapter, base_bias, module_state=None) -> L
     """
     if not adapter.trained_biases:
         return adapter
-    import dataclasses
 
     layers, saved = dict(adapter.layers), dict(adapter.saved_modules)
     for module, new in adapter.trained_biases.items():
@@ -385,7 +486,6 @@ def fold_base_residual(adapter: LoraAdapter, weight_of) -> LoraAdapter:
         B0, A0 = residual_factors(init, weight, conv1d, w.rank, w.scale)
         layers[name] = w.replaced(lora_A=torch.cat([w.lora_A.data.float(), A0]).to(w.lora_A.dtype),
                                   lora_B=torch.cat([w.lora_B.data.float(), -B0], dim=1).to(w.lora_B.dtype))
-    import dataclasses
 
     return dataclasses.replace(adapter, layers=layers, residual_folded=True)
 
