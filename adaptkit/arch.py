@@ -196,12 +196,22 @@ def model_class_for(config):
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if cls is not None:
-            return cls
+            # through the Auto class that maps this config to it: transformers then converts a checkpoint
+            # stored in another layout at load and back at save (exaone's is stored as transformer.h.*)
+            return next((auto for auto in _auto_classes() if auto._model_mapping.get(type(config), None) is cls), cls)
     if has_table_entry(config.model_type) and family_of(config.model_type) == "bert":
         return transformers.AutoModel
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return transformers.AutoModelForCausalLM
     return transformers.AutoModel
+
+
+def _auto_classes() -> tuple:
+    import transformers
+
+    return (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM, transformers.AutoModelForMaskedLM,
+            transformers.AutoModelForSequenceClassification, transformers.AutoModelForTokenClassification,
+            transformers.AutoModel)
 
 
 def skeleton_of(config) -> nn.Module:
@@ -232,7 +242,7 @@ def discover_spec(model: nn.Module) -> ArchSpec:
     conv1d = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, Conv1D)})
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     return ArchSpec(
-        family=config.model_type,
+        family=runtime_model_type(config),
         layers_paths=(blocks_path,),
         attention=attention or "",
         mlp=mlp or "",

@@ -119,11 +119,12 @@ def random_lora(
 def _base_facts(base_dir):
     """(sizes, transformers class name, fingerprint) of a saved base, read without loading weights."""
     from adaptkit.arch import facts_of
-    from adaptkit.base import checkpoint_fingerprint, meta_model, model_class_for, read_config
+    from adaptkit.base import checkpoint_fingerprint, meta_model, read_config
     from adaptkit.formats.checkpoint import open_checkpoint
 
     config = read_config(base_dir)
-    return (facts_of(meta_model(base_dir)), model_class_for(config).__name__,
+    skeleton = meta_model(base_dir)
+    return (facts_of(skeleton), type(skeleton).__name__,
             checkpoint_fingerprint(open_checkpoint(base_dir), config))
 
 

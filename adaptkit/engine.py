@@ -229,7 +229,7 @@ class Engine:
             raise UnsupportedAdapterError(f"adapter kind {loaded.kind!r} cannot be served by this engine")
         self._check_base(loaded)
         if isinstance(loaded, LoraAdapter):
-            loaded = self._fitted_lora(loaded)
+            loaded = fit_lora(self.model, loaded)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise InvalidArgumentError(f"scale must be a finite number, got {scale!r}")
         if scale != 1.0:
@@ -244,50 +244,6 @@ class Engine:
         info = AdapterInfo(name, loaded.kind, loaded.parameter_count, loaded.nbytes, loaded.source, details(loaded))
         self._infos[name] = info
         return info
-
-    def _fitted_lora(self, adapter: LoraAdapter) -> LoraAdapter:
-        """The LoRA-family adapter with what PEFT does to the base at load made part of it (the base stays as
-        loaded, for the other rows): PiSSA/OLoRA residuals, the tied head's token rows, layers bound to their
-        base layer ((IA)^3, VeRA), trained biases. One walk of the model serves every step."""
-        modules = inject.base_modules(self.model)
-        if adapter.needs_base_residual:
-            adapter = fold_base_residual(adapter, lambda name: self._base_weight(modules, name))
-        adapter = self._with_tied_token_rows(adapter, modules)
-        if needs_base_layers(adapter):
-            adapter = bind_base_layers(adapter, modules.get)
-        adapter = bind_parameter_factors(adapter, modules.get)
-        if adapter.trained_biases:
-            adapter = fold_trained_biases(adapter, lambda m: getattr(modules.get(m), "bias", None),
-                                          lambda m: {k: v.detach().cpu() for k, v in modules[m].state_dict().items()})
-        return adapter
-
-    def _with_tied_token_rows(self, adapter: LoraAdapter, modules: dict) -> LoraAdapter:
-        """Where the output head shares the input embeddings' tensor, new token rows of the embeddings
-        (``trainable_token_indices``) are the head's rows too, as PEFT ties them."""
-        embed, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
-        embed, head = inject.innermost(embed), head if head is None else inject.innermost(head)
-        if head is None or head.weight is not embed.weight:
-            return adapter
-        names = {id(m): n for n, m in modules.items()}
-        rows = adapter.layers.get(names[id(embed)])
-        if not isinstance(rows, TokenRows) or names[id(head)] in adapter.layers:
-            return adapter
-        head_rows = TokenRows(rows.indices, rows.values.data, embedding=False)
-        return dataclasses.replace(adapter, layers={**adapter.layers, names[id(head)]: head_rows})
-
-    def _base_weight(self, modules: dict, module_name: str):
-        """(the base weight of ``module_name`` as [out, in] float32, whether it is stored [in, out])."""
-        from adaptkit import quant
-
-        module = modules.get(module_name)
-        if module is None:
-            raise AdapterMismatchError(f"{module_name} is not a module of {self.base.path}")
-        if quant.is_quantized(module):
-            raise UnsupportedAdapterError(
-                f"{module_name} is a 4-bit layer: PEFT's PiSSA/OLoRA inits change the base weight at load, which on "
-                "an NF4 base means re-quantizing it; load the base in 16/32-bit, or convert the adapter to a plain "
-                "LoRA with PEFT (path_initial_model_for_weight_conversion)")
-        return inject.weight_out_in(module), inject.stored_transposed(module)
 
     def _check_base(self, adapter) -> None:
         check_made_for(adapter, self.base.facts, self.base.fingerprint)
@@ -846,6 +802,53 @@ class Engine:
         self._merge_backup.clear()
         self._merged = None
 
+
+
+def fit_lora(model: torch.nn.Module, adapter: LoraAdapter) -> LoraAdapter:
+    """The LoRA-family adapter with what PEFT does to the base at load made part of it (the base stays as
+    loaded, for the other rows): PiSSA/OLoRA residuals, the tied head's token rows, layers bound to their
+    base layer ((IA)^3, VeRA) or parameter (target_parameters), trained biases. One walk of the model."""
+    modules = inject.base_modules(model)
+    if adapter.needs_base_residual:
+        adapter = fold_base_residual(adapter, lambda name: _base_weight(modules, name))
+    adapter = _with_tied_token_rows(model, adapter, modules)
+    if needs_base_layers(adapter):
+        adapter = bind_base_layers(adapter, modules.get)
+    adapter = bind_parameter_factors(adapter, modules.get)
+    if adapter.trained_biases:
+        adapter = fold_trained_biases(adapter, lambda m: getattr(modules.get(m), "bias", None),
+                                      lambda m: {k: v.detach().cpu() for k, v in modules[m].state_dict().items()})
+    return adapter
+
+
+def _with_tied_token_rows(model: torch.nn.Module, adapter: LoraAdapter, modules: dict) -> LoraAdapter:
+    """Where the output head shares the input embeddings' tensor, new token rows of the embeddings
+    (``trainable_token_indices``) are the head's rows too, as PEFT ties them."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    embed, head = inject.innermost(embed), head if head is None else inject.innermost(head)
+    if head is None or head.weight is not embed.weight:
+        return adapter
+    names = {id(m): n for n, m in modules.items()}
+    rows = adapter.layers.get(names[id(embed)])
+    if not isinstance(rows, TokenRows) or names[id(head)] in adapter.layers:
+        return adapter
+    head_rows = TokenRows(rows.indices, rows.values.data, embedding=False)
+    return dataclasses.replace(adapter, layers={**adapter.layers, names[id(head)]: head_rows})
+
+
+def _base_weight(modules: dict, module_name: str):
+    """(the base weight of ``module_name`` as [out, in] float32, whether it is stored [in, out])."""
+    from adaptkit import quant
+
+    module = modules.get(module_name)
+    if module is None:
+        raise AdapterMismatchError(f"{module_name} is not a module of the base")
+    if quant.is_quantized(module):
+        raise UnsupportedAdapterError(
+            f"{module_name} is a 4-bit layer: PEFT's PiSSA/OLoRA inits change the base weight at load, which on "
+            "an NF4 base means re-quantizing it; load the base in 16/32-bit, or convert the adapter to a plain "
+            "LoRA with PEFT (path_initial_model_for_weight_conversion)")
+    return inject.weight_out_in(module), inject.stored_transposed(module)
 
 def _shared_parameters(model: torch.nn.Module) -> set[int]:
     """ids of parameters that more than one module holds (tied weights)."""

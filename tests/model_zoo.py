@@ -3,6 +3,10 @@ default config with its sizes shrunk (no hand-written config per type). Used by 
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 
 # config fields that size a model, and the tiny value each gets (where the config has the field)
@@ -21,6 +25,7 @@ TINY = {
     "sliding_window": 512, "attention_chunk_size": 512,
 }
 SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+DOC = Path(__file__).resolve().parents[1] / "docs" / "model-support.md"
 
 
 def causal_lm_types() -> list[str]:
@@ -65,3 +70,106 @@ def tiny_model(model_type: str, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
+
+
+@dataclass
+class TypeResult:
+    """One model type's LoRA check: the largest differences, or why it was skipped."""
+
+    model_type: str
+    skipped: str | None = None
+    changed: float = 0.0  # PEFT's LoRA vs the base: the adapter does something
+    unmerged: float = float("nan")  # adaptkit vs PEFT
+    mixed: float = float("nan")  # rows with and without the adapter in one batch vs each alone
+    checkpoint: float = float("nan")  # the merged checkpoint in plain transformers vs PEFT
+    parameters: bool = False  # the LoRA adapts parameters (fused experts, routers) as well as modules
+
+
+def check_lora_type(model_type: str, folder: Path) -> TypeResult:
+    """Build, adapt with PEFT, serve and merge with adaptkit; the differences found (see the test)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft_checks import save_random_base, save_trained
+    from transformers import AutoModelForCausalLM
+
+    import adaptkit as ak
+
+    try:
+        model = tiny_model(model_type)
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, 300, (2, 5)))
+    except Exception as exc:  # noqa: BLE001 - transformers' own tiny model does not build or run
+        return TypeResult(model_type, skipped=f"transformers cannot run a tiny {model_type}: {type(exc).__name__}: "
+                                               f"{str(exc)[:160]}")
+    base = save_random_base(model, folder / "base")
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, attn_implementation="eager").eval()
+
+    ids = torch.randint(3, 300, (3, 7), generator=torch.Generator().manual_seed(0))
+    try:
+        adapter = save_trained(get_peft_model(load(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")),
+                               folder / "lora", std=0.1)
+        with torch.no_grad():
+            plain = load()(input_ids=ids).logits
+            expected = PeftModel.from_pretrained(load(), str(adapter)).eval()(input_ids=ids).logits
+    except Exception as exc:  # noqa: BLE001 - PEFT itself refuses this LoRA
+        return TypeResult(model_type, skipped=f"PEFT cannot serve an all-linear LoRA on {model_type}: "
+                                               f"{type(exc).__name__}: {str(exc)[:160]}")
+    import json
+
+    result = TypeResult(model_type, changed=(expected - plain).abs().max().item(),
+                        parameters=bool(json.loads((adapter / "adapter_config.json").read_text()).get("target_parameters")))
+    engine = ak.Engine.from_pretrained(base)
+    engine.add_adapter("a", adapter)
+    result.unmerged = (engine.logits(ids, adapters="a") - expected).abs().max().item()
+    mixed = engine.logits(ids, adapters=["a", None, "a"])
+    result.mixed = max((mixed[0] - engine.logits(ids[:1], adapters="a")[0]).abs().max().item(),
+                       (mixed[1] - engine.logits(ids[1:2])[0]).abs().max().item())
+    merged = ak.merge_checkpoint(base, [adapter], folder / "merged", progress=False)
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32, attn_implementation="eager")
+        result.checkpoint = (reloaded.eval()(input_ids=ids).logits - expected).abs().max().item()
+    return result
+
+
+def write_support_table(results: list[TypeResult], path: Path = DOC) -> None:
+    """docs/model-support.md: every causal-LM type, LoRA as PEFT serves it, what adaptkit gives."""
+    import peft
+    import transformers
+
+    rows = ["| model type | LoRA (all-linear) | max difference vs PEFT: unmerged / checkpoint | mixed rows vs alone |",
+            "|---|---|---|---|"]
+    for r in results:
+        if r.skipped:
+            rows.append(f"| `{r.model_type}` | not run: {r.skipped.replace('|', '/')} | | |")
+            continue
+        ok = r.unmerged < 1e-4 and r.checkpoint < 1e-4 and r.mixed < 1e-5
+        what = ("equal to PEFT" if ok else "DIFFERS") + (" (experts and router through target_parameters)"
+                                                          if r.parameters else "")
+        rows.append(f"| `{r.model_type}` | {what} | {r.unmerged:.1e} / {r.checkpoint:.1e} | {r.mixed:.1e} |")
+    served = sum(1 for r in results if not r.skipped)
+    path.write_text(
+        "# Model types\n\n"
+        f"Every causal-LM model type of transformers {transformers.__version__}, with a PEFT {peft.__version__} LoRA "
+        "on every linear layer (`target_modules=\"all-linear\"`; on mixture-of-experts types PEFT adds the fused "
+        "experts and the router as `target_parameters`) on a tiny random model built from the type's own default "
+        f"config. {served} of {len(results)} types run; the others are types whose tiny model transformers cannot "
+        "build or run, or where PEFT refuses the LoRA itself. Generated by `python tests/model_zoo.py` "
+        "(`tests/test_every_model_type.py` asserts the same for each type).\n\n" + "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":  # python tests/model_zoo.py: the sweep, into docs/model-support.md
+    import tempfile
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    results = []
+    for name in causal_lm_types():
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                results.append(check_lora_type(name, Path(tmp)))
+            except Exception as exc:  # noqa: BLE001 - adaptkit refused: shown in the table, failed by the test
+                results.append(TypeResult(name, skipped=f"adaptkit FAILED: {type(exc).__name__}: {str(exc)[:160]}"))
+        print(name, results[-1].skipped or "ok", flush=True)
+    write_support_table(results)

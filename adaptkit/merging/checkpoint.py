@@ -7,6 +7,7 @@ LoRA contributions; callers decide where it goes. All arithmetic is in float32 a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -29,13 +30,15 @@ from adaptkit.adapters.lora import (
 )
 from adaptkit.adapters.peft_types import bind_base_layers, layer_from_tensors, needs_base_layers
 from adaptkit.arch import facts_from_config
-from adaptkit.base import checkpoint_fingerprint, load_base, parse_dtype, read_config
+from adaptkit.base import checkpoint_fingerprint, load_base, meta_model, parse_dtype, read_config
 from adaptkit.describe import check_fits_checkpoint
 from adaptkit.engine import Engine
 from adaptkit.errors import AdapterMismatchError, UnsupportedAdapterError
 from adaptkit.formats.detect import load_lora_adapters
 from adaptkit.hub import local_path
+from adaptkit.inject import base_modules
 from adaptkit.lowrank import LowRank
+from adaptkit.merging.in_memory import merge_into_loaded_model, needs_loaded_model
 from adaptkit.merging.methods import MERGE_METHODS, MergeMethod, check_method, make_method  # noqa: F401 (re-exported)
 from adaptkit.routing import Mix
 
@@ -249,6 +252,19 @@ def merge_checkpoint(
     lora_positions = [i for i in range(len(adapters)) if i not in tuned]
     facts = facts_from_config(config)
     loaded = load_lora_adapters([adapters[i] for i in lora_positions])
+    out_dtype = None if dtype in (None, "auto") else parse_dtype(dtype)  # auto: as stored
+    reason = None if tuned else needs_loaded_model(loaded, shapes, functools.cache(lambda: base_modules(meta_model(base))))
+    if reason is not None:
+        weights = check_merge_weights(adapters, weights)
+        merge_method.check_weights(weights)
+        check_fits_checkpoint(loaded, base)
+        with atomic_output_dir(out, force=force, inputs=[base]) as tmp:
+            extra = merge_into_loaded_model(base, loaded, weights, tmp, out_dtype, merge_method, reason)
+            record = {"base": str(base), "adapters": [a.source for a in loaded], "weights": weights,
+                      "method": merge_method.name, "dtype": None if out_dtype is None else str(out_dtype)[6:],
+                      "base_fingerprint": checkpoint_fingerprint(checkpoint, config), **extra}
+            (tmp / "adaptkit_merge.json").write_text(json.dumps({"adaptkit_merge": record}, indent=2))
+        return Path(out)
     loaded = [fold_base_residual(a, _stored_weight(checkpoint, shapes, facts.spec)) for a in loaded]
     bias_of = _stored_tensor(checkpoint, shapes, None)
     loaded = [fold_trained_biases(a, lambda m: bias_of(m, "bias")) for a in loaded]
@@ -267,7 +283,6 @@ def merge_checkpoint(
                     f"{adapter.source}: a DoRA adapter merges only with method 'linear' (alone, weight 1); "
                     f"method {merge_method.name!r} needs additive deltas, which DoRA (row-normalised) does not have"
                 )
-    out_dtype = None if dtype in (None, "auto") else parse_dtype(dtype)  # auto: as stored
     check_fits_checkpoint(loaded, base)
     tied = tied_head(base, config, shapes)
     plan_shapes = shapes if tied is None else {**shapes, tied[0]: shapes[tied[1]]}  # the head, as its own tensor
