@@ -306,10 +306,26 @@ class ModelFacts:
     # hybrid's state-space layers); the whole None: read from the config only (``num_kv_heads``/``head_dim``
     # then say what the config says; with a uniform layout they are its layers' own)
     kv_layout: tuple[tuple[int, int] | None, ...] | None = None
+    # a forward continued from the cache of the tokens before equals the whole forward (measured on
+    # discovered causal types; False where a model's cache does not carry everything a later token reads)
+    cache_continues: bool = True
+    # a row keeps its outputs behind masked-out padding with adaptkit's position_ids (measured on discovered
+    # causal types; False where the model places tokens by its input length, as learned absolute
+    # positions counted from the cache do): rows of different virtual lengths cannot share its forward
+    pads_exactly: bool = True
 
     @property
     def family(self) -> str:
         return self.spec.family
+
+    @property
+    def caches_uniform_kv(self) -> bool:
+        """A causal LM whose every layer caches K/V of one shape: a soft prompt's effect on every later
+        token is then its per-layer K/V, computed once (a recurrent or convolution state, or layers of
+        different shapes, keep prompts as prepended embeddings)."""
+        layout = self.kv_layout
+        return self.spec.is_causal and self.cache_continues and layout is not None and None not in layout and \
+            len(set(layout)) == 1
 
 
 def runtime_model_type(config) -> str:
@@ -455,7 +471,25 @@ def _checked_causal(model: nn.Module, facts: ModelFacts) -> ModelFacts:
     if not torch.allclose(whole, numbered, atol=1e-4, rtol=1e-3):
         raise BaseModelError(f"{facts.model_type}: the model does not number positions from 0 (its own positions differ "
                              "from position_ids 0, 1, 2), so adaptkit cannot give padded rows their positions")
-    return facts
+    pad = torch.zeros(1, 1, dtype=ids.dtype, device=device)
+    with torch.no_grad():
+        padded = model(input_ids=torch.cat([pad, ids], dim=1), attention_mask=torch.tensor([[0, 1, 1, 1]], device=device),
+                       position_ids=torch.tensor([[0, 0, 1, 2]], device=device)).logits[:, 1:]
+    facts = dataclasses.replace(facts, pads_exactly=torch.allclose(padded, whole, atol=1e-4, rtol=1e-3))
+    try:  # continued from the first tokens' keys and values alone, as adaptkit serves a prompt or prefix
+        from transformers import DynamicCache
+
+        with torch.no_grad():
+            own = model(input_ids=ids[:, :2], use_cache=True).past_key_values
+            rebuilt = DynamicCache()
+            for index, layer in enumerate(own.layers):
+                rebuilt.update(layer.keys, layer.values, index)
+            last = model(input_ids=ids[:, 2:], position_ids=torch.tensor([[2]], device=device), use_cache=True,
+                         **{cache_argument(model): rebuilt}).logits
+        continues = torch.allclose(last, whole[:, 2:], atol=1e-4, rtol=1e-3)
+    except Exception:  # noqa: BLE001 - a cache that holds more than keys and values (conv or recurrent state)
+        continues = False
+    return dataclasses.replace(facts, cache_continues=continues)
 
 
 def cached_kv_shapes(model: nn.Module) -> tuple[tuple[int, int] | None, ...] | None:
@@ -497,6 +531,8 @@ def _one_token_cache(model: nn.Module, device: torch.device) -> tuple[tuple[int,
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if model.config.is_encoder_decoder else DynamicCache()
         model(**inputs, **{cache_argument(model): cache})
     layers = getattr(cache, "self_attention_cache", cache).layers
+    if type(getattr(cache, "self_attention_cache", cache)) not in (DynamicCache,):
+        return tuple(None for _ in layers) or None  # a cache class of its own (MiniMax): adaptkit cannot fill it
     shapes = tuple((layer.keys.shape[1], layer.keys.shape[-1])
                    if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel() > 0 else None
                    for layer in layers)

@@ -271,19 +271,19 @@ class ParamLoraModule(ModuleWrapper):
             raise EngineStateError(f"{type(self.base).__name__}: inputs of {tokens} rows are neither the batch's "
                                    f"{plan.batch_size} rows nor its tokens; run these adapters in separate batches")
         per_row = tokens // plan.batch_size
-        out, parts = None, []
+        groups, parts = [], []
         for key, rows in rows_of.items():
-            index = (torch.tensor(rows, device=first.device)[:, None] * per_row
-                     + torch.arange(per_row, device=first.device)).flatten()
+            rows = torch.tensor(rows, device=first.device)
+            index = _row_positions(rows, per_row)
 
             def pick(value, index=index):
                 if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == tokens:
                     return value.index_select(0, index)
                 return value
 
-            parts.append((index, self._run(key, [pick(a) for a in args], {k: pick(v) for k, v in kwargs.items()})))
-        out = _stitch([part for _, part in parts], [index for index, _ in parts], tokens)
-        return out
+            groups.append(rows)
+            parts.append(self._run(key, [pick(a) for a in args], {k: pick(v) for k, v in kwargs.items()}))
+        return _stitch(parts, groups, plan.batch_size)
 
     def _row_keys(self, plan) -> list[tuple]:
         """Per row: the (adapter, weight) pairs of this module's adapters that the row uses."""
@@ -309,18 +309,25 @@ class ParamLoraModule(ModuleWrapper):
         return torch.func.functional_call(self.base, params, tuple(args), kwargs)
 
 
-def _stitch(parts: list, indices: list[torch.Tensor], tokens: int):
-    """The outputs of row groups put back in token order (tensors, or tuples/lists of them)."""
+def _row_positions(rows: torch.Tensor, per_row: int) -> torch.Tensor:
+    """Positions along a dim that holds ``per_row`` entries for each batch row, of ``rows``' entries."""
+    return (rows[:, None] * per_row + torch.arange(per_row, device=rows.device)).flatten()
+
+
+def _stitch(parts: list, groups: list[torch.Tensor], batch: int):
+    """Row groups' outputs put back in batch order (tensors, or tuples/lists of them). An output holds the
+    same number of entries per row in every group (a router that flattens [B, S, H] returns B*S)."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
-        if first.ndim == 0 or first.shape[0] != len(indices[0]):
-            return first  # not per token (a scalar loss): the first group's stands
-        whole = first.new_empty((tokens, *first.shape[1:]))
-        for index, part in zip(indices, parts):
-            whole.index_copy_(0, index, part)
+        per_row = first.shape[0] // len(groups[0]) if first.ndim else 0
+        if not per_row or any(p.shape[0] != per_row * len(g) for p, g in zip(parts, groups)):
+            return first  # not per row (a scalar loss): the first group's stands
+        whole = first.new_empty((batch * per_row, *first.shape[1:]))
+        for rows, part in zip(groups, parts):
+            whole.index_copy_(0, _row_positions(rows, per_row), part)
         return whole
     if isinstance(first, (tuple, list)):
-        return type(first)(_stitch([p[i] for p in parts], indices, tokens) for i in range(len(first)))
+        return type(first)(_stitch([p[i] for p in parts], groups, batch) for i in range(len(first)))
     return first
 
 

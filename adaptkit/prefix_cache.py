@@ -58,7 +58,7 @@ def prompt_kv(model: nn.Module, embeddings: torch.Tensor, entry: RowEntry = None
     Positions are ``0..P-1`` (as when they are prepended). ``entry`` (a LoRA name, ``ak.Stack``, ...)
     is active during the run, so its effect on the virtual tokens is included.
     """
-    cache = DynamicCache()  # full layers: a sliding-window layer would keep only the last W-1 of P >= W tokens
+    cache = new_cache(model)  # full layers where some slide: a sliding layer would keep only the last W-1 of P
     with torch.no_grad(), use_plan(route_rows([entry], device=embeddings.device)):
         model(inputs_embeds=embeddings.unsqueeze(0), use_cache=True, **{cache_argument(model): cache})
     keys = torch.stack([layer.keys[0] for layer in cache.layers])
@@ -67,10 +67,21 @@ def prompt_kv(model: nn.Module, embeddings: torch.Tensor, entry: RowEntry = None
 
 
 # ----------------------------------------------------------------- engine handlers (engine._KIND_HANDLERS)
+def check_rows_can_shift(facts, source: str) -> None:
+    """Virtual tokens shift a row's real tokens behind its own prefix: refused on a model that places tokens by
+    its input length rather than by ``position_ids`` (measured: :attr:`ModelFacts.pads_exactly`)."""
+    if not facts.pads_exactly:
+        raise UnsupportedAdapterError(
+            f"{source}: the {facts.model_type} base places tokens by their count, not by position_ids (a row behind "
+            "masked padding computes differently), so rows with virtual tokens cannot share its batches; merge a "
+            "LoRA instead, or serve this adapter with PEFT")
+
+
 def attach_prefix(model: nn.Module, name: str, adapter: PrefixAdapter, dtype: torch.dtype, device) -> None:
     """Check the prefix fits the base; put its K/V on the base's device and dtype; register its stored
     modules (a task head) if it has any."""
     check_prefix_fits(adapter, facts_of(model))
+    check_rows_can_shift(facts_of(model), adapter.source or "prefix adapter")
     inject.check_saved_fits(inject.base_modules(model), adapter.saved_modules, adapter.source or "prefix adapter")
     adapter.to(device, dtype)
     inject.attach_saved(model, name, adapter.saved_modules)
@@ -80,10 +91,11 @@ def attach_prompt(model: nn.Module, name: str, adapter: PromptAdapter, dtype: to
     """Check the prompt fits the base; on a causal LM compute its virtual tokens' K/V now, once."""
     facts = facts_of(model)
     check_prompt_fits(adapter, facts)
+    check_rows_can_shift(facts, adapter.source or "prompt adapter")
     if adapter.saved_modules:
         _check_prompt_heads(model, adapter, facts)
     adapter.to(device, dtype)
-    if facts.spec.is_causal:
+    if facts.caches_uniform_kv:
         served_prompt_kv(model, adapter, None, {})
     inject.attach_saved(model, name, adapter.saved_modules)
 
@@ -181,19 +193,20 @@ def add_virtual_inputs(
     """
     if not any(adapters[n].kind in VIRTUAL_KINDS for n in plan.groups):
         return 0
-    causal = facts_of(model).spec.is_causal
+    facts = facts_of(model)
+    causal, as_kv = facts.spec.is_causal, facts.caches_uniform_kv and prompt_as_cache
     cached: list[PrefixKV | None] = []
     prepended: list[torch.Tensor | None] = []
     for entry in plan.entries:
         name, rest = split_virtual(entry, adapters)
         adapter = adapters.get(name)
-        if adapter is not None and adapter.kind == PROMPT_KIND and not (causal and prompt_as_cache):
+        if adapter is not None and adapter.kind == PROMPT_KIND and not as_kv:
             cached.append(None)
             prepended.append(adapter.embeddings)
         else:
             cached.append(None if adapter is None else _row_prefix(model, name, adapter, rest, adapters))
             prepended.append(None)
-    if facts_of(model).spec.is_seq2seq and any(kv is not None for kv in cached):
+    if facts.spec.is_seq2seq and any(kv is not None for kv in cached):
         _decoder_prefix(model, kwargs, cached)  # a prefix is the decoder's: its self-attention cache
         cached = [None] * len(cached)
         if all(e is None for e in prepended):
@@ -364,11 +377,10 @@ def prefix_cache_for(adapter, model: nn.Module, fingerprint: str | None = None) 
     facts = facts_of(model)
     if adapter.kind == PREFIX_KIND:
         kv, method = PrefixKV(adapter.keys, adapter.values), adapter.config.method
-    elif not facts.spec.is_causal:
+    elif not facts.caches_uniform_kv:
         raise UnsupportedAdapterError(
-            f"{adapter.source or 'prompt adapter'}: the base is a {facts.model_type} encoder; its prompts are "
-            "prepended embeddings, not a K/V cache (a prefix cache needs a causal LM)"
-        )
+            f"{adapter.source or 'prompt adapter'}: the {facts.model_type} base is not a causal LM caching K/V of one "
+            "shape in every layer; its prompts are prepended embeddings, not a K/V cache")
     else:
         kv, method = served_prompt_kv(model, adapter, None, {}), "prompt_cache"
     layers, heads, length, head_dim = kv.keys.shape

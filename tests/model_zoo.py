@@ -83,6 +83,8 @@ class TypeResult:
     mixed: float = float("nan")  # rows with and without the adapter in one batch vs each alone
     checkpoint: float = float("nan")  # the merged checkpoint in plain transformers vs PEFT
     parameters: bool = False  # the LoRA adapts parameters (fused experts, routers) as well as modules
+    # prompt and prefix tuning: {kind: (adaptkit vs PEFT, mixed vs alone)} or {kind: why not run}
+    virtual: dict = None
 
 
 def check_lora_type(model_type: str, folder: Path) -> TypeResult:
@@ -97,10 +99,10 @@ def check_lora_type(model_type: str, folder: Path) -> TypeResult:
         model = tiny_model(model_type)
         with torch.no_grad():
             model(input_ids=torch.randint(3, 300, (2, 5)))
-    except Exception as exc:  # noqa: BLE001 - transformers' own tiny model does not build or run
+        base = save_random_base(model, folder / "base")
+    except Exception as exc:  # noqa: BLE001 - transformers' own tiny model does not build, run or save
         return TypeResult(model_type, skipped=f"transformers cannot run a tiny {model_type}: {type(exc).__name__}: "
                                                f"{str(exc)[:160]}")
-    base = save_random_base(model, folder / "base")
 
     def load():
         return AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, attn_implementation="eager").eval()
@@ -129,7 +131,38 @@ def check_lora_type(model_type: str, folder: Path) -> TypeResult:
     with torch.no_grad():
         reloaded = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32, attn_implementation="eager")
         result.checkpoint = (reloaded.eval()(input_ids=ids).logits - expected).abs().max().item()
+    if engine.base.facts.spec.is_causal:
+        result.virtual = {kind: _check_virtual(kind, base, load, engine, ids, folder) for kind in ("prompt", "prefix")}
+    else:  # an encoder run through its LM-head class without is_decoder: bidirectional, served as an encoder
+        why = "not compared: bidirectional without is_decoder (adaptkit serves it as an encoder; PEFT's CAUSAL_LM task)"
+        result.virtual = {"prompt": why, "prefix": why}
     return result
+
+
+def _check_virtual(kind: str, base: Path, load, engine, ids, folder: Path):
+    """(adaptkit vs PEFT, mixed vs alone) for a PEFT prompt or prefix adapter; a string where PEFT itself
+    cannot run it, or adaptkit refuses it (the refusal's own words: a state-space layer, ...)."""
+    from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from peft_checks import save_trained
+
+    from adaptkit.errors import AdaptkitError
+
+    config = (PromptTuningConfig if kind == "prompt" else PrefixTuningConfig)(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    try:
+        adapter = save_trained(get_peft_model(load(), config), folder / kind, std=0.5)
+        with torch.no_grad():
+            expected = PeftModel.from_pretrained(load(), str(adapter)).eval()(input_ids=ids).logits[:, -ids.shape[1]:]
+    except Exception as exc:  # noqa: BLE001 - PEFT itself cannot
+        return f"PEFT cannot: {type(exc).__name__}: {str(exc)[:120]}"
+    try:
+        engine.add_adapter(kind, adapter)
+    except AdaptkitError as exc:
+        return f"refused: {str(exc)[:200]}"
+    alone = engine.logits(ids, adapters=kind)
+    mixed = engine.logits(ids, adapters=[kind, None, kind])
+    plain = engine.logits(ids)
+    return ((alone - expected).abs().max().item(),
+            max((mixed[0] - alone[0]).abs().max().item(), (mixed[1] - plain[1]).abs().max().item()))
 
 
 def write_support_table(results: list[TypeResult], path: Path = DOC) -> None:
@@ -137,16 +170,23 @@ def write_support_table(results: list[TypeResult], path: Path = DOC) -> None:
     import peft
     import transformers
 
-    rows = ["| model type | LoRA (all-linear) | max difference vs PEFT: unmerged / checkpoint | mixed rows vs alone |",
-            "|---|---|---|---|"]
+    rows = ["| model type | LoRA (all-linear) | LoRA vs PEFT: unmerged / checkpoint; mixed vs alone | prompt tuning | "
+            "prefix tuning |", "|---|---|---|---|---|"]
+
+    def virtual(found) -> str:
+        if isinstance(found, str):
+            return found.replace("|", "/").replace("\n", " ")
+        return ("equal to PEFT" if found[0] < 1e-4 and found[1] < 1e-5 else "DIFFERS") + f" ({found[0]:.0e})"
+
     for r in results:
         if r.skipped:
-            rows.append(f"| `{r.model_type}` | not run: {r.skipped.replace('|', '/')} | | |")
+            rows.append(f"| `{r.model_type}` | not run: {r.skipped.replace('|', '/')} | | | |")
             continue
         ok = r.unmerged < 1e-4 and r.checkpoint < 1e-4 and r.mixed < 1e-5
         what = ("equal to PEFT" if ok else "DIFFERS") + (" (experts and router through target_parameters)"
                                                           if r.parameters else "")
-        rows.append(f"| `{r.model_type}` | {what} | {r.unmerged:.1e} / {r.checkpoint:.1e} | {r.mixed:.1e} |")
+        rows.append(f"| `{r.model_type}` | {what} | {r.unmerged:.0e} / {r.checkpoint:.0e}; {r.mixed:.0e} | "
+                    f"{virtual(r.virtual['prompt'])} | {virtual(r.virtual['prefix'])} |")
     served = sum(1 for r in results if not r.skipped)
     path.write_text(
         "# Model types\n\n"

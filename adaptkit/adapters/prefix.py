@@ -141,6 +141,11 @@ def check_prefix_fits(adapter: PrefixAdapter, facts) -> None:
             f"{source}: a prefix adapter needs attention that takes extra keys and values; {facts.model_type} has "
             f"none (those that do: causal LMs, encoder-decoders' decoders and {', '.join(CACHE_ENCODERS)}); use prompt tuning on this encoder"
         )
+    if facts.kv_layout is None and facts.spec.is_causal:
+        raise UnsupportedAdapterError(
+            f"{source}: the {facts.model_type} base keeps no key/value cache (a one-token forward fills none), so "
+            "there is nowhere to put a prefix; prompt tuning works on it"
+        )
     if facts.kv_layout is not None and None in facts.kv_layout:
         stateful = [i for i, shape in enumerate(facts.kv_layout) if shape is None]
         raise UnsupportedAdapterError(
