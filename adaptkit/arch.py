@@ -398,8 +398,9 @@ def _discovered_facts(config) -> ModelFacts:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden, layers, heads = (getattr(text, name, None) for name in ("hidden_size", "num_hidden_layers",
                                                                      "num_attention_heads"))
-    missing = [n for n, v in (("hidden_size", hidden), ("num_hidden_layers", layers), ("num_attention_heads", heads),
+    missing = [n for n, v in (("hidden_size", hidden), ("num_hidden_layers", layers),
                               ("vocab_size", getattr(text, "vocab_size", None))) if v is None]
+    heads = heads or 1  # a state-space model (Mamba) has no attention heads: nothing reads them
     if missing:
         raise BaseModelError(f"{config.model_type}: its config names no {', '.join(missing)}; adaptkit reads a base's "
                              "sizes from these standard fields")

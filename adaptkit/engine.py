@@ -59,7 +59,7 @@ from adaptkit.generation import (
     positions_from_mask,
     sample_next,
 )
-from adaptkit.routing import RoutingPlan, members_of, route_rows, use_plan
+from adaptkit.routing import RoutingPlan, RowsNotSeparable, members_of, route_rows, use_plan
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _PLAIN_MODULE = torch.nn.Module()  # its attributes (``training``, ``forward``, ...) cannot name an adapter
@@ -342,8 +342,15 @@ class Engine:
         if "position_ids" in kwargs:
             kwargs["attention_mask"] = attention_masks(self.model, kwargs["attention_mask"], kwargs["position_ids"],
                                                        self.base.dtype)
-        with use_plan(plan):
-            out = self.model(**kwargs)
+        try:
+            with use_plan(plan):
+                out = self.model(**kwargs)
+        except RowsNotSeparable:  # a layer saw inputs that are not rows (DeBERTa's relative embeddings)
+            by_entry = {}
+            for row, entry in enumerate(plan.entries):
+                by_entry.setdefault(entry, []).append(row)
+            return self._by_groups(list(by_entry.values()), lambda rows: self.logits(
+                input_ids[rows], attention_mask[rows], [plan.entries[i] for i in rows]))
         out = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
         if self.base.facts.spec.is_seq2seq:
             return out  # the decoder's positions; virtual tokens went to the encoder

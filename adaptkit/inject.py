@@ -19,7 +19,7 @@ from torch import nn
 from adaptkit.adapters.lora import LoraWeights
 from adaptkit.errors import EngineStateError
 from adaptkit.lora_stack import LayerStacks, rides_batched_path
-from adaptkit.routing import AdapterGroup, current_plan
+from adaptkit.routing import AdapterGroup, RowsNotSeparable, current_plan
 
 
 class ModuleWrapper(nn.Module):
@@ -157,8 +157,13 @@ class LoraLinear(ModuleWrapper):
         plan = current_plan()
         if plan is None or not self.lora:
             return y
-        if x.shape[0] != plan.batch_size:  # OPT flattens [B, S, H] to [B*S, H] around its MLP
-            shape = y.shape
+        if x.shape[0] != plan.batch_size:
+            if plan.one_row is not None:  # every row alike: the adapters apply to the input whatever it is
+                return self._routed(x.reshape(1, -1, x.shape[-1]), y.reshape(1, -1, y.shape[-1]),
+                                    plan.one_row).reshape(y.shape)
+            if x.shape[0] % plan.batch_size:  # not rows (DeBERTa's relative embeddings): rows run apart
+                raise RowsNotSeparable(f"{x.shape[0]} input rows for a batch of {plan.batch_size}")
+            shape = y.shape  # OPT flattens [B, S, H] to [B*S, H] around its MLP
             return self._routed(x.reshape(plan.batch_size, -1, x.shape[-1]),
                                 y.reshape(plan.batch_size, -1, y.shape[-1]), plan).reshape(shape)
         return self._routed(x, y, plan)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -152,13 +153,25 @@ class RoutingPlan:
     entries: tuple[RowEntry, ...]
     groups: dict[str, AdapterGroup]
     cache: dict = field(default_factory=dict)  # per-kind data derived once per plan
+    device: torch.device | str = "cpu"  # where its index tensors live
 
     @property
     def batch_size(self) -> int:
         return len(self.entries)
 
+    @functools.cached_property
+    def one_row(self) -> RoutingPlan | None:
+        """The plan of a single row with the batch's one entry, where every row has the same; else None.
+        A layer whose input is not the batch's rows (DeBERTa's relative-position embeddings) applies it."""
+        return route_rows(self.entries[:1], self.device) if len(set(self.entries)) == 1 else None
+
     def group(self, name: str) -> AdapterGroup | None:
         return self.groups.get(name)
+
+
+class RowsNotSeparable(Exception):
+    """Raised inside a forward where a layer's input is not the batch's rows and rows differ in adapters:
+    the engine then runs each group of rows with the same entry on its own (internal; never reaches users)."""
 
 
 def route_rows(entries: Sequence[RowEntry], device: torch.device | str = "cpu") -> RoutingPlan:
@@ -178,7 +191,7 @@ def route_rows(entries: Sequence[RowEntry], device: torch.device | str = "cpu") 
         if any(w != 1.0 for w in weights):
             row_weights = torch.tensor(weights, dtype=torch.float32, device=device).view(-1, 1, 1)
         groups[name] = AdapterGroup(rows=index, row_weights=row_weights)
-    return RoutingPlan(entries=entries, groups=groups)
+    return RoutingPlan(entries=entries, groups=groups, device=device)
 
 
 _current_plan: contextvars.ContextVar[RoutingPlan | None] = contextvars.ContextVar("adaptkit_plan", default=None)

@@ -81,7 +81,7 @@ class TypeResult:
     changed: float = 0.0  # PEFT's LoRA vs the base: the adapter does something
     unmerged: float = float("nan")  # adaptkit vs PEFT
     mixed: float = float("nan")  # rows with and without the adapter in one batch vs each alone
-    checkpoint: float = float("nan")  # the merged checkpoint in plain transformers vs PEFT
+    checkpoint: float = float("nan")  # the merged checkpoint in plain transformers vs PEFT's merge_and_unload
     parameters: bool = False  # the LoRA adapts parameters (fused experts, routers) as well as modules
     # prompt and prefix tuning: {kind: (adaptkit vs PEFT, mixed vs alone)} or {kind: why not run}
     virtual: dict = None
@@ -89,7 +89,7 @@ class TypeResult:
 
 def check_lora_type(model_type: str, folder: Path) -> TypeResult:
     """Build, adapt with PEFT, serve and merge with adaptkit; the differences found (see the test)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
     from peft_checks import save_random_base, save_trained
     from transformers import AutoModelForCausalLM
 
@@ -109,11 +109,13 @@ def check_lora_type(model_type: str, folder: Path) -> TypeResult:
 
     ids = torch.randint(3, 300, (3, 7), generator=torch.Generator().manual_seed(0))
     try:
-        adapter = save_trained(get_peft_model(load(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")),
-                               folder / "lora", std=0.1)
+        adapter = save_trained(get_peft_model(load(), _lora_config(load)), folder / "lora", std=0.1)
         with torch.no_grad():
             plain = load()(input_ids=ids).logits
             expected = PeftModel.from_pretrained(load(), str(adapter)).eval()(input_ids=ids).logits
+            # the checkpoint's reference is PEFT's own merge: where a model reads a weight outside its module's
+            # forward (Mamba's reference scan reads dt_proj.weight), unmerged and merged differ in PEFT too
+            peft_merged = PeftModel.from_pretrained(load(), str(adapter)).merge_and_unload().eval()(input_ids=ids).logits
     except Exception as exc:  # noqa: BLE001 - PEFT itself refuses this LoRA
         return TypeResult(model_type, skipped=f"PEFT cannot serve an all-linear LoRA on {model_type}: "
                                                f"{type(exc).__name__}: {str(exc)[:160]}")
@@ -130,13 +132,31 @@ def check_lora_type(model_type: str, folder: Path) -> TypeResult:
     merged = ak.merge_checkpoint(base, [adapter], folder / "merged", progress=False)
     with torch.no_grad():
         reloaded = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32, attn_implementation="eager")
-        result.checkpoint = (reloaded.eval()(input_ids=ids).logits - expected).abs().max().item()
+        result.checkpoint = (reloaded.eval()(input_ids=ids).logits - peft_merged).abs().max().item()
     if engine.base.facts.spec.is_causal:
         result.virtual = {kind: _check_virtual(kind, base, load, engine, ids, folder) for kind in ("prompt", "prefix")}
     else:  # an encoder run through its LM-head class without is_decoder: bidirectional, served as an encoder
         why = "not compared: bidirectional without is_decoder (adaptkit serves it as an encoder; PEFT's CAUSAL_LM task)"
         result.virtual = {"prompt": why, "prefix": why}
     return result
+
+
+def _lora_config(load):
+    """All-linear, less the modules PEFT names as incompatible with the type (Mamba's out_proj, conv1d)."""
+    import re
+
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    try:
+        get_peft_model(load(), config)
+    except ValueError as exc:
+        found = re.search(r"Incompatible modules: \{([^}]*)\}", str(exc))
+        if found is None:
+            raise
+        excluded = [name.strip(" '\"") for name in found.group(1).split(",")]
+        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", exclude_modules=excluded)
+    return config
 
 
 def _check_virtual(kind: str, base: Path, load, engine, ids, folder: Path):
@@ -191,10 +211,13 @@ def write_support_table(results: list[TypeResult], path: Path = DOC) -> None:
     path.write_text(
         "# Model types\n\n"
         f"Every causal-LM model type of transformers {transformers.__version__}, with a PEFT {peft.__version__} LoRA "
-        "on every linear layer (`target_modules=\"all-linear\"`; on mixture-of-experts types PEFT adds the fused "
+        "on every linear layer (`target_modules=\"all-linear\"`, less what PEFT calls incompatible with the type, as "
+        "Mamba's `out_proj`; on mixture-of-experts types PEFT adds the fused "
         "experts and the router as `target_parameters`) on a tiny random model built from the type's own default "
         f"config. {served} of {len(results)} types run; the others are types whose tiny model transformers cannot "
-        "build or run, or where PEFT refuses the LoRA itself. Generated by `python tests/model_zoo.py` "
+        "build or run, or where PEFT refuses the LoRA itself. The checkpoint is compared with PEFT's `merge_and_unload` "
+        "(on Mamba, whose reference scan reads `dt_proj.weight` directly, PEFT's unmerged and merged outputs differ). "
+        "Generated by `python tests/model_zoo.py` "
         "(`tests/test_every_model_type.py` asserts the same for each type).\n\n" + "\n".join(rows) + "\n")
 
 

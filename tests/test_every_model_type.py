@@ -2,7 +2,7 @@
 from the type's own default config (sizes shrunk, tests/model_zoo.py), a PEFT LoRA on every linear layer
 ("all-linear", which on mixture-of-experts types also targets the fused experts and the router through
 ``target_parameters``), then adaptkit: unmerged equal to PEFT, rows mixed with base rows equal each row
-alone, and the merged checkpoint loaded by plain transformers equal to PEFT. A type is skipped only where
+alone, and the merged checkpoint loaded by plain transformers equal to PEFT's merge_and_unload. A type is skipped only where
 transformers cannot build or run its tiny model or PEFT itself refuses the LoRA, with the reason; adaptkit
 refusing or differing fails. ``python tests/model_zoo.py`` writes the table in docs/model-support.md."""
 
