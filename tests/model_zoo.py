@@ -177,7 +177,7 @@ def _check_virtual(kind: str, base: Path, load, engine, ids, folder: Path):
     try:
         engine.add_adapter(kind, adapter)
     except AdaptkitError as exc:
-        return f"refused: {str(exc)[:200]}"
+        return f"refused: {str(exc).replace(f'{adapter}: ', '')[:200]}"
     alone = engine.logits(ids, adapters=kind)
     mixed = engine.logits(ids, adapters=[kind, None, kind])
     plain = engine.logits(ids)

@@ -50,3 +50,32 @@ def wait_until(condition, what: str, limit: float = 60.0, every: float = 0.01):
             return value
         time.sleep(every)
     raise AssertionError(f"gave up waiting for {what}")
+
+
+def check_concurrent_completions(base: Path, paths: dict[str, Path], prompts: list[str], requests: int,
+                                 threads: int, max_batch: int = 8) -> None:
+    """``requests`` greedy completions over the adapters and the base, ``threads`` at a time, through the
+    openai client against a server on 127.0.0.1: each answer equals the same request alone on an engine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    import adaptkit as ak
+    from adaptkit.serving.server import BackgroundServer, Server
+
+    reference = reference_engine(base, paths)
+    server = Server(ak.Engine.from_pretrained(base), adapters=paths, max_batch=max_batch)
+    models = [*paths, server.base_name]
+    jobs = [(prompts[i % len(prompts)], models[i % len(models)], 4 + i % 5) for i in range(requests)]
+    with BackgroundServer(server) as running:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+
+        def ask(job):
+            prompt, model, tokens = job
+            return client.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(threads) as pool:
+            answers = list(pool.map(ask, jobs))
+    for (prompt, model, tokens), answer in zip(jobs, answers):
+        entry = None if model == server.base_name else model
+        assert answer == reference.generate([prompt], adapters=[entry], max_new_tokens=tokens)[0], (prompt, model)

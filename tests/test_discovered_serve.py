@@ -5,16 +5,13 @@ request alone, and alone equals PEFT's greedy decoding."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
-import openai
 import pytest
 import torch
 from model_zoo import tiny_model
 from peft_checks import save_random_base, save_trained
+from serve_helpers import check_concurrent_completions
 
 import adaptkit as ak
-from adaptkit.serving.server import BackgroundServer, Server
 
 PROMPTS = ["the quick brown fox jumps over", "SELECT name FROM users", "LoRA adds a low-rank update to linear",
            "0123456789", "adaptkit serves many adapters over one base model", "Prefix"]
@@ -68,22 +65,4 @@ def test_alone_equals_peft_and_mixed_rows_equal_alone(discovered):
 
 
 def test_concurrent_requests_through_the_server(discovered):
-    base, paths = discovered
-    reference = ak.Engine.from_pretrained(base)
-    for name, path in paths.items():
-        reference.add_adapter(name, path)
-    server = Server(ak.Engine.from_pretrained(base), adapters=paths, max_batch=8)
-    models = ["lora", "prefix", "prompt", server.base_name]
-    jobs = [(PROMPTS[i % len(PROMPTS)], models[i % 4], 4 + i % 5) for i in range(16)]
-    with BackgroundServer(server) as running:
-        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
-
-        def ask(job):
-            prompt, model, tokens = job
-            return client.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0).choices[0].text
-
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(ask, jobs))
-    for (prompt, model, tokens), answer in zip(jobs, answers):
-        entry = None if model == server.base_name else model
-        assert answer == reference.generate([prompt], adapters=[entry], max_new_tokens=tokens)[0], (prompt, model)
+    check_concurrent_completions(*discovered, PROMPTS, requests=16, threads=8)

@@ -5,17 +5,14 @@ alone equals plain transformers."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
-import openai
 import pytest
 import torch
 from peft_checks import save_random_base
+from serve_helpers import check_concurrent_completions
 
 import adaptkit as ak
 from adaptkit.demo import random_lora, random_prefix, random_prompt
 from adaptkit.formats.peft import write_lora, write_prefix, write_prompt
-from adaptkit.serving.server import BackgroundServer, Server
 
 COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -71,22 +68,4 @@ def test_mixed_batches_equal_each_row_alone(sliding):
 
 
 def test_32_concurrent_requests_through_the_server(sliding):
-    base, paths = sliding
-    reference = ak.Engine.from_pretrained(base)
-    for name, path in paths.items():
-        reference.add_adapter(name, path)
-    server = Server(ak.Engine.from_pretrained(base), adapters=paths, max_batch=8)
-    models = ["lora", "prefix", "prompt", server.base_name]
-    jobs = [(PROMPTS[i % len(PROMPTS)], models[i % 4], 6 + i % 5) for i in range(32)]
-    with BackgroundServer(server) as running:
-        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
-
-        def ask(job):
-            prompt, model, tokens = job
-            return client.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0).choices[0].text
-
-        with ThreadPoolExecutor(16) as pool:
-            answers = list(pool.map(ask, jobs))
-    for (prompt, model, tokens), answer in zip(jobs, answers):
-        entry = None if model == server.base_name else model
-        assert answer == reference.generate([prompt], adapters=[entry], max_new_tokens=tokens)[0], (prompt, model)
+    check_concurrent_completions(*sliding, PROMPTS, requests=32, threads=16)
