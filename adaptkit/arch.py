@@ -546,10 +546,18 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+_WINDOWS: dict[int, tuple] = {}  # id(config) -> (its weakref, windows): read once, a decode step asks (configs are unhashable)
+
+
 def sliding_windows(config) -> tuple[int | None, ...]:
     """Each layer's attention window (None: full attention), as transformers reads the config
-    (``sliding_window``, ``layer_types``) when it builds the model's own cache."""
+    (``sliding_window``, ``layer_types``) when it builds the model's own cache. Read once per config."""
     from transformers import DynamicCache
 
-    return tuple(getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
-                 for layer in DynamicCache(config=config).layers)
+    ref, found = _WINDOWS.get(id(config), (None, None))
+    if ref is None or ref() is not config:
+        found = tuple(getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+                      for layer in DynamicCache(config=config).layers)
+        _WINDOWS[id(config)] = (weakref.ref(config), found)
+        weakref.finalize(config, _WINDOWS.pop, id(config), None)
+    return found
