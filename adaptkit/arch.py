@@ -12,6 +12,7 @@ changes nothing here.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import weakref
@@ -504,8 +505,10 @@ def cached_kv_shapes(model: nn.Module) -> tuple[tuple[int, int] | None, ...] | N
     """
     meta = torch.device("meta")
     try:
+        config = copy.deepcopy(model.config)
+        config._attn_implementation = "eager"  # sdpa's mask shortcut reads values, which meta tensors have not
         with meta:
-            twin = type(model)(model.config)
+            twin = type(model)(config)
         return _one_token_cache(twin, meta)
     except Exception:  # an op without a meta kernel (or one that reads values): ask the live model instead
         device = next(model.parameters()).device

@@ -253,7 +253,10 @@ def merge_checkpoint(
     facts = facts_from_config(config)
     loaded = load_lora_adapters([adapters[i] for i in lora_positions])
     out_dtype = None if dtype in (None, "auto") else parse_dtype(dtype)  # auto: as stored
-    reason = None if tuned else needs_loaded_model(loaded, shapes, functools.cache(lambda: base_modules(meta_model(base))))
+    tied = tied_head(base, config, shapes)
+    plan_shapes = shapes if tied is None else {**shapes, tied[0]: shapes[tied[1]]}  # the head, as its own tensor
+    reason = None if tuned else needs_loaded_model(loaded, plan_shapes,
+                                                   functools.cache(lambda: base_modules(meta_model(base))))
     if reason is not None:
         weights = check_merge_weights(adapters, weights)
         merge_method.check_weights(weights)
@@ -284,8 +287,6 @@ def merge_checkpoint(
                     f"method {merge_method.name!r} needs additive deltas, which DoRA (row-normalised) does not have"
                 )
     check_fits_checkpoint(loaded, base)
-    tied = tied_head(base, config, shapes)
-    plan_shapes = shapes if tied is None else {**shapes, tied[0]: shapes[tied[1]]}  # the head, as its own tensor
     updates, added = plan_tensor_updates(loaded, [weights[i] for i in lora_positions], plan_shapes, facts.spec,
                                          where=str(base), positions=lora_positions)
     for adapter in loaded:
