@@ -1,21 +1,13 @@
-"""Per-architecture facts: where the transformer blocks are, what their sub-modules are called, and
-what the model caches.
+"""Per-architecture facts: where the transformer blocks are, what their sub-modules are called.
 
-The module layouts are a table per family (the Llama family: Llama, Mistral, Qwen2, ... share one;
-GPT-2, whose ``Conv1D`` stores weights transposed, ``[in, out]``; BERT, post-LN; ...). What the model
-does at run time is not written down here but measured from the live model: the K/V heads and head
-size as cached (a one-token forward into a cache, :func:`cached_kv_shapes`) and the layers that slide
-(transformers' own cache built from the config, :func:`sliding_windows`), so a release that changes
-them (transformers 5.25 made Falcon-40B cache ``num_kv_heads`` heads, where 5.24 cached every head)
-changes nothing here.
+A table per family for what cannot be asked (the Llama family: Llama, Mistral, Qwen2, ... share one;
+GPT-2, whose ``Conv1D`` stores weights transposed, ``[in, out]``; BERT, post-LN; T5, BART); any other
+model type has its layout discovered from its module tree (:func:`discover_spec`). What a model does at
+run time (K/V as cached, sliding layers, the cache keyword) is measured in :mod:`adaptkit.measured`.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import inspect
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -432,135 +424,3 @@ def decoder_layers(model: nn.Module, spec: ArchSpec) -> tuple[str, nn.ModuleList
     raise BaseModelError(
         f"could not find the transformer blocks of this {spec.family} model (looked for {', '.join(spec.layers_paths)})"
     )
-
-
-# ----------------------------------------------------------------------------- measured from the model
-_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ModelFacts
-
-
-def facts_of(model: nn.Module) -> ModelFacts:
-    """The facts of a live model: its config's sizes, with the K/V layout measured from the model
-    (:func:`cached_kv_shapes`) where it caches any. Measured once per model."""
-    found = _MEASURED.get(model)
-    if found is None:
-        facts = facts_from_config(model.config)
-        if not has_table_entry(runtime_model_type(model.config)) and facts.spec.is_causal:
-            facts = _checked_causal(model, facts)
-        layout = cached_kv_shapes(model)
-        if layout:
-            heads, head_dim = layout[0] if len(set(layout)) == 1 and None not in layout else \
-                (facts.num_kv_heads, facts.head_dim)
-            facts = dataclasses.replace(facts, num_kv_heads=heads, head_dim=head_dim, kv_layout=layout)
-        found = _MEASURED[model] = facts
-    return found
-
-
-def _checked_causal(model: nn.Module, facts: ModelFacts) -> ModelFacts:
-    """A discovered causal-LM class, asked on three tokens: does a token see the ones after it (an encoder
-    run through its LM-head class without ``is_decoder``: served as an encoder), and does it number
-    positions from 0, as adaptkit's ``position_ids`` for padded rows do (refused by name where not)."""
-    device = next(model.parameters()).device
-    if device.type == "meta":
-        return facts
-    ids = (torch.arange(3, device=device) % facts.vocab_size + 3) % facts.vocab_size
-    ids = ids.unsqueeze(0)
-    with torch.no_grad():
-        whole = model(input_ids=ids).logits
-        first_two = model(input_ids=ids[:, :2]).logits
-        if not torch.allclose(whole[:, :2], first_two, atol=1e-4, rtol=1e-3):
-            return dataclasses.replace(facts, spec=dataclasses.replace(facts.spec, is_causal=False))
-        numbered = model(input_ids=ids, position_ids=torch.arange(3, device=device).unsqueeze(0)).logits
-    if not torch.allclose(whole, numbered, atol=1e-4, rtol=1e-3):
-        raise BaseModelError(f"{facts.model_type}: the model does not number positions from 0 (its own positions differ "
-                             "from position_ids 0, 1, 2), so adaptkit cannot give padded rows their positions")
-    pad = torch.zeros(1, 1, dtype=ids.dtype, device=device)
-    with torch.no_grad():
-        padded = model(input_ids=torch.cat([pad, ids], dim=1), attention_mask=torch.tensor([[0, 1, 1, 1]], device=device),
-                       position_ids=torch.tensor([[0, 0, 1, 2]], device=device)).logits[:, 1:]
-    facts = dataclasses.replace(facts, pads_exactly=torch.allclose(padded, whole, atol=1e-4, rtol=1e-3))
-    try:  # continued from the first tokens' keys and values alone, as adaptkit serves a prompt or prefix
-        from transformers import DynamicCache
-
-        with torch.no_grad():
-            own = model(input_ids=ids[:, :2], use_cache=True).past_key_values
-            rebuilt = DynamicCache()
-            for index, layer in enumerate(own.layers):
-                rebuilt.update(layer.keys, layer.values, index)
-            last = model(input_ids=ids[:, 2:], position_ids=torch.tensor([[2]], device=device), use_cache=True,
-                         **{cache_argument(model): rebuilt}).logits
-        continues = torch.allclose(last, whole[:, 2:], atol=1e-4, rtol=1e-3)
-    except Exception:  # noqa: BLE001 - a cache that holds more than keys and values (conv or recurrent state)
-        continues = False
-    return dataclasses.replace(facts, cache_continues=continues)
-
-
-def cached_kv_shapes(model: nn.Module) -> tuple[tuple[int, int] | None, ...] | None:
-    """Each layer's (K/V heads, head size) as ``model`` caches them, from a one-token forward into an
-    empty cache (an encoder-decoder's: its decoder's self-attention cache); None when the model caches
-    nothing (an encoder whose attention takes no cache).
-
-    The forward runs on a twin of the model on the meta device (shapes only: no weight is read, the live
-    model and its 4-bit layouts are left untouched); a model whose forward the meta device cannot run
-    (data-dependent routing, as in mixtures of experts) is run for real on one token.
-    """
-    meta = torch.device("meta")
-    try:
-        config = copy.deepcopy(model.config)
-        config._attn_implementation = "eager"  # sdpa's mask shortcut reads values, which meta tensors have not
-        with meta:
-            twin = type(model)(config)
-        return _one_token_cache(twin, meta)
-    except Exception:  # an op without a meta kernel (or one that reads values): ask the live model instead
-        device = next(model.parameters()).device
-        if device == meta:  # a skeleton without weights (adaptkit inspect): the config's word until a load measures
-            return None
-        with torch.no_grad():
-            return _one_token_cache(model, device)
-
-
-def _one_token_cache(model: nn.Module, device: torch.device) -> tuple[tuple[int, int] | None, ...] | None:
-    """Run one token with ``use_cache`` and read each cache layer's K/V shape (None for a layer that holds
-    none: a state-space or linear-attention layer of a hybrid model)."""
-    from transformers import DynamicCache, EncoderDecoderCache
-
-    ids = torch.ones(1, 1, dtype=torch.long, device=device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": True}
-    if model.config.is_encoder_decoder:
-        inputs["decoder_input_ids"] = ids
-    else:
-        model = model.base_model  # an encoder's task head takes no cache; its body does
-    out = model(**inputs)  # the model's own cache: hybrid models keep conv/recurrent state beside K/V
-    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-    if cache is None:  # an encoder fills a cache only when given one
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if model.config.is_encoder_decoder else DynamicCache()
-        model(**inputs, **{cache_argument(model): cache})
-    layers = getattr(cache, "self_attention_cache", cache).layers
-    if type(getattr(cache, "self_attention_cache", cache)) not in (DynamicCache,):
-        return tuple(None for _ in layers) or None  # a cache class of its own (MiniMax): adaptkit cannot fill it
-    shapes = tuple((layer.keys.shape[1], layer.keys.shape[-1])
-                   if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel() > 0 else None
-                   for layer in layers)
-    return shapes if any(shapes) else None
-
-
-def cache_argument(model: nn.Module) -> str:
-    """The forward() keyword of the KV cache: ``cache`` in newer transformers 5.x, else ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-_WINDOWS: dict[int, tuple] = {}  # id(config) -> (its weakref, windows): read once, a decode step asks (configs are unhashable)
-
-
-def sliding_windows(config) -> tuple[int | None, ...]:
-    """Each layer's attention window (None: full attention), as transformers reads the config
-    (``sliding_window``, ``layer_types``) when it builds the model's own cache. Read once per config."""
-    from transformers import DynamicCache
-
-    ref, found = _WINDOWS.get(id(config), (None, None))
-    if ref is None or ref() is not config:
-        found = tuple(getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
-                      for layer in DynamicCache(config=config).layers)
-        _WINDOWS[id(config)] = (weakref.ref(config), found)
-        weakref.finalize(config, _WINDOWS.pop, id(config), None)
-    return found

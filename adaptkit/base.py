@@ -16,16 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adaptkit.arch import (
-    ModelFacts,
-    facts_from_config,
-    facts_of,
-    family_of_class,
-    model_class_for,
-    skeleton_of,
-)
+from adaptkit.arch import ModelFacts, facts_from_config, family_of_class, model_class_for, skeleton_of
 from adaptkit.errors import BaseModelError, InvalidArgumentError
 from adaptkit.hub import local_path
+from adaptkit.measured import facts_of
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}

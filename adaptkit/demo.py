@@ -118,9 +118,9 @@ def random_lora(
 
 def _base_facts(base_dir):
     """(sizes, transformers class name, fingerprint) of a saved base, read without loading weights."""
-    from adaptkit.arch import facts_of
     from adaptkit.base import checkpoint_fingerprint, meta_model, read_config
     from adaptkit.formats.checkpoint import open_checkpoint
+    from adaptkit.measured import facts_of
 
     config = read_config(base_dir)
     skeleton = meta_model(base_dir)

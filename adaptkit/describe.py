@@ -78,10 +78,10 @@ def check_fits_checkpoint(adapters: Sequence, base: str | os.PathLike) -> None:
     adapter records a base fingerprint).
     """
     from adaptkit.adapters.lora import LoraAdapter
-    from adaptkit.arch import facts_of
     from adaptkit.base import check_made_for, checkpoint_fingerprint, meta_model, read_config
     from adaptkit.formats.checkpoint import open_checkpoint
     from adaptkit.inject import base_modules, check_lora_fits
+    from adaptkit.measured import facts_of
 
     config = read_config(base)
     skeleton = meta_model(base)

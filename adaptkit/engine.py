@@ -41,7 +41,6 @@ from adaptkit.adapters.peft_types import bind_base_layers, needs_base_layers
 from adaptkit.adapters.pet import pet_details
 from adaptkit.adapters.prefix import prefix_details
 from adaptkit.adapters.prompt import prompt_details
-from adaptkit.arch import cache_argument
 from adaptkit.base import LoadedBase, check_made_for, load_base
 from adaptkit.errors import (
     AdapterMismatchError,
@@ -59,6 +58,7 @@ from adaptkit.generation import (
     positions_from_mask,
     sample_next,
 )
+from adaptkit.measured import cache_argument
 from adaptkit.routing import RoutingPlan, RowsNotSeparable, members_of, route_rows, use_plan
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")

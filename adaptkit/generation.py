@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from adaptkit.arch import sliding_windows
 from adaptkit.errors import EngineStateError, InvalidArgumentError
+from adaptkit.measured import sliding_windows
 from adaptkit.routing import RoutingPlan, RowEntry
 
 MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy (logits / 1e-40 overflow to inf and NaN)

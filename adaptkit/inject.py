@@ -594,7 +594,7 @@ def attach_pet(model: nn.Module, name: str, adapter, dtype: torch.dtype, device:
     """Check the base scores a PET slot as the adapter was trained to; attach its LoRA, if it carries one
     (the pattern and verbalizer act in ``Engine.classify``, not in the model)."""
     from adaptkit.adapters.pet import check_pet_fits
-    from adaptkit.arch import facts_of
+    from adaptkit.measured import facts_of
 
     check_pet_fits(adapter, facts_of(model), model)
     if adapter.lora is not None:

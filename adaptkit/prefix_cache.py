@@ -32,9 +32,10 @@ from adaptkit.adapters.prefix import KIND as PREFIX_KIND
 from adaptkit.adapters.prefix import PrefixAdapter, PrefixConfig, check_prefix_fits
 from adaptkit.adapters.prompt import KIND as PROMPT_KIND
 from adaptkit.adapters.prompt import PromptAdapter, check_prompt_fits
-from adaptkit.arch import cache_argument, decoder_layers, facts_of
+from adaptkit.arch import decoder_layers
 from adaptkit.errors import UnsupportedAdapterError
 from adaptkit.generation import new_cache
+from adaptkit.measured import cache_argument, facts_of
 from adaptkit.routing import Fuse, Mix, RoutingPlan, RowEntry, Stack, members_of, route_rows, use_plan
 
 VIRTUAL_KINDS = (PREFIX_KIND, PROMPT_KIND)

@@ -28,8 +28,9 @@ from adaptkit import inject
 from adaptkit.adapters import compose
 from adaptkit.adapters.bottleneck import BottleneckAdapter, SiteKey
 from adaptkit.adapters.fusion import FusionAdapter
-from adaptkit.arch import adapter_site, decoder_layers, facts_of
+from adaptkit.arch import adapter_site, decoder_layers
 from adaptkit.errors import AdapterMismatchError, EngineStateError
+from adaptkit.measured import facts_of
 from adaptkit.routing import RoutingPlan, current_plan
 
 _ROWS_KEY = "bottleneck.rows"  # plan.cache: [(entry, row index or None)] for every entry of the batch

@@ -50,7 +50,7 @@ def _cache_step(model, ids, mask, kwargs) -> dict:
     """A decode-step case for a plain/PEFT model: the cache is filled once, cropped back after each step."""
     from transformers import DynamicCache
 
-    from adaptkit.arch import cache_argument
+    from adaptkit.measured import cache_argument
 
     cache = DynamicCache(config=model.config)
     name = cache_argument(plain_model(model))

@@ -50,7 +50,7 @@ class CachedDecoder(nn.Module):
 
     def __init__(self, model: nn.Module, prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
-        from adaptkit.arch import cache_argument
+        from adaptkit.measured import cache_argument
 
         self.model = model
         self.num_layers = model.config.num_hidden_layers

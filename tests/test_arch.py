@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaptkit.arch import cached_kv_shapes, facts_of, sliding_windows
 from adaptkit.generation import sliding_layout
+from adaptkit.measured import cached_kv_shapes, facts_of, sliding_windows
 
 SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=128)
 
@@ -41,7 +41,7 @@ def _cached_by_a_real_forward(model) -> list[tuple[int, int]]:
     """The reference: a real 5-token forward into a cache (the decoder's self-attention cache of a T5)."""
     from transformers import DynamicCache, EncoderDecoderCache
 
-    from adaptkit.arch import cache_argument
+    from adaptkit.measured import cache_argument
 
     ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "use_cache": True}

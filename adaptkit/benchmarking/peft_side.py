@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adaptkit.arch import cache_argument
 from adaptkit.benchmarking.cases import BenchAdapter, CaseSpec
 from adaptkit.benchmarking.timing import Case
 from adaptkit.errors import MissingDependencyError
+from adaptkit.measured import cache_argument
 
 BASE_LABEL = "base (transformers)"
 PEFT_BASE_ROW = "__base__"  # PEFT's adapter_names entry for a row without an adapter

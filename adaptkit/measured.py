@@ -1,0 +1,155 @@
+"""What a model does at run time, measured from the live model rather than written down per version.
+
+- :func:`facts_of`: a model's :class:`~adaptkit.arch.ModelFacts` with its K/V layout as cached (a one-token
+  forward into the model's own cache, on a meta-device twin: no weight read, 4-bit layouts untouched) and, for
+  types without a table entry, what a three-token probe shows (causal or not, positions, padding, whether a
+  forward continues from K/V alone).
+- :func:`sliding_windows`: the layers that slide, as transformers reads the config for its own cache.
+- :func:`cache_argument`: the forward's keyword for the cache (``cache`` in transformers 5.25+).
+
+transformers 5.25 made Falcon-40B cache ``num_kv_heads`` heads where 5.24 cached every head, and renamed
+the forward's cache argument: nothing here changes with such a release.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import weakref
+
+import torch
+from torch import nn
+
+from adaptkit.arch import ModelFacts, facts_from_config, has_table_entry, runtime_model_type
+from adaptkit.errors import BaseModelError
+
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ModelFacts
+
+
+def facts_of(model: nn.Module) -> ModelFacts:
+    """The facts of a live model: its config's sizes, with the K/V layout measured from the model
+    (:func:`cached_kv_shapes`) where it caches any. Measured once per model."""
+    found = _MEASURED.get(model)
+    if found is None:
+        facts = facts_from_config(model.config)
+        if not has_table_entry(runtime_model_type(model.config)) and facts.spec.is_causal:
+            facts = _checked_causal(model, facts)
+        layout = cached_kv_shapes(model)
+        if layout:
+            heads, head_dim = layout[0] if len(set(layout)) == 1 and None not in layout else \
+                (facts.num_kv_heads, facts.head_dim)
+            facts = dataclasses.replace(facts, num_kv_heads=heads, head_dim=head_dim, kv_layout=layout)
+        found = _MEASURED[model] = facts
+    return found
+
+
+def _checked_causal(model: nn.Module, facts: ModelFacts) -> ModelFacts:
+    """A discovered causal-LM class, asked on three tokens: does a token see the ones after it (an encoder
+    run through its LM-head class without ``is_decoder``: served as an encoder), and does it number
+    positions from 0, as adaptkit's ``position_ids`` for padded rows do (refused by name where not)."""
+    device = next(model.parameters()).device
+    if device.type == "meta":
+        return facts
+    ids = (torch.arange(3, device=device) % facts.vocab_size + 3) % facts.vocab_size
+    ids = ids.unsqueeze(0)
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits
+        first_two = model(input_ids=ids[:, :2]).logits
+        if not torch.allclose(whole[:, :2], first_two, atol=1e-4, rtol=1e-3):
+            return dataclasses.replace(facts, spec=dataclasses.replace(facts.spec, is_causal=False))
+        numbered = model(input_ids=ids, position_ids=torch.arange(3, device=device).unsqueeze(0)).logits
+    if not torch.allclose(whole, numbered, atol=1e-4, rtol=1e-3):
+        raise BaseModelError(f"{facts.model_type}: the model does not number positions from 0 (its own positions differ "
+                             "from position_ids 0, 1, 2), so adaptkit cannot give padded rows their positions")
+    pad = torch.zeros(1, 1, dtype=ids.dtype, device=device)
+    with torch.no_grad():
+        padded = model(input_ids=torch.cat([pad, ids], dim=1), attention_mask=torch.tensor([[0, 1, 1, 1]], device=device),
+                       position_ids=torch.tensor([[0, 0, 1, 2]], device=device)).logits[:, 1:]
+    facts = dataclasses.replace(facts, pads_exactly=torch.allclose(padded, whole, atol=1e-4, rtol=1e-3))
+    try:  # continued from the first tokens' keys and values alone, as adaptkit serves a prompt or prefix
+        from transformers import DynamicCache
+
+        with torch.no_grad():
+            own = model(input_ids=ids[:, :2], use_cache=True).past_key_values
+            rebuilt = DynamicCache()
+            for index, layer in enumerate(own.layers):
+                rebuilt.update(layer.keys, layer.values, index)
+            last = model(input_ids=ids[:, 2:], position_ids=torch.tensor([[2]], device=device), use_cache=True,
+                         **{cache_argument(model): rebuilt}).logits
+        continues = torch.allclose(last, whole[:, 2:], atol=1e-4, rtol=1e-3)
+    except Exception:  # noqa: BLE001 - a cache that holds more than keys and values (conv or recurrent state)
+        continues = False
+    return dataclasses.replace(facts, cache_continues=continues)
+
+
+def cached_kv_shapes(model: nn.Module) -> tuple[tuple[int, int] | None, ...] | None:
+    """Each layer's (K/V heads, head size) as ``model`` caches them, from a one-token forward into an
+    empty cache (an encoder-decoder's: its decoder's self-attention cache); None when the model caches
+    nothing (an encoder whose attention takes no cache).
+
+    The forward runs on a twin of the model on the meta device (shapes only: no weight is read, the live
+    model and its 4-bit layouts are left untouched); a model whose forward the meta device cannot run
+    (data-dependent routing, as in mixtures of experts) is run for real on one token.
+    """
+    meta = torch.device("meta")
+    try:
+        config = copy.deepcopy(model.config)
+        config._attn_implementation = "eager"  # sdpa's mask shortcut reads values, which meta tensors have not
+        with meta:
+            twin = type(model)(config)
+        return _one_token_cache(twin, meta)
+    except Exception:  # an op without a meta kernel (or one that reads values): ask the live model instead
+        device = next(model.parameters()).device
+        if device == meta:  # a skeleton without weights (adaptkit inspect): the config's word until a load measures
+            return None
+        with torch.no_grad():
+            return _one_token_cache(model, device)
+
+
+def _one_token_cache(model: nn.Module, device: torch.device) -> tuple[tuple[int, int] | None, ...] | None:
+    """Run one token with ``use_cache`` and read each cache layer's K/V shape (None for a layer that holds
+    none: a state-space or linear-attention layer of a hybrid model)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    ids = torch.ones(1, 1, dtype=torch.long, device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": True}
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = ids
+    else:
+        model = model.base_model  # an encoder's task head takes no cache; its body does
+    out = model(**inputs)  # the model's own cache: hybrid models keep conv/recurrent state beside K/V
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    if cache is None:  # an encoder fills a cache only when given one
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if model.config.is_encoder_decoder else DynamicCache()
+        model(**inputs, **{cache_argument(model): cache})
+    layers = getattr(cache, "self_attention_cache", cache).layers
+    if type(getattr(cache, "self_attention_cache", cache)) not in (DynamicCache,):
+        return tuple(None for _ in layers) or None  # a cache class of its own (MiniMax): adaptkit cannot fill it
+    shapes = tuple((layer.keys.shape[1], layer.keys.shape[-1])
+                   if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel() > 0 else None
+                   for layer in layers)
+    return shapes if any(shapes) else None
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The forward() keyword of the KV cache: ``cache`` in newer transformers 5.x, else ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+_WINDOWS: dict[int, tuple] = {}  # id(config) -> (its weakref, windows): read once, a decode step asks (configs are unhashable)
+
+
+def sliding_windows(config) -> tuple[int | None, ...]:
+    """Each layer's attention window (None: full attention), as transformers reads the config
+    (``sliding_window``, ``layer_types``) when it builds the model's own cache. Read once per config."""
+    from transformers import DynamicCache
+
+    ref, found = _WINDOWS.get(id(config), (None, None))
+    if ref is None or ref() is not config:
+        found = tuple(getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+                      for layer in DynamicCache(config=config).layers)
+        _WINDOWS[id(config)] = (weakref.ref(config), found)
+        weakref.finalize(config, _WINDOWS.pop, id(config), None)
+    return found
