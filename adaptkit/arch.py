@@ -154,9 +154,12 @@ class AdapterSite:
 
 def adapter_site(facts: ModelFacts, site: str) -> AdapterSite:
     """The placement of bottleneck site ``"mh"`` or ``"output"`` in this model's blocks."""
-    if facts.model_type not in BOTTLENECK_MODEL_TYPES:
+    if facts.model_type not in BOTTLENECK_MODEL_TYPES and not facts.pre_ln_measured:
         known = ", ".join(sorted(BOTTLENECK_MODEL_TYPES))
-        raise BaseModelError(f"bottleneck adapters are not supported on {facts.model_type!r} models; supported: {known}")
+        raise BaseModelError(
+            f"bottleneck adapters are not supported on {facts.model_type!r} models: AdapterHub places them in blocks "
+            "that add attn(norm(x)) and then mlp(norm(.)) to the residual, which these blocks were not measured to "
+            f"do; supported: {known}, and other types whose blocks measure so")
     spec = facts.spec
     if site == "mh":
         return AdapterSite(spec.attention, spec.attention_norm)
@@ -221,7 +224,9 @@ def discover_spec(model: nn.Module) -> ArchSpec:
     The blocks are the longest ``ModuleList`` of transformers' own no-split block classes
     (``_no_split_modules``: the decoder layers); a block's attention and feed-forward are its children
     whose classes say so; the input embedding is ``get_input_embeddings()``; GPT-2-style ``Conv1D``
-    layers are found by type. Norm placement is not discovered: bottleneck sites stay table-only.
+    layers are found by type. A block with exactly two norms names them as the pre-LN norms of its
+    attention and FFN; bottleneck sites use them only once the live model showed that its blocks add
+    ``attn(norm1(x))`` and then ``mlp(norm2(.))`` to the residual (:func:`adaptkit.measured.facts_of`).
     """
     from transformers.pytorch_utils import Conv1D
 
@@ -230,7 +235,9 @@ def discover_spec(model: nn.Module) -> ArchSpec:
     blocks_path, blocks = _blocks(model)
     first = blocks[0]
     attention = _child(first, ("attention", "attn"))
-    mlp = _child(first, ("mlp", "moe", "feedforward", "feed_forward", "ffn", "experts"))
+    mlp = _child(first, ("mlp", "moe", "feedforward", "feed_forward", "ffn", "experts"), skip=attention)
+    norms = [name for name, child in first.named_children() if "norm" in type(child).__name__.lower()]
+    pre_norms = norms if len(norms) == 2 else (None, None)  # pre-LN candidates, checked on the live model
     embedding = model.get_input_embeddings()
     conv1d = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, Conv1D)})
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
@@ -239,8 +246,8 @@ def discover_spec(model: nn.Module) -> ArchSpec:
         layers_paths=(blocks_path,),
         attention=attention or "",
         mlp=mlp or "",
-        attention_norm=None,
-        mlp_norm=None,
+        attention_norm=pre_norms[0],
+        mlp_norm=pre_norms[1],
         is_causal=not encoder_decoder and (getattr(config, "is_decoder", False) or _is_causal_lm(model)),
         conv1d_modules=tuple(conv1d),
         embedding_keys=(f"{names[embedding]}.weight",) if embedding in names else (),
@@ -273,12 +280,15 @@ def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return name, blocks
 
 
-def _child(block: nn.Module, words: tuple[str, ...]) -> str | None:
-    """The first direct child of ``block`` whose class or attribute name contains one of ``words``."""
-    for name, child in block.named_children():
-        label = (type(child).__name__ + " " + name).lower().replace("_", "")
-        if any(word.replace("_", "") in label for word in words):
-            return name
+def _child(block: nn.Module, words: tuple[str, ...], skip: str | None = None) -> str | None:
+    """The first direct child of ``block`` whose attribute name, else whose class name, contains one of
+    ``words`` (``skip``: a child already taken, as Qwen3-MoE's attention class also says "moe")."""
+    children = [(name, child) for name, child in block.named_children() if name != skip]
+    for label_of in (lambda name, child: name, lambda name, child: type(child).__name__):
+        for name, child in children:
+            label = label_of(name, child).lower().replace("_", "")
+            if any(word.replace("_", "") in label for word in words):
+                return name
     return None
 
 
@@ -306,6 +316,9 @@ class ModelFacts:
     # causal types; False where the model places tokens by its input length, as learned absolute
     # positions counted from the cache do): rows of different virtual lengths cannot share its forward
     pads_exactly: bool = True
+    # a discovered block measured to compute x + attn(norm1(x)), then + mlp(norm2(.)): AdapterHub's pre-LN
+    # bottleneck placement applies (table types are placed by BOTTLENECK_MODEL_TYPES)
+    pre_ln_measured: bool = False
 
     @property
     def family(self) -> str:

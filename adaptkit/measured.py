@@ -80,7 +80,56 @@ def _checked_causal(model: nn.Module, facts: ModelFacts) -> ModelFacts:
         continues = torch.allclose(last, whole[:, 2:], atol=1e-4, rtol=1e-3)
     except Exception:  # noqa: BLE001 - a cache that holds more than keys and values (conv or recurrent state)
         continues = False
-    return dataclasses.replace(facts, cache_continues=continues)
+    return dataclasses.replace(facts, cache_continues=continues, pre_ln_measured=_blocks_are_pre_ln(model, facts, ids))
+
+
+def _blocks_are_pre_ln(model: nn.Module, facts: ModelFacts, ids: torch.Tensor) -> bool:
+    """Whether every block computes ``r = x + attn(norm1(x))`` then ``r + mlp(norm2(r))``, as read by hooks
+    on one forward: the norms' inputs and the block's output, against the sub-blocks' outputs."""
+    from adaptkit.arch import decoder_layers
+
+    spec = facts.spec
+    if not (spec.attention and spec.mlp and spec.attention_norm and spec.mlp_norm):
+        return False
+    _, blocks = decoder_layers(model, spec)
+    seen, hooks = {}, []
+
+    def record(key, use_input):
+        def hook(module, args, output):
+            value = args[0] if use_input else output
+            seen[key] = value[0] if isinstance(value, (tuple, list)) else value
+        return hook
+
+    def record_block_input(key):
+        def hook(module, args, kwargs):
+            seen[key] = args[0] if args else kwargs.get("hidden_states")
+        return hook
+
+    for i, block in enumerate(blocks):
+        hooks.append(block.register_forward_pre_hook(record_block_input((i, "in")), with_kwargs=True))
+        hooks.append(block.register_forward_hook(record((i, "out"), False)))
+        for key, name, use_input in (("n1", spec.attention_norm, True), ("a", spec.attention, False),
+                                     ("n2", spec.mlp_norm, True), ("m", spec.mlp, False)):
+            hooks.append(block.get_submodule(name).register_forward_hook(record((i, key), use_input)))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    except Exception:  # noqa: BLE001 - a block these hooks cannot read is not measured pre-LN
+        return False
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    def close(a, b):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+            torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+    for i in range(len(blocks)):
+        block_in, attn, norm2_in, mlp, out = (seen.get((i, key)) for key in ("in", "a", "n2", "m", "out"))
+        if not (close(seen.get((i, "n1")), block_in) and isinstance(attn, torch.Tensor)
+                and close(norm2_in, block_in + attn) and isinstance(mlp, torch.Tensor) and close(out, norm2_in + mlp)):
+            return False
+    return True
 
 
 def cached_kv_shapes(model: nn.Module) -> tuple[tuple[int, int] | None, ...] | None:
