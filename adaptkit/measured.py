@@ -105,16 +105,16 @@ def _blocks_are_pre_ln(model: nn.Module, facts: ModelFacts, ids: torch.Tensor) -
             seen[key] = args[0] if args else kwargs.get("hidden_states")
         return hook
 
-    for i, block in enumerate(blocks):
-        hooks.append(block.register_forward_pre_hook(record_block_input((i, "in")), with_kwargs=True))
-        hooks.append(block.register_forward_hook(record((i, "out"), False)))
-        for key, name, use_input in (("n1", spec.attention_norm, True), ("a", spec.attention, False),
-                                     ("n2", spec.mlp_norm, True), ("m", spec.mlp, False)):
-            hooks.append(block.get_submodule(name).register_forward_hook(record((i, key), use_input)))
     try:
+        for i, block in enumerate(blocks):
+            hooks.append(block.register_forward_pre_hook(record_block_input((i, "in")), with_kwargs=True))
+            hooks.append(block.register_forward_hook(record((i, "out"), False)))
+            for key, name, use_input in (("n1", spec.attention_norm, True), ("a", spec.attention, False),
+                                         ("n2", spec.mlp_norm, True), ("m", spec.mlp, False)):
+                hooks.append(block.get_submodule(name).register_forward_hook(record((i, key), use_input)))
         with torch.no_grad():
             model(input_ids=ids)
-    except Exception:  # noqa: BLE001 - a block these hooks cannot read is not measured pre-LN
+    except Exception:  # noqa: BLE001 - blocks of other layouts (a hybrid's), or hooks it cannot take: not pre-LN
         return False
     finally:
         for hook in hooks:

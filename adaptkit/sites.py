@@ -179,7 +179,7 @@ def _unwrap_if_empty(model: nn.Module, key: SiteKey) -> None:
 
 
 def _check_hidden(model: nn.Module, adapter, what: str) -> None:
-    hidden = model.config.hidden_size
+    hidden = facts_of(model).hidden_size  # a multimodal config keeps it in its text config
     if adapter.hidden_size != hidden:
         raise AdapterMismatchError(
             f"{adapter.source or what}: made for hidden size {adapter.hidden_size}, but the base has {hidden}; "

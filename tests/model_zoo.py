@@ -85,6 +85,7 @@ class TypeResult:
     parameters: bool = False  # the LoRA adapts parameters (fused experts, routers) as well as modules
     # prompt and prefix tuning: {kind: (adaptkit vs PEFT, mixed vs alone)} or {kind: why not run}
     virtual: dict = None
+    bottleneck: object = None  # (change vs the base, mixed vs alone), or adaptkit's refusal
 
 
 def check_lora_type(model_type: str, folder: Path) -> TypeResult:
@@ -133,12 +134,30 @@ def check_lora_type(model_type: str, folder: Path) -> TypeResult:
     with torch.no_grad():
         reloaded = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32, attn_implementation="eager")
         result.checkpoint = (reloaded.eval()(input_ids=ids).logits - peft_merged).abs().max().item()
+    result.bottleneck = _check_bottleneck(base, engine, ids)
     if engine.base.facts.spec.is_causal:
         result.virtual = {kind: _check_virtual(kind, base, load, engine, ids, folder) for kind in ("prompt", "prefix")}
     else:  # an encoder run through its LM-head class without is_decoder: bidirectional, served as an encoder
         why = "not compared: bidirectional without is_decoder (adaptkit serves it as an encoder; PEFT's CAUSAL_LM task)"
         result.virtual = {"prompt": why, "prefix": why}
     return result
+
+
+def _check_bottleneck(base: Path, engine, ids):
+    """Mixed rows vs each alone for a random AdapterHub bottleneck (no reference runs on transformers 5), or
+    adaptkit's refusal by name."""
+    from adaptkit.demo import random_bottleneck
+    from adaptkit.errors import AdaptkitError
+
+    try:
+        engine.add_adapter("bottleneck", random_bottleneck(base, "bottleneck", seed=4, std=0.5))
+    except AdaptkitError as exc:
+        return f"refused: {str(exc)[:160]}"
+    alone, plain = engine.logits(ids, adapters="bottleneck"), engine.logits(ids)
+    mixed = engine.logits(ids, adapters=["bottleneck", None, "bottleneck"])
+    engine.remove_adapter("bottleneck")
+    return ((alone - plain).abs().max().item(),
+            max((mixed[0] - alone[0]).abs().max().item(), (mixed[1] - plain[1]).abs().max().item()))
 
 
 def _lora_config(load):
@@ -191,22 +210,27 @@ def write_support_table(results: list[TypeResult], path: Path = DOC) -> None:
     import transformers
 
     rows = ["| model type | LoRA (all-linear) | LoRA vs PEFT: unmerged / checkpoint; mixed vs alone | prompt tuning | "
-            "prefix tuning |", "|---|---|---|---|---|"]
+            "prefix tuning | bottleneck (mixed vs alone) |", "|---|---|---|---|---|---|"]
 
     def virtual(found) -> str:
         if isinstance(found, str):
             return found.replace("|", "/").replace("\n", " ")
         return ("equal to PEFT" if found[0] < 1e-4 and found[1] < 1e-5 else "DIFFERS") + f" ({found[0]:.0e})"
 
+    def bottleneck(found) -> str:
+        if isinstance(found, str):
+            return found.replace("|", "/").replace("\n", " ")
+        return ("served" if found[1] < 1e-5 else "DIFFERS") + f" ({found[1]:.0e})"
+
     for r in results:
         if r.skipped:
-            rows.append(f"| `{r.model_type}` | not run: {r.skipped.replace('|', '/')} | | | |")
+            rows.append(f"| `{r.model_type}` | not run: {r.skipped.replace('|', '/')} | | | | |")
             continue
         ok = r.unmerged < 1e-4 and r.checkpoint < 1e-4 and r.mixed < 1e-5
         what = ("equal to PEFT" if ok else "DIFFERS") + (" (experts and router through target_parameters)"
                                                           if r.parameters else "")
         rows.append(f"| `{r.model_type}` | {what} | {r.unmerged:.0e} / {r.checkpoint:.0e}; {r.mixed:.0e} | "
-                    f"{virtual(r.virtual['prompt'])} | {virtual(r.virtual['prefix'])} |")
+                    f"{virtual(r.virtual['prompt'])} | {virtual(r.virtual['prefix'])} | {bottleneck(r.bottleneck)} |")
     served = sum(1 for r in results if not r.skipped)
     path.write_text(
         "# Model types\n\n"
