@@ -2,10 +2,12 @@
 
 - :class:`LoraLinear` wraps a ``Linear``/GPT-2 ``Conv1D`` (or a 4-bit linear): the base matmul runs
   once for the whole batch, then each adapter group adds its low-rank part to its own rows.
+- :class:`ParamLoraModule` wraps a module whose parameters some LoRAs adapt (PEFT's ``target_parameters``:
+  fused MoE experts, routers): each row group runs the module with ``W + delta`` of its adapters.
 - :class:`SwitchedModule` wraps a module that some adapters replace wholesale (PEFT's
   ``modules_to_save``): rows of those adapters are recomputed with the stored copy.
 
-Both read the :class:`~adaptkit.routing.RoutingPlan` of the forward in progress.
+All read the :class:`~adaptkit.routing.RoutingPlan` of the forward in progress.
 """
 
 from __future__ import annotations

@@ -81,8 +81,9 @@ def check_rows_can_shift(facts, source: str) -> None:
 def attach_prefix(model: nn.Module, name: str, adapter: PrefixAdapter, dtype: torch.dtype, device) -> None:
     """Check the prefix fits the base; put its K/V on the base's device and dtype; register its stored
     modules (a task head) if it has any."""
-    check_prefix_fits(adapter, facts_of(model))
-    check_rows_can_shift(facts_of(model), adapter.source or "prefix adapter")
+    facts = facts_of(model)
+    check_prefix_fits(adapter, facts)
+    check_rows_can_shift(facts, adapter.source or "prefix adapter")
     inject.check_saved_fits(inject.base_modules(model), adapter.saved_modules, adapter.source or "prefix adapter")
     adapter.to(device, dtype)
     inject.attach_saved(model, name, adapter.saved_modules)
