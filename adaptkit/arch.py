@@ -319,6 +319,9 @@ class ModelFacts:
     # a discovered block measured to compute x + attn(norm1(x)), then + mlp(norm2(.)): AdapterHub's pre-LN
     # bottleneck placement applies (table types are placed by BOTTLENECK_MODEL_TYPES)
     pre_ln_measured: bool = False
+    # an encoder's position id of its first token, measured: 0, or padding_idx + 1 where the model numbers
+    # positions after its padding id as RoBERTa does (a prompt's virtual tokens are numbered from it)
+    first_position: int = 0
 
     @property
     def family(self) -> str:

@@ -320,11 +320,13 @@ class Engine:
         """
         input_ids, attention_mask = self._checked_batch(input_ids, attention_mask)
         plan = self.plan(adapters, input_ids.shape[0])
-        groups = self._decoder_offset_groups(plan)
-        if len(groups) > 1:  # rows whose decoders start at different positions, one forward each
+        groups = self._row_groups(plan)
+        if len(groups) > 1:  # rows whose prefixes place them at different positions, one forward each
+            decoder = None if decoder_input_ids is None else \
+                torch.as_tensor(decoder_input_ids, device=self.device).view(input_ids.shape[0], -1)
             return self._by_groups(groups, lambda rows: self.logits(
                 input_ids[rows], attention_mask[rows], [plan.entries[i] for i in rows],
-                torch.as_tensor(decoder_input_ids, device=self.device).view(input_ids.shape[0], -1)[rows]))
+                None if decoder is None else decoder[rows]))
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.base.facts.spec.is_seq2seq:
             if decoder_input_ids is None:
@@ -544,8 +546,8 @@ class Engine:
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         eos = torch.tensor(sorted(eos_ids), device=self.device) if eos_ids else None
         if seq2seq:
-            groups = self._decoder_offset_groups(self.plan(adapters, batch))
-            if len(groups) > 1:  # one generation per group (see _decoder_offset_groups), rows put back in order
+            groups = self._row_groups(self.plan(adapters, batch))
+            if len(groups) > 1:  # one generation per group (see _row_groups), rows put back in order
                 entries = self.plan(adapters, batch).entries
                 rows_out: list[list[int]] = [[] for _ in range(batch)]
                 for rows in groups:
@@ -573,11 +575,14 @@ class Engine:
             logits = step_fn(token)
         return new_tokens
 
-    def _decoder_offset_groups(self, plan: RoutingPlan) -> list[list[int]]:
-        """Row groups that can share a forward: one group, except on encoder-decoders whose decoder counts
-        absolute positions from its cache (BART), where rows with decoder prefixes of different lengths
-        (or none) would be placed at one another's positions: one group per prefix length."""
-        if self.base.facts.family != "bart":
+    def _row_groups(self, plan: RoutingPlan) -> list[list[int]]:
+        """Row groups that can share a forward: one group, except where the model places tokens by their
+        count rather than by ``position_ids``: BART's decoder counts absolute positions from its cache, an
+        encoder such as RoFormer its rotary positions (measured: ``facts.pads_exactly``). There rows with
+        prefixes of different lengths (or none) would be placed at one another's positions: one group per
+        prefix length."""
+        facts = self.base.facts
+        if facts.family != "bart" and (facts.pads_exactly or facts.spec.is_causal):
             return [list(range(plan.batch_size))]
         lengths = []
         for entry in plan.entries:

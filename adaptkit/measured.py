@@ -35,11 +35,15 @@ def facts_of(model: nn.Module) -> ModelFacts:
         facts = facts_from_config(model.config)
         if not has_table_entry(runtime_model_type(model.config)) and facts.spec.is_causal:
             facts = _checked_causal(model, facts)
+        if not (facts.spec.is_causal or facts.spec.is_seq2seq):
+            facts = dataclasses.replace(facts, first_position=_first_position(model))
         layout = cached_kv_shapes(model)
         if layout:
             heads, head_dim = layout[0] if len(set(layout)) == 1 and None not in layout else \
                 (facts.num_kv_heads, facts.head_dim)
             facts = dataclasses.replace(facts, num_kv_heads=heads, head_dim=head_dim, kv_layout=layout)
+            if not (facts.spec.is_causal or facts.spec.is_seq2seq):
+                facts = dataclasses.replace(facts, pads_exactly=_encoder_pads_exactly(model, facts))
         found = _MEASURED[model] = facts
     return found
 
@@ -81,6 +85,56 @@ def _checked_causal(model: nn.Module, facts: ModelFacts) -> ModelFacts:
     except Exception:  # noqa: BLE001 - a cache that holds more than keys and values (conv or recurrent state)
         continues = False
     return dataclasses.replace(facts, cache_continues=continues, pre_ln_measured=_blocks_are_pre_ln(model, facts, ids))
+
+
+def _first_position(model: nn.Module) -> int:
+    """An encoder's position id of its first token: the candidate (0, or ``pad_token_id + 1`` as RoBERTa and
+    its copies number) whose explicit ``position_ids`` give what the model gives with its own; 0 on a
+    skeleton without weights, or where positions do not change the output (rotary, relative)."""
+    device = next(model.parameters()).device
+    pad = getattr(model.config, "pad_token_id", None)
+    if device.type == "meta" or not isinstance(pad, int) or pad < 0:
+        return 0
+    body = model.base_model  # a task head (a pooler, a classifier) takes no position_ids; the body does
+    ids = (torch.arange(3, device=device) + pad + 3).remainder(facts_from_config(model.config).vocab_size).unsqueeze(0)
+    counted = torch.arange(3, device=device).unsqueeze(0)
+    try:
+        with torch.no_grad():
+            own = body(input_ids=ids)[0]
+            for first in (0, pad + 1):
+                if torch.allclose(body(input_ids=ids, position_ids=counted + first)[0], own, atol=1e-5, rtol=1e-4):
+                    return first
+    except (TypeError, ValueError, RuntimeError):  # a body that takes no position_ids (or not these): from 0
+        return 0
+    raise BaseModelError(f"{model.config.model_type}: the model numbers its positions neither from 0 nor from "
+                         f"pad_token_id + 1 ({pad + 1}), so adaptkit cannot number a prompt's tokens as it does")
+
+
+def _encoder_pads_exactly(model: nn.Module, facts: ModelFacts) -> bool:
+    """An encoder that takes a cache: do three tokens behind one masked-out cache column, numbered by
+    ``position_ids`` from the first position, compute what they compute alone? (RoFormer places its rotary
+    positions by the cache's length, whatever the mask and position_ids say.)"""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    if device.type == "meta":
+        return True
+    body = model.base_model
+    ids = (torch.arange(3, device=device) + 3).remainder(facts.vocab_size).unsqueeze(0)
+    counted = torch.arange(3, device=device).unsqueeze(0) + facts.first_position
+    dtype = next(model.parameters()).dtype
+    cache = DynamicCache()
+    for index, (heads, head_dim) in enumerate(facts.kv_layout):
+        column = torch.zeros(1, heads, 1, head_dim, dtype=dtype, device=device)
+        cache.update(column, column, index)
+    try:
+        with torch.no_grad():
+            alone = body(input_ids=ids, position_ids=counted)[0]
+            behind = body(input_ids=ids, position_ids=counted, attention_mask=torch.tensor([[0, 1, 1, 1]], device=device),
+                          use_cache=True, **{cache_argument(body): cache})[0]
+    except (TypeError, ValueError, RuntimeError):  # a body that cannot run this probe: assume the worst
+        return False  # (rows of each prefix length then run in forwards of their own)
+    return alone.shape == behind.shape and torch.allclose(alone, behind, atol=1e-5, rtol=1e-4)
 
 
 def _blocks_are_pre_ln(model: nn.Module, facts: ModelFacts, ids: torch.Tensor) -> bool:

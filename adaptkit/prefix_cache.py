@@ -69,9 +69,10 @@ def prompt_kv(model: nn.Module, embeddings: torch.Tensor, entry: RowEntry = None
 
 # ----------------------------------------------------------------- engine handlers (engine._KIND_HANDLERS)
 def check_rows_can_shift(facts, source: str) -> None:
-    """Virtual tokens shift a row's real tokens behind its own prefix: refused on a model that places tokens by
-    its input length rather than by ``position_ids`` (measured: :attr:`ModelFacts.pads_exactly`)."""
-    if not facts.pads_exactly:
+    """Virtual tokens shift a row's real tokens behind its own prefix: refused on a causal LM that places tokens
+    by its input length rather than by ``position_ids`` (measured: :attr:`ModelFacts.pads_exactly`). An encoder
+    that does (RoFormer) runs rows of each prefix length in a forward of their own (``Engine._row_groups``)."""
+    if facts.spec.is_causal and not facts.pads_exactly:
         raise UnsupportedAdapterError(
             f"{source}: the {facts.model_type} base places tokens by their count, not by position_ids (a row behind "
             "masked padding computes differently), so rows with virtual tokens cannot share its batches; merge a "
@@ -219,7 +220,7 @@ def add_virtual_inputs(
     offsets = torch.tensor(lengths, device=mask.device).view(-1, 1)
     positions = kwargs.get("position_ids")
     if positions is None:  # encoders: the model's default, counted on from the row's prefix as with a cache
-        positions = torch.arange(seq, device=mask.device).expand(batch, -1) + _first_position(model)
+        positions = torch.arange(seq, device=mask.device).expand(batch, -1) + facts_of(model).first_position
     positions = positions + offsets
     if any(kv is not None for kv in cached):
         cache_kw = cache_argument(model)
@@ -244,13 +245,6 @@ def add_virtual_inputs(
     kwargs["attention_mask"] = mask
     kwargs["position_ids"] = positions
     return width
-
-
-def _first_position(model: nn.Module) -> int:
-    """The position id of an encoder's first token: 0, or RoBERTa's ``padding_idx + 1``."""
-    if model.config.model_type in ("roberta", "xlm-roberta"):
-        return model.config.pad_token_id + 1
-    return 0
 
 
 def _peft_decoder_layers(kv: PrefixKV) -> PrefixKV:
@@ -304,7 +298,7 @@ def _prepend_left_packed(model: nn.Module, plan: RoutingPlan, prepended: list, k
     kwargs["inputs_embeds"] = embeds
     kwargs["attention_mask"] = torch.cat([cache_mask, packed_mask], dim=1)
     if not facts_of(model).spec.is_seq2seq:  # T5 (relative) and BART count positions themselves
-        first = _first_position(model) + cached_lengths.view(-1, 1)
+        first = facts_of(model).first_position + cached_lengths.view(-1, 1)
         kwargs["position_ids"] = torch.arange(width + seq, device=ids.device).expand(batch, -1) + first
     if "token_type_ids" in kwargs:
         types = kwargs["token_type_ids"].new_zeros(batch, width + seq)

@@ -135,11 +135,10 @@ def check_lora_type(model_type: str, folder: Path) -> TypeResult:
         reloaded = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32, attn_implementation="eager")
         result.checkpoint = (reloaded.eval()(input_ids=ids).logits - peft_merged).abs().max().item()
     result.bottleneck = _check_bottleneck(base, engine, ids)
-    if engine.base.facts.spec.is_causal:
-        result.virtual = {kind: _check_virtual(kind, base, load, engine, ids, folder) for kind in ("prompt", "prefix")}
-    else:  # an encoder run through its LM-head class without is_decoder: bidirectional, served as an encoder
-        why = "not compared: bidirectional without is_decoder (adaptkit serves it as an encoder; PEFT's CAUSAL_LM task)"
-        result.virtual = {"prompt": why, "prefix": why}
+    # an encoder run through its LM-head class without is_decoder is bidirectional: adaptkit serves it as an
+    # encoder, the reference is PEFT's task for encoders without a head (FEATURE_EXTRACTION)
+    task = "CAUSAL_LM" if engine.base.facts.spec.is_causal else "FEATURE_EXTRACTION"
+    result.virtual = {kind: _check_virtual(kind, task, load, engine, ids, folder) for kind in ("prompt", "prefix")}
     return result
 
 
@@ -178,7 +177,7 @@ def _lora_config(load):
     return config
 
 
-def _check_virtual(kind: str, base: Path, load, engine, ids, folder: Path):
+def _check_virtual(kind: str, task: str, load, engine, ids, folder: Path):
     """(adaptkit vs PEFT, mixed vs alone) for a PEFT prompt or prefix adapter; a string where PEFT itself
     cannot run it, or adaptkit refuses it (the refusal's own words: a state-space layer, ...)."""
     from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
@@ -186,7 +185,7 @@ def _check_virtual(kind: str, base: Path, load, engine, ids, folder: Path):
 
     from adaptkit.errors import AdaptkitError
 
-    config = (PromptTuningConfig if kind == "prompt" else PrefixTuningConfig)(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    config = (PromptTuningConfig if kind == "prompt" else PrefixTuningConfig)(task_type=task, num_virtual_tokens=4)
     try:
         adapter = save_trained(get_peft_model(load(), config), folder / kind, std=0.5)
         with torch.no_grad():

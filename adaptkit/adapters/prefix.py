@@ -128,19 +128,20 @@ def fold_prefix_mlp(
     return hidden @ w2.float().T + b2.float()
 
 
-# encoders whose self-attention takes a cache (extra keys and values), as PEFT's prefix tuning needs
-CACHE_ENCODERS = ("bert", "roberta", "xlm-roberta")
+def takes_prefix(facts) -> bool:
+    """Whether a prefix's K/V has somewhere to go: a causal LM, an encoder-decoder's decoder, or an encoder
+    whose self-attention was measured to fill a key/value cache it is given (BERT's does, DeBERTa's not)."""
+    return facts.spec.is_causal or facts.spec.is_seq2seq or facts.kv_layout is not None
 
 
 def check_prefix_fits(adapter: PrefixAdapter, facts) -> None:
     """Raise unless the prefix has the base's layers, KV heads and head size, and the base is causal."""
     source = adapter.source or "prefix adapter"
     cfg = adapter.config
-    if not (facts.spec.is_causal or facts.spec.is_seq2seq) and facts.model_type not in CACHE_ENCODERS:
+    if not takes_prefix(facts):
         raise UnsupportedAdapterError(
-            f"{source}: a prefix adapter needs attention that takes extra keys and values; {facts.model_type} has "
-            f"none (those that do: causal LMs, encoder-decoders' decoders and {', '.join(CACHE_ENCODERS)}); use prompt tuning on this encoder"
-        )
+            f"{source}: a prefix adapter needs attention that takes extra keys and values; the {facts.model_type} "
+            "encoder's attention takes no key/value cache (a forward given one fills none); use prompt tuning on it")
     if facts.kv_layout is None and facts.spec.is_causal:
         raise UnsupportedAdapterError(
             f"{source}: the {facts.model_type} base keeps no key/value cache (a one-token forward fills none), so "

@@ -302,7 +302,7 @@ class Scheduler:
 
     def _start_wave(self, requests: list[Request]) -> None:
         plan = self.engine.plan([r.entry for r in requests], len(requests))
-        group = self.engine._decoder_offset_groups(plan)[0]  # BART: one decoder prefix length per wave
+        group = self.engine._row_groups(plan)[0]  # BART: one decoder prefix length per wave
         later = [r for i, r in enumerate(requests) if i not in group]
         if later:
             with self._lock:

@@ -30,10 +30,10 @@ from adaptkit.training.setup import MethodSetup, SetupContext, base_class_of
 
 # ----------------------------------------------------------------------------- prefix family
 def _prefix_config(ctx: SetupContext, tokens: int, method: str) -> PrefixConfig:
-    from adaptkit.adapters.prefix import CACHE_ENCODERS
+    from adaptkit.adapters.prefix import takes_prefix
 
     facts = ctx.engine.base.facts
-    if not (facts.spec.is_causal or facts.spec.is_seq2seq) and facts.model_type not in CACHE_ENCODERS:
+    if not takes_prefix(facts):
         raise InvalidArgumentError(f"prefix tuning needs attention that takes extra keys and values; the base is a "
                                    f"{facts.model_type} encoder without it (use --method prompt or bottleneck there)")
     return PrefixConfig(int(tokens), facts.num_layers, facts.num_kv_heads, facts.head_dim, method=method)
