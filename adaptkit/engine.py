@@ -320,7 +320,11 @@ class Engine:
         """
         input_ids, attention_mask = self._checked_batch(input_ids, attention_mask)
         plan = self.plan(adapters, input_ids.shape[0])
-        groups = self._row_groups(plan)
+        groups = self._row_groups(plan, attention_mask.sum(dim=1).tolist())
+        if self.base.facts.spec.is_causal and not self.base.facts.pads_exactly and not bool(attention_mask.all()):
+            # a model that places tokens by their count: each group of equal lengths runs on its real columns
+            return self._by_groups(groups, lambda rows: self._unpadded_logits(
+                input_ids[rows], attention_mask[rows], [plan.entries[i] for i in rows]), columns=attention_mask.bool())
         if len(groups) > 1:  # rows whose prefixes place them at different positions, one forward each
             decoder = None if decoder_input_ids is None else \
                 torch.as_tensor(decoder_input_ids, device=self.device).view(input_ids.shape[0], -1)
@@ -357,6 +361,12 @@ class Engine:
         if self.base.facts.spec.is_seq2seq:
             return out  # the decoder's positions; virtual tokens went to the encoder
         return prefix_cache.real_positions(out, virtual, input_ids.shape[1])
+
+    def _unpadded_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, entries: list) -> torch.Tensor:
+        """Logits of rows that use the same columns, run on those columns only (no padding in the forward)."""
+        used = attention_mask.bool().any(dim=0).nonzero().flatten()
+        columns = slice(int(used[0]), int(used[-1]) + 1)
+        return self.logits(input_ids[:, columns], attention_mask[:, columns], entries)
 
     def _checked_batch(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_ids`` [B, S] integer ids within the vocabulary and a mask of the same shape, or a clear error."""
@@ -545,18 +555,18 @@ class Engine:
         new_tokens: list[list[int]] = [[] for _ in range(batch)]
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         eos = torch.tensor(sorted(eos_ids), device=self.device) if eos_ids else None
+        groups = self._row_groups(self.plan(adapters, batch), [len(p) for p in prompt_ids])
+        if len(groups) > 1:  # one generation per group (see _row_groups), rows put back in order
+            entries = self.plan(adapters, batch).entries
+            rows_out: list[list[int]] = [[] for _ in range(batch)]
+            for rows in groups:
+                got = self.generate_ids([prompt_ids[i] for i in rows], [entries[i] for i in rows], max_new_tokens,
+                                        temperature, top_p, top_k, seed, eos_token_id,
+                                        None if on_token is None else (lambda r, t, rows=rows: on_token(rows[r], t)))
+                for i, tokens in zip(rows, got):
+                    rows_out[i] = tokens
+            return rows_out
         if seq2seq:
-            groups = self._row_groups(self.plan(adapters, batch))
-            if len(groups) > 1:  # one generation per group (see _row_groups), rows put back in order
-                entries = self.plan(adapters, batch).entries
-                rows_out: list[list[int]] = [[] for _ in range(batch)]
-                for rows in groups:
-                    got = self.generate_ids([prompt_ids[i] for i in rows], [entries[i] for i in rows], max_new_tokens,
-                                            temperature, top_p, top_k, seed, eos_token_id,
-                                            None if on_token is None else (lambda r, t, rows=rows: on_token(rows[r], t)))
-                    for i, tokens in zip(rows, got):
-                        rows_out[i] = tokens
-                return rows_out
             logits, step_fn = self._seq2seq_start(prompt_ids, adapters, pad_id)
         else:
             logits, state = self.prefill(prompt_ids, adapters, pad_id)
@@ -575,30 +585,42 @@ class Engine:
             logits = step_fn(token)
         return new_tokens
 
-    def _row_groups(self, plan: RoutingPlan) -> list[list[int]]:
+    def _row_groups(self, plan: RoutingPlan, lengths: Sequence[int] | None = None) -> list[list[int]]:
         """Row groups that can share a forward: one group, except where the model places tokens by their
-        count rather than by ``position_ids``: BART's decoder counts absolute positions from its cache, an
-        encoder such as RoFormer its rotary positions (measured: ``facts.pads_exactly``). There rows with
-        prefixes of different lengths (or none) would be placed at one another's positions: one group per
-        prefix length."""
+        count rather than by ``position_ids`` (measured: ``facts.pads_exactly``; BART's decoder counts
+        absolute positions from its cache). There a row behind padding, or behind another row's longer prefix,
+        would sit at other positions than alone: one group per shift. Encoders (RoFormer) and BART's decoder:
+        per prefix length; a causal LM (BlenderbotSmall): per virtual length and number of real tokens
+        (``lengths``), each group then run without padding."""
         facts = self.base.facts
-        if facts.family != "bart" and (facts.pads_exactly or facts.spec.is_causal):
+        if facts.pads_exactly and facts.family != "bart":
             return [list(range(plan.batch_size))]
-        lengths = []
-        for entry in plan.entries:
+        keys = []
+        for row, entry in enumerate(plan.entries):
             name, _ = prefix_cache.split_virtual(entry, self._adapters)
             adapter = self._adapters.get(name)
-            lengths.append(adapter.config.num_virtual_tokens if adapter is not None and adapter.kind == "prefix" else 0)
-        return [[i for i, n in enumerate(lengths) if n == length] for length in dict.fromkeys(lengths)]
+            if facts.spec.is_causal:
+                virtual = adapter.config.num_virtual_tokens if adapter is not None else 0
+                keys.append((virtual, None if lengths is None else lengths[row]))
+            else:
+                keys.append(adapter.config.num_virtual_tokens if adapter is not None and adapter.kind == "prefix" else 0)
+        return [[i for i, key in enumerate(keys) if key == found] for found in dict.fromkeys(keys)]
 
     @staticmethod
-    def _by_groups(groups: list[list[int]], run) -> torch.Tensor:
-        """``run(rows)`` per group of rows, the results put back in row order (dim 0)."""
+    def _by_groups(groups: list[list[int]], run, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """``run(rows)`` per group of rows, the results put back in row order (dim 0). ``columns`` (a [B, S]
+        mask): each group ran on only the columns its rows use; its outputs go back to those columns."""
         outs = [(rows, run(rows)) for rows in groups]
         first = outs[0][1]
-        result = first.new_zeros(sum(len(r) for r in groups), *first.shape[1:])
+        shape = first.shape[1:] if columns is None else (columns.shape[1], *first.shape[2:])
+        result = first.new_zeros(sum(len(r) for r in groups), *shape)
         for rows, out in outs:
-            result[torch.tensor(rows, device=result.device)] = out
+            index = torch.tensor(rows, device=result.device)
+            if columns is None:
+                result[index] = out
+            else:
+                used = columns[index].any(dim=0).nonzero().flatten()
+                result[index, int(used[0]):int(used[-1]) + 1] = out
         return result
 
     @_exclusive

@@ -68,23 +68,11 @@ def prompt_kv(model: nn.Module, embeddings: torch.Tensor, entry: RowEntry = None
 
 
 # ----------------------------------------------------------------- engine handlers (engine._KIND_HANDLERS)
-def check_rows_can_shift(facts, source: str) -> None:
-    """Virtual tokens shift a row's real tokens behind its own prefix: refused on a causal LM that places tokens
-    by its input length rather than by ``position_ids`` (measured: :attr:`ModelFacts.pads_exactly`). An encoder
-    that does (RoFormer) runs rows of each prefix length in a forward of their own (``Engine._row_groups``)."""
-    if facts.spec.is_causal and not facts.pads_exactly:
-        raise UnsupportedAdapterError(
-            f"{source}: the {facts.model_type} base places tokens by their count, not by position_ids (a row behind "
-            "masked padding computes differently), so rows with virtual tokens cannot share its batches; merge a "
-            "LoRA instead, or serve this adapter with PEFT")
-
-
 def attach_prefix(model: nn.Module, name: str, adapter: PrefixAdapter, dtype: torch.dtype, device) -> None:
     """Check the prefix fits the base; put its K/V on the base's device and dtype; register its stored
     modules (a task head) if it has any."""
     facts = facts_of(model)
     check_prefix_fits(adapter, facts)
-    check_rows_can_shift(facts, adapter.source or "prefix adapter")
     inject.check_saved_fits(inject.base_modules(model), adapter.saved_modules, adapter.source or "prefix adapter")
     adapter.to(device, dtype)
     inject.attach_saved(model, name, adapter.saved_modules)
@@ -94,7 +82,6 @@ def attach_prompt(model: nn.Module, name: str, adapter: PromptAdapter, dtype: to
     """Check the prompt fits the base; on a causal LM compute its virtual tokens' K/V now, once."""
     facts = facts_of(model)
     check_prompt_fits(adapter, facts)
-    check_rows_can_shift(facts, adapter.source or "prompt adapter")
     if adapter.saved_modules:
         _check_prompt_heads(model, adapter, facts)
     adapter.to(device, dtype)

@@ -1,7 +1,8 @@
 """Model types adaptkit knows only by discovery, served: a tiny Qwen3-MoE (LoRA on attention, fused experts
-and router through PEFT's target_parameters) and a tiny SmolLM3, with mixed adapters (LoRA, expert LoRA,
-prefix, prompt, base) in one batch and through the OpenAI-compatible server: every row equals the same
-request alone, and alone equals PEFT's greedy decoding."""
+and router through PEFT's target_parameters), a tiny SmolLM3 and a tiny BlenderbotSmall (whose learned
+positions count tokens, not position_ids: rows of other lengths or virtual lengths run in forwards of their
+own), with mixed adapters (LoRA, expert LoRA, prefix, prompt, base) in one batch and through the
+OpenAI-compatible server: every row equals the same request alone, and alone equals PEFT's greedy decoding."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ PROMPTS = ["the quick brown fox jumps over", "SELECT name FROM users", "LoRA add
            "0123456789", "adaptkit serves many adapters over one base model", "Prefix"]
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "smollm3"])
+@pytest.fixture(scope="module", params=["qwen3_moe", "smollm3", "blenderbot-small"])
 def discovered(request, tmp_path_factory):
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -62,6 +63,21 @@ def test_alone_equals_peft_and_mixed_rows_equal_alone(discovered):
     together = engine.generate_ids(prompts, adapters=rows, max_new_tokens=10, eos_token_id=[])
     for prompt, row, got in zip(prompts, rows, together):
         assert got == engine.generate_ids([prompt], adapters=[row], max_new_tokens=10, eos_token_id=[])[0], row
+
+
+def test_logits_of_padded_and_mixed_rows_equal_each_alone(discovered):
+    base, paths = discovered
+    engine = ak.Engine.from_pretrained(base)
+    for name, path in paths.items():
+        engine.add_adapter(name, path)
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7], [8, 9, 10, 11, 12, 13], [0, 0, 21, 22, 23, 24], [0, 0, 0, 9, 8, 7]])
+    mask = (ids != 0).long()
+    rows = ["prefix", None, "prompt", "lora"]
+    together = engine.logits(ids, mask, adapters=rows)
+    for row, entry in enumerate(rows):
+        real = mask[row].bool()
+        alone = engine.logits(ids[row:row + 1, real], adapters=[entry])[0]
+        torch.testing.assert_close(together[row, real], alone, atol=1e-5, rtol=0)
 
 
 def test_concurrent_requests_through_the_server(discovered):

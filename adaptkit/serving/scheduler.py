@@ -142,6 +142,9 @@ class Scheduler:
         self.max_queue = max_queue
         self.context_length = context_length
         self.seq2seq = engine.base.facts.spec.is_seq2seq  # encoder-decoders decode in waves (see _step_wave)
+        # a causal LM that places tokens by their count (BlenderbotSmall) decodes only rows that started
+        # together with prompts of one length: joined rows sit behind padding, which shifts its positions
+        self.lockstep = not self.seq2seq and not engine.base.facts.pads_exactly
         if max_batch > 1 and not self.seq2seq:
             check_joinable(new_cache(engine.model))  # refuse a cache layout that cannot join now, not mid-run
         self.eos_ids, self.pad_id = engine.stop_and_pad_ids()
@@ -268,7 +271,9 @@ class Scheduler:
         self._run_commands()
         now = time.monotonic()
         self._drop_left(now)
-        self._admitted = admitted = self._admit(now)
+        self._admitted = admitted = [] if self.lockstep and self._rows else self._admit(now)
+        if admitted and self.lockstep:
+            admitted = self._first_group(admitted)
         if admitted:
             self._prefill(admitted)
         self._admitted = []
@@ -300,14 +305,21 @@ class Scheduler:
         if done:
             self._remove_rows(done)
 
-    def _start_wave(self, requests: list[Request]) -> None:
+    def _first_group(self, requests: list[Request]) -> list[Request]:
+        """The admitted requests that can share forwards with the first (``Engine._row_groups``: BART, one
+        decoder prefix length; a count-placing causal LM, one prompt and virtual length); the others go back to
+        the front of the queue, in order."""
         plan = self.engine.plan([r.entry for r in requests], len(requests))
-        group = self.engine._row_groups(plan)[0]  # BART: one decoder prefix length per wave
+        group = self.engine._row_groups(plan, [len(r.prompt_ids) for r in requests])[0]
         later = [r for i, r in enumerate(requests) if i not in group]
         if later:
             with self._lock:
                 self._waiting.extendleft(reversed(later))
-            requests = [requests[i] for i in group]
+        self._admitted = [requests[i] for i in group]
+        return self._admitted
+
+    def _start_wave(self, requests: list[Request]) -> None:
+        requests = self._first_group(requests)
         try:
             logits, step = self.engine.start_seq2seq([r.prompt_ids for r in requests], [r.entry for r in requests],
                                                      self.pad_id)
