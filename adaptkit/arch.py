@@ -1,13 +1,16 @@
 """Per-architecture facts: where the transformer blocks are, what their sub-modules are called.
 
-A table per family for what cannot be asked (the Llama family: Llama, Mistral, Qwen2, ... share one;
-GPT-2, whose ``Conv1D`` stores weights transposed, ``[in, out]``; BERT, post-LN; T5, BART); any other
-model type has its layout discovered from its module tree (:func:`discover_spec`). What a model does at
-run time (K/V as cached, sliding layers, the cache keyword) is measured in :mod:`adaptkit.measured`.
+Every model type's layout is discovered from its module tree (:func:`discover_spec`: the blocks, their
+attention, feed-forward and norms, ``Conv1D`` layers stored ``[in, out]``, the input embedding). What
+cannot be discovered is written down: family labels (model types whose checkpoints share a layout, so an
+adapter made for one is made for the others) and BERT's post-LN bottleneck sites. What a model does at run
+time (K/V as cached, sliding layers, causality, positions, pre-LN blocks, the cache keyword) is measured
+in :mod:`adaptkit.measured`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -15,25 +18,27 @@ from torch import nn
 
 from adaptkit.errors import BaseModelError
 
+# Families: model types whose checkpoints share one layout (module names, weight orientation), so an adapter
+# trained on one is made for the others too (a Mistral LoRA on a Llama base); a label, not a layout.
 _LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2",
                  "granite"}
-# model_type -> layout family, for the families whose model_type differs from the family name
+# model_type -> family, for the families whose model_type differs from the family name
 _FAMILY_OF_TYPE = {"gpt2": "gpt2", "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "deberta-v2": "bert",
                    "opt": "opt", "gpt_neox": "neox", "falcon": "falcon", "t5": "t5", "mt5": "t5", "bart": "bart"}
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Layout facts of one architecture family.
+    """Layout facts of one model, discovered from its module tree (:func:`discover_spec`).
 
     Module paths are relative to the decoder/encoder block (``layers[i]``), except
     ``layers_paths`` which are relative to the loaded model.
     """
 
-    family: str  # "llama" | "gpt2" | "bert"
+    family: str  # the family label (``llama``, ``gpt2``, ``bert``, ...), else the model type
     layers_paths: tuple[str, ...]  # candidates, the first that exists wins
-    attention: str  # self-attention module inside a block
-    mlp: str  # feed-forward module inside a block (or its output sub-module for BERT)
+    attention: str  # self-attention module inside a block ("" where none is found)
+    mlp: str  # feed-forward module inside a block (BERT: its output sub-module); "" where none is a module
     attention_norm: str | None  # pre-LN norm before attention (None for post-LN)
     mlp_norm: str | None  # pre-LN norm before the FFN
     is_causal: bool
@@ -42,106 +47,12 @@ class ArchSpec:
     is_seq2seq: bool = False  # an encoder-decoder: the prompt goes to the encoder, the decoder generates
 
 
-ARCH_SPECS: dict[str, ArchSpec] = {
-    "llama": ArchSpec(
-        family="llama",
-        layers_paths=("model.layers", "layers"),
-        attention="self_attn",
-        mlp="mlp",
-        attention_norm="input_layernorm",
-        mlp_norm="post_attention_layernorm",
-        is_causal=True,
-        conv1d_modules=(),
-        embedding_keys=("model.embed_tokens.weight", "embed_tokens.weight"),
-    ),
-    "gpt2": ArchSpec(
-        family="gpt2",
-        layers_paths=("transformer.h", "h"),
-        attention="attn",
-        mlp="mlp",
-        attention_norm="ln_1",
-        mlp_norm="ln_2",
-        is_causal=True,
-        conv1d_modules=("c_attn", "c_proj", "c_fc", "q_attn"),
-        embedding_keys=("transformer.wte.weight", "wte.weight"),
-    ),
-    "opt": ArchSpec(
-        family="opt",
-        layers_paths=("model.decoder.layers", "decoder.layers"),
-        attention="self_attn",
-        mlp="fc2",
-        attention_norm="self_attn_layer_norm",
-        mlp_norm="final_layer_norm",
-        is_causal=True,
-        conv1d_modules=(),
-        embedding_keys=("model.decoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
-    ),
-    "neox": ArchSpec(
-        family="neox",
-        layers_paths=("gpt_neox.layers", "layers"),
-        attention="attention",
-        mlp="mlp",
-        attention_norm="input_layernorm",
-        mlp_norm="post_attention_layernorm",
-        is_causal=True,
-        conv1d_modules=(),
-        embedding_keys=("gpt_neox.embed_in.weight", "embed_in.weight"),
-    ),
-    "falcon": ArchSpec(
-        family="falcon",
-        layers_paths=("transformer.h", "h"),
-        attention="self_attention",
-        mlp="mlp",
-        attention_norm="input_layernorm",
-        mlp_norm=None,  # parallel attention + MLP from the same norm (or ln_attn / ln_mlp)
-        is_causal=True,
-        conv1d_modules=(),
-        embedding_keys=("transformer.word_embeddings.weight", "word_embeddings.weight"),
-    ),
-    "t5": ArchSpec(
-        family="t5",
-        layers_paths=("decoder.block",),
-        attention="layer.0",
-        mlp="layer.2",
-        attention_norm=None,
-        mlp_norm=None,
-        is_causal=False,
-        conv1d_modules=(),
-        embedding_keys=("shared.weight", "encoder.embed_tokens.weight"),
-        is_seq2seq=True,
-    ),
-    "bart": ArchSpec(
-        family="bart",
-        layers_paths=("model.decoder.layers",),
-        attention="self_attn",
-        mlp="fc2",
-        attention_norm=None,
-        mlp_norm=None,
-        is_causal=False,
-        conv1d_modules=(),
-        embedding_keys=("model.shared.weight", "model.encoder.embed_tokens.weight"),
-        is_seq2seq=True,
-    ),
-    "bert": ArchSpec(
-        family="bert",
-        layers_paths=("bert.encoder.layer", "roberta.encoder.layer", "deberta.encoder.layer", "encoder.layer"),
-        attention="attention.output",
-        mlp="output",
-        attention_norm=None,
-        mlp_norm=None,
-        is_causal=False,
-        conv1d_modules=(),
-        embedding_keys=("bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight",
-                        "roberta.embeddings.word_embeddings.weight", "deberta.embeddings.word_embeddings.weight"),
-    ),
-}
-
-
-# Bottleneck adapters (AdapterHub placement): "mh" after the attention sub-block, "output" after the FFN.
-# Model types whose blocks compute exactly ``x + attn(norm(x))`` then ``x + mlp(norm(x))`` (pre-LN) or
-# BERT's post-LN ``LN(h + r)`` inside SelfOutput/Output. Sandwich-norm blocks (gemma2, olmo2) and
-# scaled residuals (granite) would put an adapter elsewhere than AdapterHub does.
-BOTTLENECK_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "gpt2", "bert", "roberta"}
+# What discovery cannot find: BERT's post-LN blocks keep their residual inside SelfOutput / Output, whose
+# forward takes (hidden, residual) and returns LN(dense(hidden) + residual); AdapterHub's bottleneck sites
+# are those two modules, served by adaptkit's post-LN wrapper (sites.py). No norm sits before a sub-block.
+_POST_LN_SITES = {"bert": dict(attention="attention.output", mlp="output", attention_norm=None, mlp_norm=None)}
+# Post-LN model types whose SelfOutput / Output are BERT's (the wrapper re-implements that forward)
+POST_LN_BOTTLENECK_TYPES = {"bert", "roberta"}
 
 
 @dataclass(frozen=True)
@@ -153,13 +64,15 @@ class AdapterSite:
 
 
 def adapter_site(facts: ModelFacts, site: str) -> AdapterSite:
-    """The placement of bottleneck site ``"mh"`` or ``"output"`` in this model's blocks."""
-    if facts.model_type not in BOTTLENECK_MODEL_TYPES and not facts.pre_ln_measured:
-        known = ", ".join(sorted(BOTTLENECK_MODEL_TYPES))
+    """The placement of bottleneck site ``"mh"`` or ``"output"`` in this model's blocks: BERT's post-LN
+    sub-modules, or the pre-LN norms and sub-blocks of blocks measured to add ``attn(norm1(x))`` and then
+    ``mlp(norm2(.))`` to the residual (:func:`adaptkit.measured.facts_of`)."""
+    if facts.model_type not in POST_LN_BOTTLENECK_TYPES and not facts.pre_ln_measured:
         raise BaseModelError(
             f"bottleneck adapters are not supported on {facts.model_type!r} models: AdapterHub places them in blocks "
             "that add attn(norm(x)) and then mlp(norm(.)) to the residual, which these blocks were not measured to "
-            f"do; supported: {known}, and other types whose blocks measure so")
+            f"do (scaled residuals, norms after the sub-blocks, parallel attention and FFN), or in BERT's post-LN "
+            f"blocks ({', '.join(sorted(POST_LN_BOTTLENECK_TYPES))})")
     spec = facts.spec
     if site == "mh":
         return AdapterSite(spec.attention, spec.attention_norm)
@@ -169,18 +82,10 @@ def adapter_site(facts: ModelFacts, site: str) -> AdapterSite:
 
 
 def family_of(model_type: str) -> str:
-    """The layout family of a transformers ``model_type`` adaptkit has a table entry for; raises for others
-    (their layout is discovered instead: :func:`discover_spec`)."""
+    """The family label of a transformers ``model_type``: its family where it shares one, else itself."""
     if model_type in _LLAMA_FAMILY:
         return "llama"
-    if model_type in _FAMILY_OF_TYPE:
-        return _FAMILY_OF_TYPE[model_type]
-    known = sorted(_LLAMA_FAMILY | set(_FAMILY_OF_TYPE))
-    raise BaseModelError(f"model_type {model_type!r} has no layout table entry; known model types: {', '.join(known)}")
-
-
-def has_table_entry(model_type: str) -> bool:
-    return model_type in _LLAMA_FAMILY or model_type in _FAMILY_OF_TYPE
+    return _FAMILY_OF_TYPE.get(model_type, model_type)
 
 
 def model_class_for(config):
@@ -195,7 +100,7 @@ def model_class_for(config):
             # through the Auto class that maps this config to it: transformers then converts a checkpoint
             # stored in another layout at load and back at save (exaone's is stored as transformer.h.*)
             return next((auto for auto in _auto_classes() if auto._model_mapping.get(type(config), None) is cls), cls)
-    if has_table_entry(config.model_type) and family_of(config.model_type) == "bert":
+    if family_of(config.model_type) == "bert":
         return transformers.AutoModel
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return transformers.AutoModelForCausalLM
@@ -219,7 +124,7 @@ def skeleton_of(config) -> nn.Module:
 
 # ----------------------------------------------------------------------------- discovered layouts
 def discover_spec(model: nn.Module) -> ArchSpec:
-    """The layout of a model adaptkit has no table entry for, read from the model (or its skeleton).
+    """The layout of a model, read from the model (or its skeleton).
 
     The blocks are the longest ``ModuleList`` of transformers' own no-split block classes
     (``_no_split_modules``: the decoder layers); a block's attention and feed-forward are its children
@@ -241,8 +146,9 @@ def discover_spec(model: nn.Module) -> ArchSpec:
     embedding = model.get_input_embeddings()
     conv1d = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, Conv1D)})
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-    return ArchSpec(
-        family=runtime_model_type(config),
+    family = family_of(runtime_model_type(config))
+    spec = ArchSpec(
+        family=family,
         layers_paths=(blocks_path,),
         attention=attention or "",
         mlp=mlp or "",
@@ -250,9 +156,19 @@ def discover_spec(model: nn.Module) -> ArchSpec:
         mlp_norm=pre_norms[1],
         is_causal=not encoder_decoder and (getattr(config, "is_decoder", False) or _is_causal_lm(model)),
         conv1d_modules=tuple(conv1d),
-        embedding_keys=(f"{names[embedding]}.weight",) if embedding in names else (),
+        embedding_keys=_embedding_keys(model, embedding, names),
         is_seq2seq=encoder_decoder,
     )
+    return dataclasses.replace(spec, **_POST_LN_SITES[family]) if family in _POST_LN_SITES else spec
+
+
+def _embedding_keys(model: nn.Module, embedding: nn.Module, names: dict) -> tuple[str, ...]:
+    """The checkpoint keys the input embedding's weight may be saved under: its own name first, then every
+    name tied to the same parameter (BART saves ``model.shared.weight`` for its decoder's ``embed_tokens``)."""
+    weight = getattr(embedding, "weight", None)
+    own = f"{names[embedding]}.weight" if embedding in names else None
+    tied = [name for name, param in model.named_parameters(remove_duplicate=False) if param is weight and name != own]
+    return tuple(dict.fromkeys(([own] if own else []) + tied))
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -264,10 +180,13 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(path, list) of the model's transformer blocks: the longest ``ModuleList`` whose members are all of
-    the model's no-split block classes (any ``ModuleList`` of repeated modules where it names none)."""
+    the model's no-split block classes (any ``ModuleList`` of repeated modules where it names none); an
+    encoder-decoder's are its decoder's (a prefix is the decoder's cache)."""
     block_classes = set(getattr(model, "_no_split_modules", None) or ())
     lists = [(name, module) for name, module in model.named_modules()
              if isinstance(module, nn.ModuleList) and len(module) > 0]
+    if getattr(model.config, "is_encoder_decoder", False):
+        lists = [(name, module) for name, module in lists if "decoder" in name.split(".")] or lists
     found = [(len(module), -name.count("."), name, module) for name, module in lists
              if {type(m).__name__ for m in module} <= block_classes]
     if not found:  # the no-split list names other classes (embeddings, a cross-attention): repeated modules
@@ -281,9 +200,11 @@ def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _child(block: nn.Module, words: tuple[str, ...], skip: str | None = None) -> str | None:
-    """The first direct child of ``block`` whose attribute name, else whose class name, contains one of
-    ``words`` (``skip``: a child already taken, as Qwen3-MoE's attention class also says "moe")."""
-    children = [(name, child) for name, child in block.named_children() if name != skip]
+    """The first direct child of ``block`` (not a norm or a dropout) whose attribute name, else whose class
+    name, contains one of ``words`` (``skip``: a child already taken, as Qwen3-MoE's attention class also
+    says "moe")."""
+    children = [(name, child) for name, child in block.named_children() if name != skip and not any(
+        word in type(child).__name__.lower() for word in ("norm", "dropout"))]  # GPT-NeoX's post_attention_layernorm
     for label_of in (lambda name, child: name, lambda name, child: type(child).__name__):
         for name, child in children:
             label = label_of(name, child).lower().replace("_", "")
@@ -309,15 +230,15 @@ class ModelFacts:
     # hybrid's state-space layers); the whole None: read from the config only (``num_kv_heads``/``head_dim``
     # then say what the config says; with a uniform layout they are its layers' own)
     kv_layout: tuple[tuple[int, int] | None, ...] | None = None
-    # a forward continued from the cache of the tokens before equals the whole forward (measured on
-    # discovered causal types; False where a model's cache does not carry everything a later token reads)
+    # a forward continued from the cache of the tokens before equals the whole forward (measured on causal
+    # LMs; False where a model's cache does not carry everything a later token reads)
     cache_continues: bool = True
-    # a row keeps its outputs behind masked-out padding with adaptkit's position_ids (measured on discovered
-    # causal types; False where the model places tokens by its input length, as learned absolute
-    # positions counted from the cache do): rows of different virtual lengths cannot share its forward
+    # a row keeps its outputs behind masked-out padding with adaptkit's position_ids (measured; False where
+    # the model places tokens by its input length, as learned absolute positions counted from the cache do):
+    # rows of different lengths then run in forwards of their own (``Engine._row_groups``)
     pads_exactly: bool = True
-    # a discovered block measured to compute x + attn(norm1(x)), then + mlp(norm2(.)): AdapterHub's pre-LN
-    # bottleneck placement applies (table types are placed by BOTTLENECK_MODEL_TYPES)
+    # a block measured to compute x + attn(norm1(x)), then + mlp(norm2(.)): AdapterHub's pre-LN
+    # bottleneck placement applies
     pre_ln_measured: bool = False
     # an encoder's position id of its first token, measured: 0, or padding_idx + 1 where the model numbers
     # positions after its padding id as RoBERTa does (a prompt's virtual tokens are numbered from it)
@@ -351,81 +272,54 @@ def runtime_model_type(config) -> str:
 
 
 def family_of_class(class_name: str) -> str | None:
-    """The layout family of a transformers class name (``LlamaForCausalLM`` -> ``llama``; a class of a
-    model type without a table entry -> that model type), None for a name transformers does not have."""
+    """The family label of a transformers class name (``LlamaForCausalLM`` -> ``llama``; a class of a
+    model type of no family -> that model type), None for a name transformers does not have."""
     import transformers
 
     cls = getattr(transformers, class_name, None)
     model_type = getattr(getattr(cls, "config_class", None), "model_type", None)
     if not model_type:
         return None
-    return family_of(model_type) if has_table_entry(model_type) else model_type
+    return family_of(model_type)
 
 
 def facts_from_config(config) -> ModelFacts:
-    """Read the sizes adaptkit needs from a transformers config; a model type without a table entry gets
-    its layout discovered from the skeleton the config builds (:func:`discover_spec`)."""
-    runtime = runtime_model_type(config)
-    if not has_table_entry(runtime):
-        return _discovered_facts(config)
-    family = family_of(runtime)
-    if family == "gpt2":
-        hidden, layers, heads = config.n_embd, config.n_layer, config.n_head
-        kv_heads = heads
-    elif family == "t5":
-        hidden, layers, heads = config.d_model, config.num_decoder_layers or config.num_layers, config.num_heads
-        kv_heads = heads
-    elif family == "bart":
-        hidden, layers, heads = config.d_model, config.decoder_layers, config.decoder_attention_heads
-        kv_heads = heads
-    else:
-        hidden, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads
-    return ModelFacts(
-        spec=ARCH_SPECS[family],
-        model_type=config.model_type,
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        vocab_size=config.vocab_size,
-        max_positions=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
-    )
+    """Read the sizes adaptkit needs from a transformers config, with the layout discovered from the skeleton
+    the config builds (:func:`discover_spec`); one skeleton per distinct config."""
+    key = config.to_json_string(use_diff=False)
+    found = _DISCOVERED.get(key)
+    if found is None:
+        found = _DISCOVERED[key] = _discovered_facts(config)
+    return found
 
 
-_DISCOVERED: dict[str, ModelFacts] = {}  # config JSON -> facts: one skeleton per distinct config
+_DISCOVERED: dict[str, ModelFacts] = {}  # config JSON -> facts
 
 
 def _discovered_facts(config) -> ModelFacts:
-    key = config.to_json_string(use_diff=False)
-    found = _DISCOVERED.get(key)
-    if found is not None:
-        return found
-    spec = discover_spec(skeleton_of(config))
+    skeleton = skeleton_of(config)
+    spec = discover_spec(skeleton)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden, layers, heads = (getattr(text, name, None) for name in ("hidden_size", "num_hidden_layers",
-                                                                     "num_attention_heads"))
-    missing = [n for n, v in (("hidden_size", hidden), ("num_hidden_layers", layers),
-                              ("vocab_size", getattr(text, "vocab_size", None))) if v is None]
-    heads = heads or 1  # a state-space model (Mamba) has no attention heads: nothing reads them
+    hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
+    missing = [n for n, v in (("hidden_size", hidden), ("vocab_size", getattr(text, "vocab_size", None))) if v is None]
     if missing:
         raise BaseModelError(f"{config.model_type}: its config names no {', '.join(missing)}; adaptkit reads a base's "
                              "sizes from these standard fields")
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    found = _DISCOVERED[key] = ModelFacts(
+    if spec.is_seq2seq:  # the decoder's heads: a prefix is the decoder's cache (BART's may differ from its encoder's)
+        heads = getattr(text, "decoder_attention_heads", None) or heads
+    heads = heads or 1  # a state-space model (Mamba) has no attention heads: nothing reads them
+    _, blocks = decoder_layers(skeleton, spec)
+    return ModelFacts(
         spec=spec,
         model_type=config.model_type,
         hidden_size=hidden,
-        num_layers=layers,
+        num_layers=len(blocks),
         num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=getattr(text, "head_dim", None) or hidden // heads,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or getattr(text, "d_kv", None) or hidden // heads,
         vocab_size=text.vocab_size,
         max_positions=getattr(text, "max_position_embeddings", None),
     )
-    return found
 
 
 def decoder_layers(model: nn.Module, spec: ArchSpec) -> tuple[str, nn.ModuleList]:

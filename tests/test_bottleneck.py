@@ -98,15 +98,20 @@ def test_bottleneck_details():
 
 @needs_fixtures
 def test_unsupported_architecture_is_refused(tmp_path):
-    """Bottleneck sites are placed only where the block layout is AdapterHub's (not granite's scaled residuals)."""
-    from adaptkit.arch import adapter_site, facts_from_config
-    from adaptkit.demo import tiny_config
+    """Bottleneck sites are placed only where the block layout is AdapterHub's, as measured on the live model
+    (not granite's scaled residuals)."""
+    from transformers import AutoModelForCausalLM, GraniteConfig
 
-    facts = facts_from_config(tiny_config("llama"))
+    from adaptkit.arch import adapter_site
+    from adaptkit.demo import tiny_config
+    from adaptkit.measured import facts_of
+
+    facts = facts_of(AutoModelForCausalLM.from_config(tiny_config("llama")))
     assert adapter_site(facts, "output").residual_norm == "post_attention_layernorm"
-    granite = facts.__class__(**{**facts.__dict__, "model_type": "granite"})
+    granite = AutoModelForCausalLM.from_config(GraniteConfig(**{**tiny_config("llama").to_dict(), "model_type": "granite",
+                                                                "residual_multiplier": 0.5}))
     with pytest.raises(BaseModelError, match="not supported on 'granite'"):
-        adapter_site(granite, "mh")
+        adapter_site(facts_of(granite), "mh")
 
 
 # ---------------------------------------------------------------------- options no fixture uses

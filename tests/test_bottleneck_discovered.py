@@ -1,8 +1,9 @@
-"""Bottleneck adapters on model types without a table entry: a block whose two norms and sub-blocks the
-live model shows to compute ``x + attn(norm1(x))`` then ``+ mlp(norm2(.))`` takes AdapterHub's pre-LN
-placement. The discovered placement on a Llama equals the table's (which equals AdapterHub's fixtures,
-test_bottleneck.py); SmolLM3 and Qwen3-MoE serve them per row; blocks that measure otherwise (OLMo 3's
-post-norms, Phi's parallel block) are refused by name."""
+"""Bottleneck adapters wherever the blocks measure pre-LN: a block whose two norms and sub-blocks the live
+model shows to compute ``x + attn(norm1(x))`` then ``+ mlp(norm2(.))`` takes AdapterHub's pre-LN placement
+(on Llama and GPT-2 that placement equals AdapterHub's fixtures, test_bottleneck.py). The layouts adaptkit
+once kept in a table are what discovery finds; SmolLM3 and Qwen3-MoE serve bottlenecks per row; blocks that
+measure otherwise (OLMo 3's post-norms, Phi's parallel block, Granite's scaled residuals) are refused by
+name."""
 
 from __future__ import annotations
 
@@ -17,23 +18,39 @@ from adaptkit.demo import random_bottleneck
 from adaptkit.errors import BaseModelError
 
 
-def test_the_discovered_placement_on_a_llama_is_the_tables(tiny_llama, monkeypatch):
-    from adaptkit import arch, measured
+# the layouts adaptkit's table held before discovery (block list, attention, FFN, pre-LN norms, Conv1D layers,
+# embedding), as transformers names them: discovery must find each (BERT's post-LN sites stay written down)
+FORMER_TABLE = {
+    "llama": ("model.layers", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm", (),
+              "model.embed_tokens.weight"),
+    "gpt2": ("transformer.h", "attn", "mlp", "ln_1", "ln_2", ("c_attn", "c_fc", "c_proj"), "transformer.wte.weight"),
+    "gpt_neox": ("gpt_neox.layers", "attention", "mlp", "input_layernorm", "post_attention_layernorm", (),
+                 "gpt_neox.embed_in.weight"),
+    "falcon": ("transformer.h", "self_attention", "mlp", None, None, (), "transformer.word_embeddings.weight"),
+    "opt": ("model.decoder.layers", "self_attn", "", "self_attn_layer_norm", "final_layer_norm", (),
+            "model.decoder.embed_tokens.weight"),
+    "t5": ("decoder.block", "", "", None, None, (), "shared.weight"),
+    "bart": ("model.decoder.layers", "self_attn", "", None, None, (),
+             "model.shared.weight"),
+    "bert": ("encoder.layer", "attention.output", "output", None, None, (), "embeddings.word_embeddings.weight"),
+}
 
-    adapters = [random_bottleneck(tiny_llama, "a", seed=1), random_bottleneck(tiny_llama, "b", parallel=True, seed=2)]
-    ids = random_ids(batch=3)
-    table = ak.Engine.from_pretrained(tiny_llama)
-    for name, adapter in zip("ab", adapters):
-        table.add_adapter(name, adapter)
-    expected = table.logits(ids, adapters=["a", "b", None])
-    for module in (arch, measured):  # llama as a type nobody listed
-        monkeypatch.setattr(module, "has_table_entry", lambda model_type: False)
-    monkeypatch.setattr(arch, "BOTTLENECK_MODEL_TYPES", set())
-    discovered = ak.Engine.from_pretrained(tiny_llama)
-    assert discovered.base.facts.pre_ln_measured and discovered.base.facts.spec.mlp_norm == "post_attention_layernorm"
-    for name, adapter in zip("ab", adapters):
-        discovered.add_adapter(name, adapter)
-    torch.testing.assert_close(discovered.logits(ids, adapters=["a", "b", None]), expected, atol=1e-5, rtol=0)
+
+@pytest.mark.parametrize("model_type", list(FORMER_TABLE))
+def test_discovery_finds_the_layouts_the_table_held(model_type):
+    from transformers import AutoConfig
+
+    from adaptkit.arch import facts_from_config
+
+    # the type's default config, as its published checkpoints name their class (the skeleton is on meta)
+    architecture = {"t5": "T5ForConditionalGeneration", "bart": "BartForConditionalGeneration", "bert": "BertModel"}
+    config = AutoConfig.for_model(model_type, architectures=[architecture.get(model_type, "")] if
+                                  model_type in architecture else None)
+    spec = facts_from_config(config).spec
+    assert (spec.layers_paths[0], spec.attention, spec.mlp, spec.attention_norm, spec.mlp_norm,
+            spec.conv1d_modules) == FORMER_TABLE[model_type][:6]
+    assert FORMER_TABLE[model_type][6] in spec.embedding_keys  # its own name, or one tied to it (BART's shared)
+    assert spec.is_seq2seq == (model_type in ("t5", "bart"))
 
 
 @pytest.mark.parametrize("model_type", ["smollm3", "qwen3_moe"])

@@ -257,3 +257,22 @@ def test_cli_train_and_one_line_errors(tiny_llama, task, tmp_path):
     assert unknown.exit_code == 1 and "known: bottleneck, fusion, lora, pet, ppt, prefix, prompt" in unknown.output
     missing = runner.invoke(main, [*args, "--verbalizer", "pos=1", "--force"])
     assert missing.exit_code == 1 and "label 'neg' is not in the verbalizer" in missing.output
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gpt2", "bloom", "gpt_neox", "falcon", "opt",
+                                        "bert", "roberta", "deberta-v2", "t5", "bart", "nemotron_h"])
+def test_default_lora_targets_are_pefts(model_type):
+    """With no targets named, a LoRA trains what PEFT's own default for the model type targets (its table,
+    read here as the reference; adaptkit finds the query and value projections, or the fused one, by name)."""
+    from model_zoo import tiny_config
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    from adaptkit.arch import facts_from_config, skeleton_of
+    from adaptkit.training.methods import default_targets
+
+    config = tiny_config(model_type)
+    found = default_targets(skeleton_of(config), facts_from_config(config))
+    expected = set(PEFT_DEFAULTS[model_type])
+    if model_type == "nemotron_h":  # PEFT targets every attention projection of the hybrid; its q/v are among them
+        expected &= {"q_proj", "v_proj"}
+    assert set(found) == expected

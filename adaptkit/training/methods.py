@@ -30,15 +30,30 @@ from adaptkit.training.setup import MethodSetup, SetupContext, base_class_of
 from adaptkit.training.virtual import setup_ppt, setup_prefix, setup_prompt, setup_ptuning, setup_ptuning2
 
 # ----------------------------------------------------------------------------- LoRA family
-DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "gpt2": ("c_attn",), "bert": ("query", "value"), "t5": ("q", "v"),
-                   "bart": ("q_proj", "v_proj"), "opt": ("q_proj", "v_proj"), "neox": ("query_key_value",),
-                   "falcon": ("query_key_value",)}
+QUERY_VALUE = ("q", "v", "q_proj", "v_proj", "query", "value", "query_proj", "value_proj")  # PEFT's default: the query and value projections
+FUSED_QKV = ("c_attn", "query_key_value", "qkv_proj", "qkv", "wqkv", "w_pack", "in_proj")  # or the fused one holding them
+
+
+def default_targets(model: nn.Module, facts) -> tuple[str, ...]:
+    """The LoRA targets when none are named, as PEFT defaults: the query and value projections of the
+    model's blocks (found by their leaf names; a hybrid's attention blocks may not be its first), else the
+    fused projection holding them."""
+    from adaptkit.arch import decoder_layers
+
+    _, blocks = decoder_layers(model, facts.spec)
+    leaves = {name.rpartition(".")[2] for name, module in blocks.named_modules() if linear_shape(module) is not None}
+    for wanted in (QUERY_VALUE, FUSED_QKV):
+        found = tuple(name for name in wanted if name.lower() in {leaf.lower() for leaf in leaves})
+        if found:
+            return tuple(leaf for leaf in sorted(leaves) if leaf.lower() in {f.lower() for f in found})
+    raise InvalidArgumentError(f"the {facts.model_type} base's blocks have no query/value projection to target by "
+                               f"default (linear layers: {', '.join(sorted(leaves)) or 'none'}); name --targets")
 
 
 def _new_lora(ctx: SetupContext, r: int, alpha: float, targets, rslora: bool) -> LoraAdapter:
     """A LoRA on every targeted linear layer, PEFT's init: ``A ~ kaiming_uniform(a=sqrt(5))``, ``B = 0``."""
     engine = ctx.engine
-    targets = tuple(targets or DEFAULT_TARGETS[engine.base.facts.family])
+    targets = tuple(targets or default_targets(engine.model, engine.base.facts))
     modules = {n: m for n, m in base_modules(engine.model).items() if linear_shape(m) is not None}
     conv1d = any(is_conv1d(m) for m in modules.values())
     config = LoraConfig(r=int(r), alpha=float(alpha), target_modules=targets, use_rslora=bool(rslora),
