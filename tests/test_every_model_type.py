@@ -33,3 +33,46 @@ def test_lora_on_every_causal_lm_type_equals_peft(model_type, tmp_path):
             assert "refused" not in found or any(w in found for w in ("state", "different shapes", "no key/value")), found
             continue
         assert found[0] < 1e-4 and found[1] < 1e-5, (kind, found)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_expert_lora_through_target_parameters_equals_peft(model_type, tmp_path):
+    """PEFT's ``target_parameters`` LoRA on the fused experts (``mlp.experts.gate_up_proj`` and ``down_proj``,
+    gpt-oss's with their biases beside them), with attention LoRA: unmerged equal to PEFT, rows mixed with
+    base rows equal each alone, merged in place and into a checkpoint (plain transformers) equal to PEFT's
+    merge, unmerged back to the base."""
+    import torch
+    from model_zoo import tiny_model
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft_checks import save_random_base, save_trained
+    from transformers import AutoModelForCausalLM
+
+    base = save_random_base(tiny_model(model_type), tmp_path / "base")
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, attn_implementation="eager").eval()
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    adapter = save_trained(get_peft_model(load(), config), tmp_path / "lora", std=0.1)
+    ids = torch.randint(3, 300, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = load()(input_ids=ids).logits
+        expected = PeftModel.from_pretrained(load(), str(adapter)).eval()(input_ids=ids).logits
+        peft_merged = PeftModel.from_pretrained(load(), str(adapter)).merge_and_unload().eval()(input_ids=ids).logits
+    assert (expected - plain).abs().max() > 1e-2  # the experts' LoRA changes the output
+    engine = ak.Engine.from_pretrained(base)
+    engine.add_adapter("experts", adapter)
+    alone = engine.logits(ids, adapters="experts")
+    torch.testing.assert_close(alone, expected, atol=1e-4, rtol=0)
+    mixed = engine.logits(ids, adapters=["experts", None, "experts"])
+    torch.testing.assert_close(mixed[[0, 2]], alone[[0, 2]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[1], plain[1], atol=1e-5, rtol=0)
+    engine.merge("experts")  # in place, into the fused expert weights
+    torch.testing.assert_close(engine.logits(ids, adapters="experts"), peft_merged, atol=1e-4, rtol=0)
+    engine.unmerge()
+    torch.testing.assert_close(engine.logits(ids), plain, atol=1e-4, rtol=0)
+    merged = ak.merge_checkpoint(base, [adapter], tmp_path / "merged", progress=False)
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32, attn_implementation="eager")
+        torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, peft_merged, atol=1e-4, rtol=0)
