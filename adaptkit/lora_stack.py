@@ -11,8 +11,11 @@ A batch row ``i`` that uses the adapter in slot ``k`` with weight ``w`` (1, or i
 weight; a row that mixes several adapters has one entry per adapter) adds ``w * (x_i A_k^T) B_k``.
 Padding adds exact zeros. Three ways to compute it, chosen by shape:
 
-- one slot for every entry: two matmuls on that slot's views (no gather);
-- BGMV: gather each entry's A and B, two batched matmuls (decode, and most prefills);
+- one slot for every entry: two matmuls on that slot's views (no gather; when the entries are the batch
+  rows with weight 1, the second matmul adds into the output itself, ``addmm``: a decode step runs this in
+  every adapted layer, where each op's dispatch costs more than its arithmetic);
+- BGMV: gather each entry's A and B, two batched matmuls (decode, and most prefills; ``baddbmm`` adds into
+  the output when the entries are the batch rows);
 - SGMV: entries grouped by slot, two matmuls per segment, when the segments are long (at least
   ``SEGMENT_TOKENS`` tokens on average: a long prefill shared by many rows of few adapters), where
   one matmul per segment beats per-row products and the gather would copy each adapter many times.
@@ -187,10 +190,20 @@ def route_layout(plan: RoutingPlan, layout: Layout, device) -> dict[int, BucketR
 
 def add_batched_delta(y: torch.Tensor, x: torch.Tensor, bucket: RankBucket, route: BucketRoute) -> torch.Tensor:
     """``y`` plus every entry's ``w * (x_row A_slot^T) B_slot``; x: [N, T, in] or [N, in], y likewise [.., out]."""
-    xr = x if route.rows is None else x.index_select(0, route.rows)  # [E, T, in]
     A, B = bucket.A, bucket.B
     if A.dtype != x.dtype:
         A, B = A.to(x.dtype), B.to(x.dtype)
+    if route.rows is None and route.weights is None and y.dtype == x.dtype:
+        # every row, weight 1 (a batch of one adapter, or every row with its own): the expand and the add in
+        # one op (the decode step runs this in every adapted layer, where dispatch costs more than the math)
+        if route.single is not None:
+            slot, rank = route.single
+            flat = x.reshape(-1, x.shape[-1]) @ A[slot, :rank].T  # [N*T, r]
+            return torch.addmm(y.reshape(-1, y.shape[-1]), flat, B[slot, :rank]).view(y.shape)
+        if x.ndim == 3 and x.shape[1] * len(route.slots) < SEGMENT_TOKENS * len(route.distinct):
+            hidden = torch.bmm(x, A.index_select(0, route.slots).transpose(1, 2))  # [E, T, R]
+            return torch.baddbmm(y, hidden, B.index_select(0, route.slots))
+    xr = x if route.rows is None else x.index_select(0, route.rows)  # [E, T, in]
     if route.single is not None:
         slot, rank = route.single
         delta = (xr @ A[slot, :rank].T) @ B[slot, :rank]

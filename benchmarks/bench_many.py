@@ -177,7 +177,7 @@ def serve_part(root: Path, args) -> list[dict]:
                     names = ([f"s{i % count:04d}" for i in range(args.serve_requests)] if spread == "uniform"
                              else zipf_names(count, args.serve_requests, seed=round_))
                     result = run_load(server, jobs(names), args.serve_batch)
-                    result.pop("latencies_s")
+                    result.pop("latencies_s"), result.pop("answers")
                     rows.append({"adapters": count, "spread": spread, "round": round_, **result})
     finally:
         server.close()

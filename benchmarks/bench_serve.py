@@ -100,8 +100,9 @@ def run_load(server: ServerProcess, jobs: list[dict], concurrency: int) -> dict:
     """Send ``jobs`` from ``concurrency`` threads (each takes the next job when its last one is answered)."""
     latencies: list[float] = []
     failures: list[str] = []
+    answers: list[str | None] = [None] * len(jobs)  # each job's text, in job order
     lock = threading.Lock()
-    queue = list(reversed(jobs))
+    queue = list(reversed(list(enumerate(jobs))))
 
     def worker() -> None:
         with httpx.Client(base_url=server.url, timeout=600) as client:
@@ -109,13 +110,14 @@ def run_load(server: ServerProcess, jobs: list[dict], concurrency: int) -> dict:
                 with lock:
                     if not queue:
                         return
-                    job = queue.pop()
+                    index, job = queue.pop()
                 start = time.perf_counter()
                 response = client.post("/v1/completions", json=job)
                 elapsed = time.perf_counter() - start
                 with lock:
                     if response.status_code == 200:
                         latencies.append(elapsed)
+                        answers[index] = response.json()["choices"][0]["text"]
                     else:
                         failures.append(response.text[:200])
 
@@ -141,7 +143,7 @@ def run_load(server: ServerProcess, jobs: list[dict], concurrency: int) -> dict:
     tokens = sum(job["max_tokens"] for job in jobs)
     return {"requests": len(jobs), "wall_s": wall, "req_per_s": len(jobs) / wall, "tokens_per_s": tokens / wall,
             "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
-            "mean_batch": rows / steps if steps else None, "latencies_s": latencies,
+            "mean_batch": rows / steps if steps else None, "latencies_s": latencies, "answers": answers,
             "hit_rate": hits / (hits + misses) if hits + misses else None}
 
 
