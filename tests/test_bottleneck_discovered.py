@@ -17,7 +17,6 @@ import adaptkit as ak
 from adaptkit.demo import random_bottleneck
 from adaptkit.errors import BaseModelError
 
-
 # the layouts adaptkit's table held before discovery (block list, attention, FFN, pre-LN norms, Conv1D layers,
 # embedding), as transformers names them: discovery must find each (BERT's post-LN sites stay written down)
 FORMER_TABLE = {
