@@ -320,8 +320,9 @@ class Engine:
         """
         input_ids, attention_mask = self._checked_batch(input_ids, attention_mask)
         plan = self.plan(adapters, input_ids.shape[0])
-        groups = self._row_groups(plan, attention_mask.sum(dim=1).tolist())
-        if self.base.facts.spec.is_causal and not self.base.facts.pads_exactly and not bool(attention_mask.all()):
+        counts_places = self.base.facts.spec.is_causal and not self.base.facts.pads_exactly
+        groups = self._row_groups(plan, attention_mask.sum(dim=1).tolist() if counts_places else None)
+        if counts_places and not bool(attention_mask.all()):
             # a model that places tokens by their count: each group of equal lengths runs on its real columns
             return self._by_groups(groups, lambda rows: self._unpadded_logits(
                 input_ids[rows], attention_mask[rows], [plan.entries[i] for i in rows]), columns=attention_mask.bool())

@@ -193,27 +193,26 @@ def add_batched_delta(y: torch.Tensor, x: torch.Tensor, bucket: RankBucket, rout
     A, B = bucket.A, bucket.B
     if A.dtype != x.dtype:
         A, B = A.to(x.dtype), B.to(x.dtype)
-    if route.rows is None and route.weights is None and y.dtype == x.dtype:
-        # every row, weight 1 (a batch of one adapter, or every row with its own): the expand and the add in
-        # one op (the decode step runs this in every adapted layer, where dispatch costs more than the math)
-        if route.single is not None:
-            slot, rank = route.single
-            flat = x.reshape(-1, x.shape[-1]) @ A[slot, :rank].T  # [N*T, r]
-            return torch.addmm(y.reshape(-1, y.shape[-1]), flat, B[slot, :rank]).view(y.shape)
-        if x.ndim == 3 and x.shape[1] * len(route.slots) < SEGMENT_TOKENS * len(route.distinct):
-            hidden = torch.bmm(x, A.index_select(0, route.slots).transpose(1, 2))  # [E, T, R]
-            return torch.baddbmm(y, hidden, B.index_select(0, route.slots))
+    # every row with weight 1 (one adapter for the batch, or each row its own): the expand adds into the output,
+    # one op less in every adapted layer of a decode step, where dispatch costs more than the math
+    fused = route.rows is None and route.weights is None and y.dtype == x.dtype
     xr = x if route.rows is None else x.index_select(0, route.rows)  # [E, T, in]
     if route.single is not None:
         slot, rank = route.single
-        delta = (xr @ A[slot, :rank].T) @ B[slot, :rank]
+        hidden = xr.reshape(-1, xr.shape[-1]) @ A[slot, :rank].T  # [E*T, r]
+        if fused:
+            return torch.addmm(y.reshape(-1, y.shape[-1]), hidden, B[slot, :rank]).view(y.shape)
+        delta = (hidden @ B[slot, :rank]).view(*xr.shape[:-1], B.shape[-1])
         if route.weights is not None:
             delta = delta * route.weights.to(delta.dtype).view(-1, *([1] * (delta.ndim - 1)))
     elif (x.shape[-2] if x.ndim == 3 else 1) * len(route.slots) < SEGMENT_TOKENS * len(route.distinct):
         squeeze = x.ndim == 2
         xs = xr.unsqueeze(1) if squeeze else xr  # [E, T, in]
         hidden = torch.bmm(xs, A.index_select(0, route.slots).transpose(1, 2))  # [E, T, R]
-        delta = torch.bmm(hidden, B.index_select(0, route.slots))  # [E, T, out]
+        gathered = B.index_select(0, route.slots)  # [E, R, out]
+        if fused and not squeeze:
+            return torch.baddbmm(y, hidden, gathered)
+        delta = torch.bmm(hidden, gathered)  # [E, T, out]
         if route.weights is not None:
             delta = delta * route.weights.to(delta.dtype)
         if squeeze:

@@ -57,14 +57,15 @@ def _measured(model: nn.Module) -> ModelFacts:
     facts = facts_from_config(model.config)
     if facts.spec.is_causal:
         facts = _checked_causal(model, facts)
-    if not (facts.spec.is_causal or facts.spec.is_seq2seq):
-        facts = dataclasses.replace(facts, first_position=_first_position(model))
+    encoder = not (facts.spec.is_causal or facts.spec.is_seq2seq)
+    if encoder:
+        facts = dataclasses.replace(facts, first_position=_first_position(model, facts))
     layout = cached_kv_shapes(model)
     if layout:
         heads, head_dim = layout[0] if len(set(layout)) == 1 and None not in layout else \
             (facts.num_kv_heads, facts.head_dim)
         facts = dataclasses.replace(facts, num_kv_heads=heads, head_dim=head_dim, kv_layout=layout)
-        if not (facts.spec.is_causal or facts.spec.is_seq2seq):
+        if encoder:
             facts = dataclasses.replace(facts, pads_exactly=_encoder_pads_exactly(model, facts))
     return facts
 
@@ -78,8 +79,7 @@ def _checked_causal(model: nn.Module, facts: ModelFacts) -> ModelFacts:
     device = next(model.parameters()).device
     if device.type == "meta":
         return facts
-    body = model.base_model
-    loose = any(p.dtype != torch.float32 for p in model.parameters())  # half precision or 4-bit weights
+    body, loose = model.base_model, _loose(model)
     ids = (torch.arange(3, device=device) % facts.vocab_size + 3) % facts.vocab_size
     ids = ids.unsqueeze(0)
     with torch.no_grad():
@@ -111,6 +111,11 @@ def _checked_causal(model: nn.Module, facts: ModelFacts) -> ModelFacts:
     return dataclasses.replace(facts, cache_continues=continues, pre_ln_measured=_blocks_are_pre_ln(model, facts, ids))
 
 
+def _loose(model: nn.Module) -> bool:
+    """Whether the probes compare loosely (:func:`_agree`): a base with half-precision or 4-bit weights."""
+    return any(p.dtype != torch.float32 for p in model.parameters())
+
+
 def _agree(got: torch.Tensor, expected: torch.Tensor, loose: bool) -> bool:
     """Equal up to float32 rounding (1e-4 absolute, 1e-3 relative), or, for half-precision and 4-bit bases
     whose kernels round differently per sequence length, within 2% of the largest value: what the probes
@@ -123,7 +128,7 @@ def _agree(got: torch.Tensor, expected: torch.Tensor, loose: bool) -> bool:
     return float((got.float() - expected.float()).abs().max()) <= 2e-2 * scale
 
 
-def _first_position(model: nn.Module) -> int:
+def _first_position(model: nn.Module, facts: ModelFacts) -> int:
     """An encoder's position id of its first token: the candidate (0, or ``pad_token_id + 1`` as RoBERTa and
     its copies number) whose explicit ``position_ids`` give what the model gives with its own; 0 on a
     skeleton without weights, or where positions do not change the output (rotary, relative)."""
@@ -132,13 +137,13 @@ def _first_position(model: nn.Module) -> int:
     if device.type == "meta" or not isinstance(pad, int) or pad < 0:
         return 0
     body = model.base_model  # a task head (a pooler, a classifier) takes no position_ids; the body does
-    ids = (torch.arange(3, device=device) + pad + 3).remainder(facts_from_config(model.config).vocab_size).unsqueeze(0)
+    ids = (torch.arange(3, device=device) + pad + 3).remainder(facts.vocab_size).unsqueeze(0)
     counted = torch.arange(3, device=device).unsqueeze(0)
     try:
         with torch.no_grad():
             own = body(input_ids=ids)[0]
             for first in (0, pad + 1):
-                if torch.allclose(body(input_ids=ids, position_ids=counted + first)[0], own, atol=1e-5, rtol=1e-4):
+                if _agree(body(input_ids=ids, position_ids=counted + first)[0], own, _loose(model)):
                     return first
     except (TypeError, ValueError, RuntimeError):  # a body that takes no position_ids (or not these): from 0
         return 0
@@ -170,7 +175,7 @@ def _encoder_pads_exactly(model: nn.Module, facts: ModelFacts) -> bool:
                           use_cache=True, **{cache_argument(body): cache})[0]
     except (TypeError, ValueError, RuntimeError):  # a body that cannot run this probe: assume the worst
         return False  # (rows of each prefix length then run in forwards of their own)
-    return alone.shape == behind.shape and torch.allclose(alone, behind, atol=1e-5, rtol=1e-4)
+    return _agree(behind, alone, _loose(model))
 
 
 def _blocks_are_pre_ln(model: nn.Module, facts: ModelFacts, ids: torch.Tensor) -> bool:

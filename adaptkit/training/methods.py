@@ -42,10 +42,10 @@ def default_targets(model: nn.Module, facts) -> tuple[str, ...]:
 
     _, blocks = decoder_layers(model, facts.spec)
     leaves = {name.rpartition(".")[2] for name, module in blocks.named_modules() if linear_shape(module) is not None}
-    for wanted in (QUERY_VALUE, FUSED_QKV):
-        found = tuple(name for name in wanted if name.lower() in {leaf.lower() for leaf in leaves})
+    for wanted in (QUERY_VALUE, FUSED_QKV):  # names as PEFT writes them, matched whatever their case
+        found = tuple(leaf for leaf in sorted(leaves) if leaf.lower() in wanted)
         if found:
-            return tuple(leaf for leaf in sorted(leaves) if leaf.lower() in {f.lower() for f in found})
+            return found
     raise InvalidArgumentError(f"the {facts.model_type} base's blocks have no query/value projection to target by "
                                f"default (linear layers: {', '.join(sorted(leaves)) or 'none'}); name --targets")
 
