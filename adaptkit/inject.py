@@ -20,7 +20,8 @@ from torch import nn
 
 from adaptkit.adapters.lora import LoraWeights
 from adaptkit.errors import EngineStateError
-from adaptkit.lora_stack import LayerStacks, rides_batched_path
+from adaptkit.lora_stack import LayerStacks, Siblings, rides_batched_path
+from adaptkit.measured import shared_inputs
 from adaptkit.routing import AdapterGroup, RowsNotSeparable, current_plan
 
 
@@ -137,7 +138,6 @@ class LoraLinear(ModuleWrapper):
     def add(self, name: str, weights: LoraWeights) -> None:
         if hasattr(weights, "bind_base"):  # weights whose delta is a function of the base layer (IA3)
             weights.bind_base(innermost(self.base))
-        self.lora[name] = weights
         if weights.magnitude is not None:
             merged = weight_out_in(self.base).to(weights.lora_A.device) + weights.delta_weight()
             self.dora_scale[name] = weights.magnitude.float() / torch.linalg.norm(merged, dim=1)
@@ -145,6 +145,7 @@ class LoraLinear(ModuleWrapper):
             self.stacks.add(name, weights)
         else:
             self.exact.append(name)
+        self.lora[name] = weights  # last: a failed add leaves nothing for the rollback to find
 
     def remove(self, name: str) -> None:
         del self.lora[name]
@@ -550,11 +551,28 @@ def attach_lora(model: nn.Module, name: str, adapter, dtype: torch.dtype, device
         if weights.magnitude is not None:
             weights.magnitude.data = weights.magnitude.data.float()
         layer_type = LoraEmbedding if isinstance(modules[module_name], nn.Embedding) else LoraLinear
-        wrap_once(model, module_name, layer_type).add(name, weights)
+        wrapper = wrap_once(model, module_name, layer_type)
+        wrapper.add(name, weights)
+        if layer_type is LoraLinear and wrapper.stacks.siblings is None and module_name in siblings_of(model):
+            siblings_of(model)[module_name].join(wrapper.stacks)
     for key, lora in adapter.parameter_layers.items():
         owner, _, param_name = key.rpartition(".")
         wrap_once(model, owner, ParamLoraModule).add(name, param_name, lora.to(device=device, dtype=dtype))
     attach_saved(model, name, adapter.saved_modules)
+
+
+_SIBLINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {layer name: Siblings}
+
+
+def siblings_of(model: nn.Module) -> dict[str, Siblings]:
+    """The :class:`~adaptkit.lora_stack.Siblings` of each layer that reads the same input as others."""
+    found = _SIBLINGS.get(model)
+    if found is None:
+        found = _SIBLINGS[model] = {}
+        for group in shared_inputs(model):
+            siblings = Siblings()
+            found.update(dict.fromkeys(group, siblings))
+    return found
 
 
 def attach_saved(model: nn.Module, name: str, saved: dict) -> None:

@@ -188,42 +188,72 @@ def route_layout(plan: RoutingPlan, layout: Layout, device) -> dict[int, BucketR
     return routes
 
 
-def add_batched_delta(y: torch.Tensor, x: torch.Tensor, bucket: RankBucket, route: BucketRoute) -> torch.Tensor:
-    """``y`` plus every entry's ``w * (x_row A_slot^T) B_slot``; x: [N, T, in] or [N, in], y likewise [.., out]."""
+def gathers(x: torch.Tensor, route: BucketRoute) -> bool:
+    """Whether ``route``'s entries of several slots take the BGMV path (gather, batched matmuls) rather than
+    segments (SGMV): the segments are short (fewer than ``SEGMENT_TOKENS`` tokens per slot on average)."""
+    return (x.shape[-2] if x.ndim == 3 else 1) * len(route.slots) < SEGMENT_TOKENS * len(route.distinct)
+
+
+def shrink(x: torch.Tensor, A: torch.Tensor, route: BucketRoute) -> torch.Tensor | None:
+    """Every entry's ``x_row A_slot^T`` with all rows of each slot of ``A`` [slots, R', in]: [E*T, R'] when
+    every entry uses one slot, [E, T, R'] (BGMV) otherwise; None where segments (SGMV) run instead."""
+    xr = x if route.rows is None else x.index_select(0, route.rows)  # [E, T, in] or [E, in]
+    if route.single is not None:
+        return xr.reshape(-1, xr.shape[-1]) @ A[route.single[0]].T
+    if not gathers(x, route):
+        return None
+    return torch.bmm(xr.unsqueeze(1) if x.ndim == 2 else xr, A.index_select(0, route.slots).transpose(1, 2))
+
+
+def add_batched_delta(y: torch.Tensor, x: torch.Tensor, bucket: RankBucket, route: BucketRoute,
+                      hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """``y`` plus every entry's ``w * (x_row A_slot^T) B_slot``; x: [N, T, in] or [N, in], y likewise [.., out].
+
+    ``hidden``: the entries' ``x A^T`` already computed (:func:`shrink`, by a sibling layer that reads the
+    same ``x``), columns ``0..R-1`` of each slot.
+    """
     A, B = bucket.A, bucket.B
     if A.dtype != x.dtype:
         A, B = A.to(x.dtype), B.to(x.dtype)
+    if hidden is None:
+        hidden = shrink(x, A, route)
+    if hidden is None:
+        return _add_segments(y, x, A, B, route)
+    entries = x.shape[0] if route.rows is None else len(route.rows)
     # every row with weight 1 (one adapter for the batch, or each row its own): the expand adds into the output,
     # one op less in every adapted layer of a decode step, where dispatch costs more than the math
     fused = route.rows is None and route.weights is None and y.dtype == x.dtype
-    xr = x if route.rows is None else x.index_select(0, route.rows)  # [E, T, in]
     if route.single is not None:
         slot, rank = route.single
-        hidden = xr.reshape(-1, xr.shape[-1]) @ A[slot, :rank].T  # [E*T, r]
+        hidden = hidden[:, :rank]
         if fused:
             return torch.addmm(y.reshape(-1, y.shape[-1]), hidden, B[slot, :rank]).view(y.shape)
-        delta = (hidden @ B[slot, :rank]).view(*xr.shape[:-1], B.shape[-1])
+        delta = (hidden @ B[slot, :rank]).view(entries, *x.shape[1:-1], B.shape[-1])
         if route.weights is not None:
             delta = delta * route.weights.to(delta.dtype).view(-1, *([1] * (delta.ndim - 1)))
-    elif (x.shape[-2] if x.ndim == 3 else 1) * len(route.slots) < SEGMENT_TOKENS * len(route.distinct):
-        squeeze = x.ndim == 2
-        xs = xr.unsqueeze(1) if squeeze else xr  # [E, T, in]
-        hidden = torch.bmm(xs, A.index_select(0, route.slots).transpose(1, 2))  # [E, T, R]
+    else:
         gathered = B.index_select(0, route.slots)  # [E, R, out]
-        if fused and not squeeze:
+        if fused and x.ndim == 3:
             return torch.baddbmm(y, hidden, gathered)
         delta = torch.bmm(hidden, gathered)  # [E, T, out]
         if route.weights is not None:
             delta = delta * route.weights.to(delta.dtype)
-        if squeeze:
+        if x.ndim == 2:
             delta = delta.squeeze(1)
-    else:
-        delta = xr.new_empty(*xr.shape[:-1], B.shape[-1])
-        for slot, rank, where, weights in route.segments:
-            part = (xr.index_select(0, where) @ A[slot, :rank].T) @ B[slot, :rank]
-            if weights is not None:
-                part = part * weights.to(part.dtype)
-            delta.index_copy_(0, where, part)
+    if route.rows is None:
+        return y + delta.to(y.dtype)
+    return y.index_add(0, route.rows, delta.to(y.dtype))
+
+
+def _add_segments(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, route: BucketRoute) -> torch.Tensor:
+    """SGMV: the entries grouped by slot, two matmuls per segment."""
+    xr = x if route.rows is None else x.index_select(0, route.rows)
+    delta = xr.new_empty(*xr.shape[:-1], B.shape[-1])
+    for slot, rank, where, weights in route.segments:
+        part = (xr.index_select(0, where) @ A[slot, :rank].T) @ B[slot, :rank]
+        if weights is not None:
+            part = part * weights.to(part.dtype)
+        delta.index_copy_(0, where, part)
     if route.rows is None:
         return y + delta.to(y.dtype)
     return y.index_add(0, route.rows, delta.to(y.dtype))
@@ -236,6 +266,7 @@ class LayerStacks:
         self.in_features, self.out_features = in_features, out_features
         self.buckets: dict[int, RankBucket] = {}
         self.layout = Layout.of(())
+        self.siblings: Siblings | None = None  # the layers that read the same input, where measured
 
     def __contains__(self, name: str) -> bool:
         return name in self.layout.index
@@ -275,9 +306,74 @@ class LayerStacks:
         routes = plan.cache.get(key)
         if routes is None:
             routes = plan.cache[key] = route_layout(plan, self.layout, x.device)
+        shared = self.siblings.hidden(self, x, routes) if self.siblings is not None else None
         for rank, route in routes.items():
-            y = add_batched_delta(y, x, self.buckets[rank], route)
+            y = add_batched_delta(y, x, self.buckets[rank], route, None if shared is None else shared.get(rank))
         return y
+
+
+class Siblings:
+    """Layers that read the same input tensor (a block's q/k/v projections, gate/up: measured, see
+    ``measured.shared_inputs``): one shrink for all of them, as vLLM's merged QKV LoRA does.
+
+    The members that hold the same adapters in the same places (equal :class:`Layout`) share: the first of
+    them to see an input computes ``x A^T`` against their A factors stacked along the rank,
+    ``[slots, k*R, in]``, and the others take their columns of it. The stacked tensor is the members'
+    storage (each member's ``A`` becomes a view of it, so nothing is held twice), rebuilt when their layout
+    changes. An input is recognised by identity; one that is not the stashed tensor is computed afresh,
+    so sharing can only save work, never change a result.
+    """
+
+    def __init__(self):
+        self._members: list[weakref.ref] = []
+        self._stacked: tuple | None = None  # (layout, members, {rank: [slots, k*R, in]})
+        self._stash: tuple | None = None  # (x, layout, routes, members, {rank: hidden}, members still to take it)
+
+    def join(self, stacks: LayerStacks) -> None:
+        if stacks.siblings is not self:
+            self._members.append(weakref.ref(stacks))
+            stacks.siblings = self
+
+    def hidden(self, member: LayerStacks, x: torch.Tensor, routes: dict[int, BucketRoute]) -> dict | None:
+        """``member``'s columns of the shared shrink of ``x`` per bucket rank; None where it shares with no one."""
+        stash = self._stash
+        if stash is None or stash[0] is not x or stash[1] is not member.layout or stash[2] is not routes:
+            members = [m for m in (ref() for ref in self._members) if m is not None and m.layout is member.layout]
+            if len(members) < 2:
+                return None
+            stacked = self._stacked_A(member.layout, members)
+            if stacked is None:
+                return None
+            shared = {}
+            for rank, route in routes.items():
+                A = stacked[rank] if stacked[rank].dtype == x.dtype else stacked[rank].to(x.dtype)
+                found = shrink(x, A, route)
+                if found is not None:
+                    shared[rank] = found
+            stash = self._stash = (x, member.layout, routes, members, shared, [len(members)])
+        members, shared, left = stash[3], stash[4], stash[5]
+        i = members.index(member)
+        left[0] -= 1
+        if left[0] == 0:  # every member has its part: let go of the input
+            self._stash = None
+        return {rank: h[..., i * rank:(i + 1) * rank] for rank, h in shared.items()}
+
+    def _stacked_A(self, layout: Layout, members: list[LayerStacks]) -> dict[int, torch.Tensor] | None:
+        """The members' A factors stacked per bucket (their storage from now on); None where their buckets
+        differ in capacity (equal layouts reached through different histories)."""
+        if self._stacked is not None and self._stacked[0] is layout and self._stacked[1] == members:
+            return self._stacked[2]
+        if any(len({m.buckets[rank].A.shape for m in members}) > 1 for rank in members[0].buckets):
+            return None
+        stacked = {}
+        for rank in members[0].buckets:
+            with torch.inference_mode(False):  # the buckets' storage: later adds write into it
+                A = torch.cat([m.buckets[rank].A for m in members], dim=1)  # [slots, k*R, in]
+            for i, m in enumerate(members):
+                m.buckets[rank].A = A[:, i * rank:(i + 1) * rank]
+            stacked[rank] = A
+        self._stacked = (layout, members, stacked)
+        return stacked
 
 
 def stack_memory(model: torch.nn.Module) -> dict[str, int]:

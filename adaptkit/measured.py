@@ -276,6 +276,64 @@ def _one_token_cache(model: nn.Module, device: torch.device) -> tuple[tuple[int,
     return shapes if any(shapes) else None
 
 
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> groups of layer names
+
+
+def shared_inputs(model: nn.Module) -> tuple[tuple[str, ...], ...]:
+    """Groups of linear layers that read the very same input tensor in a forward, by module name (a block's
+    q/k/v projections, its gate/up; a parallel block's attention and MLP inputs), for LoRAs to share their
+    shrink (``lora_stack.Siblings``). Measured once per model, by hooks on a two-token forward of a meta twin
+    (no weight read), or of the live model where the meta device cannot run it (data-dependent routing).
+    A layer called several times per forward belongs to a group only if it shares with the same layers
+    every time."""
+    found = _SHARED.get(model)
+    if found is None:
+        try:
+            config = copy.deepcopy(model.config)
+            config._attn_implementation = "eager"
+            with torch.device("meta"):
+                twin = type(model)(config)
+            found = _grouped_by_input(twin, dict(twin.named_modules()), torch.device("meta"))
+        except Exception:  # noqa: BLE001 - an op the meta device cannot run: the live model (weights read once)
+            from adaptkit.inject import base_modules
+
+            device = next(model.parameters()).device
+            try:
+                with _layouts_kept(model), torch.no_grad():
+                    found = _grouped_by_input(model, base_modules(model), device)
+            except Exception:  # noqa: BLE001 - a forward this probe cannot make: every layer on its own
+                found = ()
+        _SHARED[model] = found
+    return found
+
+
+def _grouped_by_input(model: nn.Module, modules: dict[str, nn.Module], device: torch.device) -> tuple:
+    linear = {name: m for name, m in modules.items()
+              if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}  # bitsandbytes' layers are Linears
+    calls: list[tuple[torch.Tensor, str]] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args, name=name: calls.append((args[0], name)))
+             for name, m in linear.items()]
+    ids = torch.ones(1, 2, dtype=torch.long, device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = ids
+    try:
+        model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    readers: dict[int, list[str]] = {}  # the inputs stay referenced in ``calls``: ids are not reused
+    for tensor, name in calls:
+        readers.setdefault(id(tensor), []).append(name)
+    seen: dict[str, set] = {}
+    for names in readers.values():
+        names = tuple(dict.fromkeys(names))
+        for name in names:
+            seen.setdefault(name, set()).add(names)
+    return tuple(dict.fromkeys(next(iter(groups)) for name, groups in seen.items()
+                               if len(groups) == 1 and len(next(iter(groups))) > 1))
+
+
 def cache_argument(model: nn.Module) -> str:
     """The forward() keyword of the KV cache: ``cache`` in newer transformers 5.x, else ``past_key_values``."""
     params = inspect.signature(model.forward).parameters

@@ -136,3 +136,60 @@ def test_trainable_and_bias_factors_stay_on_the_exact_path(tiny_llama, tmp_path)
     ids = random_ids(batch=3, seed=1)
     out = engine.logits(ids, adapters=["bias", "trainable", "plain"])
     torch.testing.assert_close(out, each_row_alone(engine, ids, ["bias", "trainable", "plain"]), atol=1e-5, rtol=0)
+
+
+SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_layers_reading_one_input_share_one_shrink(tiny_llama, monkeypatch):
+    """q/k/v and gate/up read the same hidden states (measured on the model): their LoRAs' ``x A^T`` is one matmul
+    against the A factors stacked along the rank, held once (each layer's A a view of the stack); results equal
+    every layer computing its own (1e-5: the wider matmul may sum in another order), also after adds and removes."""
+    from adaptkit.measured import shared_inputs
+
+    engine = ak.Engine.from_pretrained(tiny_llama)
+    groups = shared_inputs(engine.model)
+    layers = engine.model.config.num_hidden_layers
+    attention = tuple(f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj"))
+    assert attention in groups and ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj") in groups
+    assert len(groups) == 2 * layers
+    engine.add_adapter("all", random_lora(tiny_llama, SEVEN, r=8, seed=1))
+    engine.add_adapter("qv", random_lora(tiny_llama, ("q_proj", "v_proj"), r=4, seed=2))  # k's layout differs
+    calls = []
+    real = lora_stack.shrink
+    monkeypatch.setattr(lora_stack, "shrink", lambda *a: calls.append(1) or real(*a))
+    memory = lora_stack.stack_memory(engine.model)
+
+    def unshared(ids, rows):
+        members = [m.stacks for m in engine.model.modules() if isinstance(m, inject.LoraLinear)]
+        kept = [s.siblings for s in members]
+        for s in members:
+            s.siblings = None
+        try:
+            return engine.logits(ids, adapters=rows)
+        finally:
+            for s, siblings in zip(members, kept):
+                s.siblings = siblings
+
+    cases = [(["all"] * 3, 5), (["all", "qv", None, ak.Mix({"all": 0.5, "qv": -0.5})], 6)]
+    for rows, per_layer in cases:  # q+v, k, o, gate+up, down; q+v twice where both buckets (ranks 8 and 4) run
+        for length in (1, 7):
+            ids = random_ids(batch=len(rows), length=length, seed=length)
+            calls.clear()
+            shared = engine.logits(ids, adapters=rows)
+            assert len(calls) == per_layer * layers
+            torch.testing.assert_close(shared, unshared(ids, rows), atol=1e-5, rtol=0)
+            torch.testing.assert_close(shared, each_row_alone(engine, ids, rows), atol=1e-5, rtol=0)
+    q, v = (inject.locate(engine.model, f"model.layers.1.self_attn.{p}").stacks for p in ("q_proj", "v_proj"))
+    assert q.buckets[8].A.untyped_storage().data_ptr() == v.buckets[8].A.untyped_storage().data_ptr()
+    assert lora_stack.stack_memory(engine.model) == memory  # nothing held twice
+
+    ids = random_ids(batch=3, length=5, seed=9)
+    before = engine.logits(ids, adapters=["all", None, "all"])
+    engine.add_adapter("later", random_lora(tiny_llama, SEVEN, r=8, seed=3))  # written into the shared storage
+    engine.remove_adapter("qv")  # q, k and v hold the same adapters again: all three share
+    calls.clear()
+    torch.testing.assert_close(engine.logits(ids, adapters=["all", None, "all"]), before, atol=1e-5, rtol=0)
+    assert len(calls) == 4 * layers
+    rows = ["later", "all", "later"]
+    torch.testing.assert_close(engine.logits(ids, adapters=rows), unshared(ids, rows), atol=1e-5, rtol=0)
