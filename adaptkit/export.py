@@ -152,3 +152,4 @@ def verify_onnx(
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
         positions = positions[:, -1:] + 1
     return worst
+

@@ -650,5 +650,39 @@ def onnx_command(base, adapter, out, verify, force):
         click.echo(verify_verdict(diff, 0.0, "float32", what="onnxruntime vs torch (prefill + 3 decode steps)"))
 
 
+@export.command("gguf")
+@click.argument("base", type=click.Path())
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(),
+              help="LoRA merged into the weights (repeatable: several are merged, see --weights).")
+@click.option("--weights", default=None, help="Comma-separated weight per --adapter, e.g. 0.7,0.3.")
+@click.option("--method", default="linear", show_default=True, help="How several adapters combine (as adaptkit merge).")
+@click.option("--lora-only", "lora_only", default=None, type=click.Path(),
+              help="Write this LoRA as a llama.cpp adapter GGUF (llama-server --lora, Ollama ADAPTER) instead of a model.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output file, NAME.gguf.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="How the weights are stored (1-D tensors stay f32).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def gguf_command(base, adapters, weights, method, lora_only, out, outtype, force, quiet):
+    """Write BASE (+ merged --adapter LoRAs) as one GGUF file for llama.cpp and Ollama, tokenizer included;
+    or, with --lora-only, a LoRA as llama.cpp's adapter GGUF for BASE.
+
+    \b
+    adaptkit export gguf BASE --adapter adapters/sql -o sql.gguf --outtype q8_0
+    adaptkit export gguf BASE -o base.gguf && adaptkit export gguf BASE --lora-only adapters/sql -o sql-lora.gguf
+    """
+    from adaptkit.merging.gguf import export_gguf, export_lora_gguf
+
+    if lora_only:
+        if adapters:
+            raise click.UsageError("--lora-only writes one adapter file; drop --adapter")
+        path = export_lora_gguf(lora_only, base, out, outtype=outtype, force=force)
+    else:
+        path, warnings = export_gguf(base, out, adapters=adapters, weights=_float_list(weights), outtype=outtype,
+                                     method=method, force=force, progress=not quiet)
+        for warning in warnings:
+            click.echo(f"warning: {warning}", err=True)
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {outtype})")
+
 if __name__ == "__main__":
     main()

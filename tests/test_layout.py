@@ -110,7 +110,7 @@ def test_public_functions_are_functions_whatever_was_imported_first(name):
 EXTRA_OF_MODULE = {
     "adaptkit.serving.cluster": "ray", "adaptkit.serving.replica": "ray", "adaptkit.serving.gateway": "ray",
     "adaptkit.serving": "serve", "adaptkit.demo_model": "demo", "adaptkit.benchmarking.report": "bench",
-    "adaptkit.formats.onnx": "onnx",
+    "adaptkit.formats.onnx": "onnx", "adaptkit.formats.gguf": "gguf",
 }
 # imported only behind a MissingDependencyError that says how to install it (a reference, never a dependency)
 OPTIONAL = {"peft": "adaptkit.benchmarking.peft_side", "openai": "adaptkit.serving.server"}

@@ -77,6 +77,7 @@ def test_every_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "'accuracy'" in out and "'pos'" in out  # the training block printed its evaluation and probabilities
     assert Path("demo/onnx/model.onnx").is_file() and Path("demo/merged-mergekit/config.json").is_file()
+    assert Path("demo/json.gguf").is_file() and Path("demo/json-lora.gguf").is_file()
     assert len(ran) >= 20
 
 
