@@ -282,3 +282,27 @@ def test_smollm2_merged_and_quantized(tmp_path):
     errors = rounding_errors(base, merged, [lora], tmp_path, ids, exact, "q8_0")
     assert errors["merged"] <= 1.5 * errors["base"], errors
     assert field(gguf.GGUFReader(tmp_path / "base.gguf"), "tokenizer.ggml.pre") == "smollm"
+
+
+def test_a_failure_while_writing_leaves_nothing(llama, tmp_path, monkeypatch):
+    """The file is written beside OUT and renamed only when complete: a failure on the fifth tensor leaves no
+    OUT, no temporary, and an existing OUT untouched."""
+    from adaptkit.formats import gguf as gguf_format
+
+    base, (first, _), _ = llama
+    real, calls = gguf_format.encoded, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("disk full")
+        return real(*args)
+
+    monkeypatch.setattr(gguf_format, "encoded", failing)
+    (tmp_path / "kept.gguf").write_bytes(b"an earlier export")
+    for name, force in (("new.gguf", False), ("kept.gguf", True)):
+        calls.clear()
+        with pytest.raises(Exception, match="disk full"):
+            export_gguf(base, tmp_path / name, adapters=[first], outtype="f32", force=force, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.gguf"]
+    assert (tmp_path / "kept.gguf").read_bytes() == b"an earlier export"
