@@ -20,11 +20,11 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "AdaptkitError": "adaptkit.errors",
     "AdapterInfo": "adaptkit.engine",
-    "Average": "adaptkit.routing",
+    "Average": "adaptkit.compositions",
     "Engine": "adaptkit.engine",
-    "Fuse": "adaptkit.routing",
-    "Mix": "adaptkit.routing",
-    "Stack": "adaptkit.routing",
+    "Fuse": "adaptkit.compositions",
+    "Mix": "adaptkit.compositions",
+    "Stack": "adaptkit.compositions",
     "bench": "adaptkit.benchmarking.run",
     "combine_adapters": "adaptkit.merging.combine",
     "merge_checkpoint": "adaptkit.merging.checkpoint",
@@ -51,10 +51,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from adaptkit.benchmarking.run import bench
+    from adaptkit.compositions import Average, Fuse, Mix, Stack
     from adaptkit.engine import AdapterInfo, Engine
     from adaptkit.errors import AdaptkitError
     from adaptkit.merging.checkpoint import merge_checkpoint
     from adaptkit.merging.combine import combine_adapters
     from adaptkit.merging.qlora import merge_qlora_checkpoint, quantize_base
-    from adaptkit.routing import Average, Fuse, Mix, Stack
     from adaptkit.training.loop import train

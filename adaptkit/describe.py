@@ -66,7 +66,7 @@ def base_memory_lines(base: str | os.PathLike, adapter: str | os.PathLike | None
 
 def adapter_details(adapter) -> dict:
     """Kind-specific facts (ranks, alpha, targets, ...) of a loaded adapter."""
-    from adaptkit.engine import details_of
+    from adaptkit.kinds import details_of
 
     return details_of(adapter)
 

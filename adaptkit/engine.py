@@ -5,13 +5,15 @@
     logits = eng.logits(ids, adapters=["sql", None])
 
 Adapters are injected once (``inject.py``); a forward sets a routing plan (``routing.py``) that
-every injected layer reads. ``merge``/``unmerge`` fold one LoRA into the base weights and restore
-them bit for bit from copies kept aside.
+every injected layer reads. The facade keeps construction, adapters by name, the forward entry points
+and the lock; the rest lives where it is named: fitting an adapter to the base (``fitting.py``), each
+kind's attach/detach/details (``kinds.py``), row compositions and their checks (``compositions.py``),
+task heads and PET (``heads.py``), encoder-decoder start-up (``seq2seq.py``), merging in place and back
+(``in_place.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -21,34 +23,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
-from adaptkit import inject, prefix_cache, sites
-from adaptkit.adapters.bottleneck import bottleneck_details
-from adaptkit.adapters.compose import check_row_entries
-from adaptkit.adapters.fusion import fusion_details
-from adaptkit.adapters.lora import (
-    RESIDUAL_INITS,
-    LoraAdapter,
-    TokenRows,
-    bind_parameter_factors,
-    fold_base_residual,
-    fold_trained_biases,
-    merged_bias,
-    merged_weight,
-)
-from adaptkit.adapters.peft_types import bind_base_layers, needs_base_layers
-from adaptkit.adapters.pet import pet_details
-from adaptkit.adapters.prefix import prefix_details
-from adaptkit.adapters.prompt import prompt_details
+from adaptkit import heads, in_place, prefix_cache
+from adaptkit.adapters.lora import LoraAdapter
 from adaptkit.base import LoadedBase, check_made_for, load_base
+from adaptkit.compositions import check_row_entries, members_of
 from adaptkit.errors import (
-    AdapterMismatchError,
     EngineStateError,
     InvalidArgumentError,
     UnknownAdapterError,
     UnsupportedAdapterError,
 )
+from adaptkit.fitting import fit_lora, rescaled
 from adaptkit.generation import (
     DecodeState,
     attention_masks,
@@ -58,8 +44,10 @@ from adaptkit.generation import (
     positions_from_mask,
     sample_next,
 )
+from adaptkit.kinds import KIND_HANDLERS, details_of  # noqa: F401 (details_of re-exported)
 from adaptkit.measured import cache_argument
-from adaptkit.routing import RoutingPlan, RowsNotSeparable, members_of, route_rows, use_plan
+from adaptkit.routing import RoutingPlan, RowsNotSeparable, by_groups, route_rows, use_plan
+from adaptkit.seq2seq import start as seq2seq_start
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _PLAIN_MODULE = torch.nn.Module()  # its attributes (``training``, ``forward``, ...) cannot name an adapter
@@ -75,61 +63,6 @@ class AdapterInfo:
     nbytes: int
     source: str | None
     details: dict = field(default_factory=dict)
-
-
-def _lora_details(adapter: LoraAdapter) -> dict:
-    cfg = adapter.config
-    ranks = sorted(set(adapter.ranks().values()))
-    details = {
-        "ranks": ranks,
-        "alpha": cfg.alpha,
-        "targets": sorted({m.rpartition(".")[2] for m in adapter.layers}),
-        "modules": len(adapter.layers),
-        "dora": cfg.use_dora,
-        "rslora": cfg.use_rslora,
-        "modules_to_save": sorted(adapter.saved_modules),
-    }
-    # every other option in use, so that inspect names all of them
-    used = {"lora_bias": cfg.lora_bias, "fan_in_fan_out": cfg.fan_in_fan_out, "rank_pattern": dict(cfg.rank_pattern),
-            "alpha_pattern": dict(cfg.alpha_pattern), "layers_to_transform": cfg.layers_to_transform,
-            "exclude_modules": cfg.exclude_modules}
-    details.update({k: v for k, v in used.items() if v})
-    if adapter.peft_type != "LORA":
-        details["peft_type"] = adapter.peft_type
-    if adapter.trained_biases:
-        details["trained_biases"] = sorted(adapter.trained_biases)
-    embeddings = sorted(m for m, w in adapter.layers.items() if getattr(w, "embedding", False)
-                        and not isinstance(w, TokenRows))
-    if embeddings:
-        details["embedding_layers"] = embeddings
-    token_rows = {m: w.rank for m, w in adapter.layers.items() if isinstance(w, TokenRows)}
-    if token_rows:
-        details["trainable_token_indices"] = token_rows
-    if adapter.base_weights:
-        details["saved_base_layers"] = sorted(adapter.base_weights)
-    if cfg.init_lora_weights in RESIDUAL_INITS:
-        state = "folded in: rank doubled" if adapter.residual_folded else "recomputed from the base when loaded"
-        details["init_lora_weights"] = (f"{cfg.init_lora_weights} (PEFT subtracts s*B0*A0 from the base at load; "
-                                        f"{state}, exact)")
-    elif cfg.init_lora_weights is not True:
-        details["init_lora_weights"] = f"{cfg.init_lora_weights} (sets A and B only: nothing to do at load)"
-    return details
-
-
-# kind -> (attach, detach, details). A new kind adds one entry here.
-_KIND_HANDLERS = {
-    "lora": (inject.attach_lora, inject.detach_lora, _lora_details),
-    "bottleneck": (sites.attach_bottleneck, sites.detach_bottleneck, bottleneck_details),
-    "fusion": (sites.attach_fusion, sites.detach_fusion, fusion_details),
-    "prefix": (prefix_cache.attach_prefix, prefix_cache.detach_prefix, prefix_details),
-    "prompt": (prefix_cache.attach_prompt, prefix_cache.detach_prompt, prompt_details),
-    "pet": (inject.attach_pet, inject.detach_pet, pet_details),
-}
-
-
-def details_of(adapter) -> dict:
-    """Kind-specific facts of an adapter, as shown by ``Engine.adapters`` and ``adaptkit inspect``."""
-    return _KIND_HANDLERS[adapter.kind][2](adapter)
 
 
 @dataclass
@@ -224,7 +157,7 @@ class Engine:
         if self._merged is not None:
             raise EngineStateError(f"{self._merged!r} is merged into the weights; call unmerge() before adding adapters")
         loaded = read_adapter(adapter) if isinstance(adapter, (str, os.PathLike)) else adapter
-        handlers = _KIND_HANDLERS.get(loaded.kind)
+        handlers = KIND_HANDLERS.get(loaded.kind)
         if handlers is None:
             raise UnsupportedAdapterError(f"adapter kind {loaded.kind!r} cannot be served by this engine")
         self._check_base(loaded)
@@ -233,7 +166,7 @@ class Engine:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise InvalidArgumentError(f"scale must be a finite number, got {scale!r}")
         if scale != 1.0:
-            loaded = self._rescaled(loaded, float(scale))
+            loaded = rescaled(loaded, float(scale))
         attach, _, details = handlers
         try:
             attach(self.model, name, loaded, self.base.dtype, self.device)
@@ -248,17 +181,6 @@ class Engine:
     def _check_base(self, adapter) -> None:
         check_made_for(adapter, self.base.facts, self.base.fingerprint)
 
-    @staticmethod
-    def _rescaled(adapter, scale: float):
-        """A copy of the LoRA with every layer's scale multiplied (the caller's object is left as it was,
-        so the same object added twice with different scales gives two different adapters)."""
-        if not isinstance(adapter, LoraAdapter):
-            raise UnsupportedAdapterError(f"scale= is not supported for {adapter.kind} adapters")
-        if adapter.parameter_factors or adapter.parameter_layers:
-            raise UnsupportedAdapterError(f"{adapter.source}: scale= is not supported with target_parameters")
-        layers = {name: w.replaced(scale=w.scale * scale) for name, w in adapter.layers.items()}
-        return dataclasses.replace(adapter, layers=layers)
-
     @_exclusive
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter (its layers go back to the plain base modules when none is left)."""
@@ -267,7 +189,7 @@ class Engine:
             raise EngineStateError(f"{name!r} is merged into the weights; call unmerge() first")
         adapter = self._adapters.pop(name)
         del self._infos[name]
-        _KIND_HANDLERS[adapter.kind][1](self.model, name, adapter)
+        KIND_HANDLERS[adapter.kind][1](self.model, name, adapter)
         if name in members_of(self._default if not isinstance(self._default, list) else None):
             self._default = None
 
@@ -324,12 +246,12 @@ class Engine:
         groups = self._row_groups(plan, attention_mask.sum(dim=1).tolist() if counts_places else None)
         if counts_places and not bool(attention_mask.all()):
             # a model that places tokens by their count: each group of equal lengths runs on its real columns
-            return self._by_groups(groups, lambda rows: self._unpadded_logits(
+            return by_groups(groups, lambda rows: self._unpadded_logits(
                 input_ids[rows], attention_mask[rows], [plan.entries[i] for i in rows]), columns=attention_mask.bool())
         if len(groups) > 1:  # rows whose prefixes place them at different positions, one forward each
             decoder = None if decoder_input_ids is None else \
                 torch.as_tensor(decoder_input_ids, device=self.device).view(input_ids.shape[0], -1)
-            return self._by_groups(groups, lambda rows: self.logits(
+            return by_groups(groups, lambda rows: self.logits(
                 input_ids[rows], attention_mask[rows], [plan.entries[i] for i in rows],
                 None if decoder is None else decoder[rows]))
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -356,7 +278,7 @@ class Engine:
             by_entry = {}
             for row, entry in enumerate(plan.entries):
                 by_entry.setdefault(entry, []).append(row)
-            return self._by_groups(list(by_entry.values()), lambda rows: self.logits(
+            return by_groups(list(by_entry.values()), lambda rows: self.logits(
                 input_ids[rows], attention_mask[rows], [plan.entries[i] for i in rows]))
         out = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
         if self.base.facts.spec.is_seq2seq:
@@ -427,75 +349,13 @@ class Engine:
         Example:
             >>> eng.classify(["the movie was dull"], adapter="sentiment")  # [{"pos": 0.1, "neg": 0.9}]
         """
-        from adaptkit.adapters.pet import KIND
-
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if isinstance(adapter, str) and self._adapters.get(adapter) is not None and self._adapters[adapter].kind == KIND:
-            return self._classify_pet(texts, adapter)
-        logits, _ = self._head_logits(texts, adapter, token_level=False)
-        labels = self._labels(logits.shape[-1])
-        return [dict(zip(labels, row.tolist())) for row in logits.float().softmax(-1)]
+        return heads.classify(self, texts, adapter)
 
     def classify_tokens(self, texts: Sequence[str] | str, adapter=None) -> list[list[dict]]:
         """Each token's label on a base with a token-classification head (``...ForTokenClassification``):
         per text, ``{"text", "start", "end", "label", "score"}`` for every token that covers characters
         (special tokens are left out), ``start:end`` its span in the text. ``adapter`` as in :meth:`classify`."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        logits, offsets = self._head_logits(texts, adapter, token_level=True)
-        labels = self._labels(logits.shape[-1])
-        out = []
-        for text, row_logits, row_offsets in zip(texts, logits.float().softmax(-1), offsets):
-            tokens = []
-            for probs, (start, end) in zip(row_logits, row_offsets):
-                if end > start:
-                    score, index = probs.max(-1)
-                    tokens.append({"text": text[start:end], "start": start, "end": end, "label": labels[int(index)],
-                                   "score": float(score)})
-            out.append(tokens)
-        return out
-
-    def _head_logits(self, texts: list[str], adapter, token_level: bool):
-        """The task head's logits for ``texts`` (right-padded, one forward) and each text's token offsets."""
-        if self.tokenizer is None:
-            raise EngineStateError(f"{self.base.path} has no tokenizer files; classify reads text")
-        encoded = self.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=token_level)
-        rows = encoded["input_ids"]
-        width = max(len(ids) for ids in rows)
-        input_ids = torch.full((len(texts), width), self.stop_and_pad_ids()[1], dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(rows):
-            input_ids[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids), 1
-        entries = adapter if isinstance(adapter, (list, tuple)) else [adapter] * len(texts)
-        logits = self.logits(input_ids, mask, adapters=list(entries))
-        head = type(self.model).__name__
-        if token_level != (logits.ndim == 3) or not head.endswith(("ForSequenceClassification", "ForTokenClassification")):
-            wanted = "ForTokenClassification" if token_level else "ForSequenceClassification"
-            raise UnsupportedAdapterError(
-                f"{self.base.path} is a {head}; {'classify_tokens' if token_level else 'classify'} needs a base with a "
-                f"...{wanted} head (or, for classify, a PET adapter)")
-        offsets = [[tuple(o) for o in row] for row in encoded["offset_mapping"]] if token_level else None
-        return logits, offsets
-
-    def _labels(self, count: int) -> list[str]:
-        names = getattr(self.model.config, "id2label", None) or {}
-        return [str(names.get(i, names.get(str(i), f"LABEL_{i}"))) for i in range(count)]
-
-    def _classify_pet(self, texts: list[str], adapter: str) -> list[dict[str, float]]:
-        from adaptkit.adapters.pet import encode_pattern, label_log_probs, label_word_ids
-
-        pet = self._adapters[adapter]
-        if self.tokenizer is None:
-            raise EngineStateError(f"{self.base.path} has no tokenizer files; classify reads text")
-        encoded = [encode_pattern(self.tokenizer, pet.config, text, pet.scoring) for text in texts]
-        width = max(len(ids) for ids, _ in encoded)  # right padding: encoders count positions from 0
-        input_ids = torch.full((len(texts), width), self.stop_and_pad_ids()[1], dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for row, (ids, _) in enumerate(encoded):
-            input_ids[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids), 1
-        logits = self.logits(input_ids, mask, adapters=adapter)
-        slots = torch.tensor([slot for _, slot in encoded])
-        probs = label_log_probs(logits, slots, label_word_ids(self.tokenizer, pet.config)).exp()
-        return [dict(zip(pet.config.labels, row.tolist())) for row in probs]
+        return heads.classify_tokens(self, texts, adapter)
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         if self.tokenizer is None:
@@ -568,7 +428,7 @@ class Engine:
                     rows_out[i] = tokens
             return rows_out
         if seq2seq:
-            logits, step_fn = self._seq2seq_start(prompt_ids, adapters, pad_id)
+            logits, step_fn = seq2seq_start(self, prompt_ids, adapters, pad_id)
         else:
             logits, state = self.prefill(prompt_ids, adapters, pad_id)
             step_fn = lambda token: self.decode_step(state, token)  # noqa: E731
@@ -607,23 +467,6 @@ class Engine:
                 keys.append(adapter.config.num_virtual_tokens if adapter is not None and adapter.kind == "prefix" else 0)
         return [[i for i, key in enumerate(keys) if key == found] for found in dict.fromkeys(keys)]
 
-    @staticmethod
-    def _by_groups(groups: list[list[int]], run, columns: torch.Tensor | None = None) -> torch.Tensor:
-        """``run(rows)`` per group of rows, the results put back in row order (dim 0). ``columns`` (a [B, S]
-        mask): each group ran on only the columns its rows use; its outputs go back to those columns."""
-        outs = [(rows, run(rows)) for rows in groups]
-        first = outs[0][1]
-        shape = first.shape[1:] if columns is None else (columns.shape[1], *first.shape[2:])
-        result = first.new_zeros(sum(len(r) for r in groups), *shape)
-        for rows, out in outs:
-            index = torch.tensor(rows, device=result.device)
-            if columns is None:
-                result[index] = out
-            else:
-                used = columns[index].any(dim=0).nonzero().flatten()
-                result[index, int(used[0]):int(used[-1]) + 1] = out
-        return result
-
     @_exclusive
     @torch.inference_mode()
     def start_seq2seq(self, prompt_ids, adapters=None, pad_id: int = 0):
@@ -632,42 +475,7 @@ class Engine:
         which feeds one token per row and returns the next logits (the server's decode loop uses it)."""
         if not self.base.facts.spec.is_seq2seq:
             raise EngineStateError(f"{self.base.facts.model_type} is not an encoder-decoder; use prefill")
-        return self._seq2seq_start(prompt_ids, adapters, pad_id)
-
-    def _seq2seq_start(self, prompt_ids, adapters, pad_id: int):
-        """See :meth:`start_seq2seq`."""
-        from transformers import EncoderDecoderCache
-
-        width = max(len(p) for p in prompt_ids)
-        ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompt_ids):
-            ids[row, : len(prompt)], mask[row, : len(prompt)] = torch.tensor(list(prompt), device=self.device), 1
-        plan = self.plan(adapters, len(prompt_ids))
-        start = self.model.config.decoder_start_token_id
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :0]}
-        prefix_cache.add_virtual_inputs(self.model, plan, self._adapters, inputs, self.prompt_as_cache)
-        mask = inputs["attention_mask"]  # prompt rows: their virtual tokens in front of the encoder's input
-        cache_kw = cache_argument(self.model)
-        cache = inputs.pop(cache_kw, cache)  # prefix rows: their K/V in the decoder's cache
-        decoder_mask = inputs.get("decoder_attention_mask")
-        with use_plan(plan):
-            encoded = self.model.get_encoder()(input_ids=inputs.get("input_ids"), attention_mask=mask,
-                                               inputs_embeds=inputs.get("inputs_embeds"))
-
-        def step(tokens: torch.Tensor) -> torch.Tensor:
-            nonlocal decoder_mask
-            extra = {}
-            if decoder_mask is not None:
-                decoder_mask = torch.cat([decoder_mask, decoder_mask.new_ones(decoder_mask.shape[0], 1)], dim=1)
-                extra["decoder_attention_mask"] = decoder_mask
-            with torch.inference_mode(), use_plan(plan):
-                out = self.model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=tokens.view(-1, 1),
-                                 use_cache=True, **{cache_kw: cache}, **extra)
-            return out.logits[:, -1, :]
-
-        return step(torch.full((len(prompt_ids),), start, device=self.device)), step
+        return seq2seq_start(self, prompt_ids, adapters, pad_id)
 
     @_exclusive
     @torch.inference_mode()
@@ -767,130 +575,21 @@ class Engine:
         While merged, every row must use ``name``. All new tensors are computed before any is
         written, so a failure leaves the weights untouched.
         """
-        from adaptkit import quant
-
         self._require(name)
         if self._merged is not None:
             raise EngineStateError(f"{self._merged!r} is already merged; call unmerge() first")
         adapter = self._adapters[name]
         if not isinstance(adapter, LoraAdapter):
             raise UnsupportedAdapterError(f"{name!r} is a {adapter.kind} adapter; only LoRA-family adapters can be merged")
-        writes = []  # (module, param name, new value)
-        for module_name in adapter.layers:
-            layer = inject.wrapper_at(self.model, module_name, (inject.LoraLinear, inject.LoraEmbedding))
-            base_layer, factors = inject.innermost(layer), layer.lora[name]
-            new = merged_weight(inject.weight_out_in(base_layer), [(factors, 1.0)])
-            writes.append((base_layer, "weight", new.T if inject.stored_transposed(base_layer) else new))
-            if factors.lora_B_bias is not None:
-                if base_layer.bias is None:
-                    raise UnsupportedAdapterError(
-                        f"{module_name}: lora_bias cannot be merged into a layer without a bias (serve it unmerged)"
-                    )
-                writes.append((base_layer, "bias", merged_bias(base_layer.bias, [(factors, 1.0)])))
-        for key in adapter.parameter_layers:
-            owner, _, param_name = key.rpartition(".")
-            wrapper = inject.wrapper_at(self.model, owner, inject.ParamLoraModule)
-            param = inject.innermost(wrapper).get_parameter(param_name)
-            writes.append((inject.innermost(wrapper), param_name, param + wrapper.lora[name][param_name].delta().to(param.dtype)))
-        for module_name in adapter.saved_modules:
-            switched = inject.wrapper_at(self.model, module_name, inject.SwitchedModule)
-            for param_name, value in switched.replacements[name].named_parameters():
-                writes.append((inject.innermost(switched), param_name, value))
-        shared = _shared_parameters(self.model)
-        for module, param_name, value in writes:
-            if not isinstance(value, torch.nn.Parameter) and id(module.get_parameter(param_name)) in shared:
-                # a weight tied to another module's (an lm_head tied to the input embeddings): the merged
-                # head gets its own tensor, the embeddings keep theirs; unmerge puts the shared one back
-                value = torch.nn.Parameter(value.to(module.get_parameter(param_name).dtype), requires_grad=False)
-            if isinstance(value, torch.nn.Parameter):
-                # a stored module (modules_to_save) replaces the parameter object, which also unties
-                # it from a tied embedding; unmerge puts the original object back
-                owner_name, _, leaf = param_name.rpartition(".")
-                owner = module
-                for part in owner_name.split(".") if owner_name else ():  # through wrappers (a LoRA layer in it)
-                    owner = getattr(inject.innermost(owner), part)
-                owner = inject.innermost(owner)
-                self._merge_backup.append((owner, leaf, getattr(owner, leaf)))
-                setattr(owner, leaf, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
-                continue
-            if param_name == "weight" and quant.is_quantized(module):
-                self._merge_backup.append((module, param_name, quant.snapshot(module)))
-                quant.replace_weight(module, value)
-                continue
-            param = module.get_parameter(param_name)
-            self._merge_backup.append((module, param_name, param.detach().clone()))
-            param.data.copy_(value.to(param.dtype))
+        in_place.merge(self.model, name, adapter, self._merge_backup)
         self._merged = name
 
     @_exclusive
     def unmerge(self) -> None:
         """Restore the base weights exactly (copies kept at merge time, never a subtraction)."""
-        from adaptkit import quant
-
-        for module, param_name, original in reversed(self._merge_backup):
-            if isinstance(original, torch.nn.Parameter):
-                setattr(module, param_name, original)
-            elif param_name == "weight" and quant.is_quantized(module):
-                quant.restore(module, original)
-            else:
-                module.get_parameter(param_name).data.copy_(original)
+        in_place.restore(self._merge_backup)
         self._merge_backup.clear()
         self._merged = None
-
-
-
-def fit_lora(model: torch.nn.Module, adapter: LoraAdapter) -> LoraAdapter:
-    """The LoRA-family adapter with what PEFT does to the base at load made part of it (the base stays as
-    loaded, for the other rows): PiSSA/OLoRA residuals, the tied head's token rows, layers bound to their
-    base layer ((IA)^3, VeRA) or parameter (target_parameters), trained biases. One walk of the model."""
-    modules = inject.base_modules(model)
-    if adapter.needs_base_residual:
-        adapter = fold_base_residual(adapter, lambda name: _base_weight(modules, name))
-    adapter = _with_tied_token_rows(model, adapter, modules)
-    if needs_base_layers(adapter):
-        adapter = bind_base_layers(adapter, modules.get)
-    adapter = bind_parameter_factors(adapter, modules.get)
-    if adapter.trained_biases:
-        adapter = fold_trained_biases(adapter, lambda m: getattr(modules.get(m), "bias", None),
-                                      lambda m: {k: v.detach().cpu() for k, v in modules[m].state_dict().items()})
-    return adapter
-
-
-def _with_tied_token_rows(model: torch.nn.Module, adapter: LoraAdapter, modules: dict) -> LoraAdapter:
-    """Where the output head shares the input embeddings' tensor, new token rows of the embeddings
-    (``trainable_token_indices``) are the head's rows too, as PEFT ties them."""
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    embed, head = inject.innermost(embed), head if head is None else inject.innermost(head)
-    if head is None or head.weight is not embed.weight:
-        return adapter
-    names = {id(m): n for n, m in modules.items()}
-    rows = adapter.layers.get(names[id(embed)])
-    if not isinstance(rows, TokenRows) or names[id(head)] in adapter.layers:
-        return adapter
-    head_rows = TokenRows(rows.indices, rows.values.data, embedding=False)
-    return dataclasses.replace(adapter, layers={**adapter.layers, names[id(head)]: head_rows})
-
-
-def _base_weight(modules: dict, module_name: str):
-    """(the base weight of ``module_name`` as [out, in] float32, whether it is stored [in, out])."""
-    from adaptkit import quant
-
-    module = modules.get(module_name)
-    if module is None:
-        raise AdapterMismatchError(f"{module_name} is not a module of the base")
-    if quant.is_quantized(module):
-        raise UnsupportedAdapterError(
-            f"{module_name} is a 4-bit layer: PEFT's PiSSA/OLoRA inits change the base weight at load, which on "
-            "an NF4 base means re-quantizing it; load the base in 16/32-bit, or convert the adapter to a plain "
-            "LoRA with PEFT (path_initial_model_for_weight_conversion)")
-    return inject.weight_out_in(module), inject.stored_transposed(module)
-
-def _shared_parameters(model: torch.nn.Module) -> set[int]:
-    """ids of parameters that more than one module holds (tied weights)."""
-    seen: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        seen[id(param)] = seen.get(id(param), 0) + 1
-    return {key for key, count in seen.items() if count > 1}
 
 
 def _first_not_none(*values):

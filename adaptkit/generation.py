@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from adaptkit.compositions import RowEntry
 from adaptkit.errors import EngineStateError, InvalidArgumentError
 from adaptkit.measured import sliding_windows
-from adaptkit.routing import RoutingPlan, RowEntry
+from adaptkit.routing import RoutingPlan
 
 MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy (logits / 1e-40 overflow to inf and NaN)
 

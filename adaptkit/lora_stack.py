@@ -39,7 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptkit.routing import RoutingPlan, members_of
+from adaptkit.compositions import members_of
+from adaptkit.routing import RoutingPlan
 
 SEGMENT_TOKENS = 1024  # mean tokens per slot from which segments (SGMV) replace gather + batched matmul (BGMV)
 

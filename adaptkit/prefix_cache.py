@@ -33,10 +33,11 @@ from adaptkit.adapters.prefix import PrefixAdapter, PrefixConfig, check_prefix_f
 from adaptkit.adapters.prompt import KIND as PROMPT_KIND
 from adaptkit.adapters.prompt import PromptAdapter, check_prompt_fits
 from adaptkit.arch import decoder_layers
+from adaptkit.compositions import Fuse, Mix, RowEntry, Stack, members_of
 from adaptkit.errors import UnsupportedAdapterError
 from adaptkit.generation import new_cache
 from adaptkit.measured import cache_argument, facts_of
-from adaptkit.routing import Fuse, Mix, RoutingPlan, RowEntry, Stack, members_of, route_rows, use_plan
+from adaptkit.routing import RoutingPlan, route_rows, use_plan
 
 VIRTUAL_KINDS = (PREFIX_KIND, PROMPT_KIND)
 
@@ -67,7 +68,7 @@ def prompt_kv(model: nn.Module, embeddings: torch.Tensor, entry: RowEntry = None
     return PrefixKV(keys, values)
 
 
-# ----------------------------------------------------------------- engine handlers (engine._KIND_HANDLERS)
+# ----------------------------------------------------------------- engine handlers (kinds.KIND_HANDLERS)
 def attach_prefix(model: nn.Module, name: str, adapter: PrefixAdapter, dtype: torch.dtype, device) -> None:
     """Check the prefix fits the base; put its K/V on the base's device and dtype; register its stored
     modules (a task head) if it has any."""

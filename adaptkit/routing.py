@@ -4,12 +4,8 @@ The engine turns ``adapters=[...]`` (one entry per row) into a :class:`RoutingPl
 a context variable around the forward; layers look up their groups in the plan. Nothing is
 re-grouped per layer: index tensors are built once per plan.
 
-A row entry is ``None`` (the bare base), an adapter name, or a composition:
-
-- ``Stack("a", "b")``: apply a then b (for LoRA: both deltas; for bottleneck adapters: in sequence)
-- ``Fuse("a", "b")``: AdapterFusion over the named bottleneck adapters
-- ``Mix({"a": 0.7, "b": -0.3})``: base + sum_i w_i * delta_i
-- ``Average("a", "b", weights=[0.25, 0.75])``: AdapterHub's Average of bottleneck adapters
+A row entry is ``None`` (the bare base), an adapter name, or a composition (``compositions.py``:
+``Stack``, ``Fuse``, ``Mix``, ``Average``).
 """
 
 from __future__ import annotations
@@ -17,122 +13,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from adaptkit.errors import InvalidArgumentError
-
-MAX_MIX_WEIGHT = 100.0  # beyond this a delta swamps the base: logits overflow long before it is useful
-
-
-@dataclass(frozen=True)
-class Stack:
-    """Apply adapters one after the other: ``ak.Stack("a", "b")``."""
-
-    names: tuple[str, ...]
-
-    def __init__(self, *names: str):
-        if len(names) < 1:
-            raise InvalidArgumentError("Stack needs at least one adapter name")
-        object.__setattr__(self, "names", tuple(names))
-
-    def members(self) -> dict[str, float]:
-        return dict.fromkeys(self.names, 1.0)
-
-
-@dataclass(frozen=True)
-class Fuse:
-    """AdapterFusion over bottleneck adapters: ``ak.Fuse("a", "b")``."""
-
-    names: tuple[str, ...]
-
-    def __init__(self, *names: str):
-        if len(names) < 2:
-            raise InvalidArgumentError("Fuse needs at least two adapter names")
-        object.__setattr__(self, "names", tuple(names))
-
-    def members(self) -> dict[str, float]:
-        return dict.fromkeys(self.names, 1.0)
-
-
-@dataclass(frozen=True)
-class Mix:
-    """Base plus a weighted sum of adapter deltas: ``ak.Mix({"a": 0.7, "b": -0.3})``.
-
-    With ``normalize=True`` the weights are divided by the sum of their absolute values.
-    """
-
-    weights: tuple[tuple[str, float], ...]
-    normalize: bool = False
-
-    def __init__(self, weights: Mapping[str, float], normalize: bool = False):
-        if not weights:
-            raise InvalidArgumentError("Mix needs at least one {name: weight} entry")
-        items = tuple((str(k), float(v)) for k, v in weights.items())
-        for name, weight in items:
-            if not math.isfinite(weight) or abs(weight) > MAX_MIX_WEIGHT:
-                raise InvalidArgumentError(f"Mix weight of {name!r} is {weight}; weights must be finite numbers "
-                                           f"within +-{MAX_MIX_WEIGHT:g}")
-        if normalize:
-            total = sum(abs(v) for _, v in items)
-            if total == 0:
-                raise InvalidArgumentError("Mix(normalize=True) with all weights zero")
-            items = tuple((k, v / total) for k, v in items)
-        object.__setattr__(self, "weights", items)
-        object.__setattr__(self, "normalize", normalize)
-
-    def members(self) -> dict[str, float]:
-        return dict(self.weights)
-
-
-@dataclass(frozen=True)
-class Average:
-    """AdapterHub's ``Average`` of bottleneck adapters: ``ak.Average("a", "b", weights=[0.25, 0.75])``.
-
-    Reproduced as ``adapters`` 1.3.0 computes it, at each site: ``(1/n) * sum_i w_i * a_i`` with the
-    weights normalised to sum 1 (so they are divided by n twice), see ``adapters/compose.py``. For
-    the textbook weighted average of adapter effects use :class:`Mix`.
-    """
-
-    names: tuple[str, ...]
-    weights: tuple[float, ...]
-
-    def __init__(self, *names: str, weights=None, normalize: bool = True):
-        if len(names) < 1:
-            raise InvalidArgumentError("Average needs at least one adapter name")
-        values = [1.0 / len(names)] * len(names) if weights is None else [float(w) for w in weights]
-        if len(values) != len(names):
-            raise InvalidArgumentError(f"Average has {len(names)} adapters but {len(values)} weights")
-        if weights is not None and normalize:
-            total = sum(values)
-            if total == 0:
-                raise InvalidArgumentError("Average weights sum to zero and cannot be normalised")
-            values = [v / total for v in values]
-        object.__setattr__(self, "names", tuple(names))
-        object.__setattr__(self, "weights", tuple(values))
-
-    def members(self) -> dict[str, float]:
-        return dict.fromkeys(self.names, 1.0)
-
-
-RowEntry = str | Stack | Fuse | Mix | Average | None
-
-
-def members_of(entry: RowEntry) -> dict[str, float]:
-    """The adapters a row entry uses, with the weight of each one's delta."""
-    if entry is None:
-        return {}
-    if isinstance(entry, str):
-        return {entry: 1.0}
-    if isinstance(entry, (Stack, Fuse, Mix, Average)):
-        return entry.members()
-    raise InvalidArgumentError(
-        f"a row's adapter must be None, a name, ak.Stack, ak.Fuse, ak.Mix or ak.Average; got {entry!r} "
-        f"({type(entry).__name__})"
-    )
+from adaptkit.compositions import RowEntry, members_of
 
 
 @dataclass(frozen=True)
@@ -210,3 +96,20 @@ def use_plan(plan: RoutingPlan) -> Iterator[RoutingPlan]:
         yield plan
     finally:
         _current_plan.reset(token)
+
+
+def by_groups(groups: list[list[int]], run, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """``run(rows)`` per group of rows, the results put back in row order (dim 0). ``columns`` (a [B, S]
+    mask): each group ran on only the columns its rows use; its outputs go back to those columns."""
+    outs = [(rows, run(rows)) for rows in groups]
+    first = outs[0][1]
+    shape = first.shape[1:] if columns is None else (columns.shape[1], *first.shape[2:])
+    result = first.new_zeros(sum(len(r) for r in groups), *shape)
+    for rows, out in outs:
+        index = torch.tensor(rows, device=result.device)
+        if columns is None:
+            result[index] = out
+        else:
+            used = columns[index].any(dim=0).nonzero().flatten()
+            result[index, int(used[0]):int(used[-1]) + 1] = out
+    return result

@@ -17,28 +17,15 @@ the base computes it. With ``layers`` the site's adapters by name, ``h``/``r``/`
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from adaptkit.adapters.bottleneck import KIND as BOTTLENECK
 from adaptkit.adapters.bottleneck import BottleneckLayer
-from adaptkit.adapters.fusion import KIND as FUSION
 from adaptkit.adapters.fusion import FusionLayer
-from adaptkit.errors import EngineStateError, InvalidArgumentError, UnsupportedAdapterError
-from adaptkit.routing import Average, Fuse, Mix, RowEntry, members_of
-
-
-def names_of(entry: RowEntry) -> tuple[str, ...]:
-    """The adapter names of an entry, in order (duplicates kept)."""
-    if entry is None:
-        return ()
-    if isinstance(entry, str):
-        return (entry,)
-    if isinstance(entry, Mix):
-        return tuple(name for name, _ in entry.weights)
-    return entry.names
+from adaptkit.compositions import Average, Fuse, Mix, RowEntry, names_of
+from adaptkit.errors import EngineStateError
 
 
 def acts_at(entry: RowEntry, layers: Mapping[str, BottleneckLayer]) -> bool:
@@ -98,47 +85,3 @@ def _state(entry, layers, fusions, h, r, ln) -> tuple[torch.Tensor, BottleneckLa
         x, res = layers[name].prepare(state, r, ln)
         state = layers[name].transform(x, res)
     return state, layers[present[-1]]
-
-
-def check_row_entries(entries: Sequence[RowEntry], adapters: Mapping[str, object]) -> None:
-    """Raise before a forward when an entry cannot be served (names are known to be loaded).
-
-    Fuse and Average take bottleneck adapters only, and a Fuse needs a loaded fusion over exactly
-    its adapters, in that order. A fusion is not a row entry by itself.
-    """
-    for entry in dict.fromkeys(entries):
-        kinds = {name: adapters[name].kind for name in members_of(entry)}
-        fusion_names = [name for name, kind in kinds.items() if kind == FUSION]
-        if fusion_names:
-            fusion = adapters[fusion_names[0]]
-            fused = ", ".join(repr(n) for n in fusion.adapter_names)
-            raise InvalidArgumentError(
-                f"{fusion_names[0]!r} is an AdapterFusion layer, not a row adapter; route rows with ak.Fuse({fused})"
-            )
-        if isinstance(entry, (Fuse, Average)):
-            others = sorted(name for name, kind in kinds.items() if kind != BOTTLENECK)
-            if others:
-                raise UnsupportedAdapterError(
-                    f"{type(entry).__name__} combines bottleneck adapters only; {others} are not (use ak.Mix or ak.Stack)"
-                )
-        if isinstance(entry, Fuse):
-            _check_fusion_loaded(entry, adapters)
-
-
-def _check_fusion_loaded(entry: Fuse, adapters: Mapping[str, object]) -> None:
-    fusions = {name: a for name, a in adapters.items() if a.kind == FUSION}
-    if any(f.adapter_names == entry.names for f in fusions.values()):
-        return
-    wanted = ", ".join(repr(n) for n in entry.names)
-    same_set = [name for name, f in fusions.items() if sorted(f.adapter_names) == sorted(entry.names)]
-    if same_set:
-        order = ", ".join(repr(n) for n in fusions[same_set[0]].adapter_names)
-        raise EngineStateError(
-            f"ak.Fuse({wanted}): the loaded fusion {same_set[0]!r} fuses these adapters in another order; "
-            f"write ak.Fuse({order}) (the order decides which adapter's residual and layer norm apply)"
-        )
-    loaded = ", ".join(f"{name!r} over {f.adapter_names}" for name, f in sorted(fusions.items())) or "none"
-    raise EngineStateError(
-        f"ak.Fuse({wanted}): no fusion over exactly these adapters is loaded (loaded fusions: {loaded}); "
-        f"load one with eng.add_adapter(name, 'path/to/fusion/{','.join(entry.names)}')"
-    )

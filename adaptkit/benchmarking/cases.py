@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from adaptkit.benchmarking import overhead
+from adaptkit.compositions import Fuse
 from adaptkit.errors import AdaptkitError
-from adaptkit.routing import Fuse
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from adaptkit.adapters.lora import (
 from adaptkit.adapters.peft_types import bind_base_layers, layer_from_tensors, needs_base_layers
 from adaptkit.arch import facts_from_config
 from adaptkit.base import checkpoint_fingerprint, load_base, meta_model, parse_dtype, read_config
+from adaptkit.compositions import Mix
 from adaptkit.describe import check_fits_checkpoint
 from adaptkit.engine import Engine
 from adaptkit.errors import AdapterMismatchError, UnsupportedAdapterError
@@ -40,7 +41,6 @@ from adaptkit.inject import base_modules
 from adaptkit.lowrank import LowRank
 from adaptkit.merging.in_memory import merge_into_loaded_model, needs_loaded_model
 from adaptkit.merging.methods import MERGE_METHODS, MergeMethod, check_method, make_method  # noqa: F401 (re-exported)
-from adaptkit.routing import Mix
 
 
 @dataclass

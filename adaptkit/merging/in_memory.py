@@ -44,7 +44,7 @@ def merge_into_loaded_model(base: Path, adapters: Sequence[LoraAdapter], weights
     """Merge ``adapters`` (with ``weights``) into ``base`` loaded whole; write the result into ``tmp``.
     Returns what ``adaptkit_merge.json`` records about it."""
     from adaptkit.base import load_base
-    from adaptkit.engine import fit_lora
+    from adaptkit.fitting import fit_lora
     from adaptkit.formats.checkpoint import SIDE_FILES
 
     if not method.is_linear:

@@ -319,7 +319,7 @@ async def _respond(http_request, server, body, entry, label, prompts, prompt_par
 async def _classify(server, entry, label: str, texts: list[str]) -> dict:
     """Label probabilities of ``texts`` under ``entry`` (forwards of at most ``--max-batch`` rows on the
     scheduler thread, between decode steps), in vLLM's ``/classify`` response shape."""
-    from adaptkit.routing import members_of
+    from adaptkit.compositions import members_of
 
     def run():
         names = set(members_of(entry))
@@ -345,7 +345,7 @@ async def _classify(server, entry, label: str, texts: list[str]) -> dict:
 
 async def _score_prompt(server, ids: list[int], entry, top: int | None) -> list[sched.Token]:
     """The prompt's tokens with their logprobs (the first None), computed on the scheduler thread."""
-    from adaptkit.routing import members_of
+    from adaptkit.compositions import members_of
 
     def score():
         names = set(members_of(entry))

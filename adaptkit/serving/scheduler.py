@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adaptkit.compositions import RowEntry, members_of
 from adaptkit.errors import (
     AdaptkitError,
     EngineStateError,
@@ -39,7 +40,6 @@ from adaptkit.errors import (
     RequestError,
 )
 from adaptkit.generation import MIN_TEMPERATURE, Penalties, check_sampling, new_cache, sample_next
-from adaptkit.routing import RowEntry, members_of
 from adaptkit.serving.batch import DecodeState, check_joinable, join_states, select_rows
 from adaptkit.serving.residency import AdapterPool
 

@@ -20,8 +20,8 @@ import os
 import threading
 from pathlib import Path
 
+from adaptkit.compositions import Mix
 from adaptkit.errors import InvalidArgumentError, MissingDependencyError, RequestError
-from adaptkit.routing import Mix
 from adaptkit.serving.api import ADAPTER_NAME, unknown_model_error
 from adaptkit.serving.guards import API_KEY_ENV, Limits
 from adaptkit.serving.metrics import ServeMetrics

@@ -23,9 +23,9 @@ from adaptkit.adapters.bottleneck import BottleneckAdapter, BottleneckConfig, Bo
 from adaptkit.adapters.fusion import FusionAdapter, FusionConfig, FusionLayer
 from adaptkit.adapters.lora import LoraAdapter, LoraConfig, LoraWeights
 from adaptkit.adapters.pet import PetAdapter
+from adaptkit.compositions import Fuse
 from adaptkit.errors import InvalidArgumentError
 from adaptkit.inject import base_modules, is_conv1d, linear_shape
-from adaptkit.routing import Fuse
 from adaptkit.training.setup import MethodSetup, SetupContext, base_class_of
 from adaptkit.training.virtual import setup_ppt, setup_prefix, setup_prompt, setup_ptuning, setup_ptuning2
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adaptkit.routing import RowEntry
+from adaptkit.compositions import RowEntry
 from adaptkit.training.data import Objective
 
 
