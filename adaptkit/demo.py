@@ -197,7 +197,8 @@ def write_demo_adapters(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     """One random adapter of every kind for ``base_dir`` (two LoRAs, two series bottlenecks for the
     fusion), written in their formats under ``out_dir``; returns {engine name: folder}."""
     from adaptkit.formats.adapterhub import write_bottleneck, write_fusion
-    from adaptkit.formats.peft import write_lora, write_prefix, write_prompt
+    from adaptkit.formats.peft import write_lora
+    from adaptkit.formats.peft_prompt import write_prefix, write_prompt
 
     out = Path(out_dir)
     targets = ("q_proj", "k_proj", "v_proj", "o_proj")

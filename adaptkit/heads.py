@@ -7,7 +7,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
+from adaptkit import inject
 from adaptkit.errors import EngineStateError, UnsupportedAdapterError
 
 
@@ -82,3 +84,19 @@ def _classify_pet(engine, texts: list[str], adapter: str) -> list[dict[str, floa
     slots = torch.tensor([slot for _, slot in encoded])
     probs = label_log_probs(logits, slots, label_word_ids(engine.tokenizer, pet.config)).exp()
     return [dict(zip(pet.config.labels, row.tolist())) for row in probs]
+
+
+def attach_pet(model: nn.Module, name: str, adapter, dtype: torch.dtype, device: torch.device) -> None:
+    """Check the base scores a PET slot as the adapter was trained to; attach its LoRA, if it carries one
+    (the pattern and verbalizer act in ``Engine.classify``, not in the model)."""
+    from adaptkit.adapters.pet import check_pet_fits
+    from adaptkit.measured import facts_of
+
+    check_pet_fits(adapter, facts_of(model), model)
+    if adapter.lora is not None:
+        inject.attach_lora(model, name, adapter.lora, dtype, device)
+
+
+def detach_pet(model: nn.Module, name: str, adapter) -> None:
+    if adapter.lora is not None:
+        inject.detach_lora(model, name, adapter.lora)

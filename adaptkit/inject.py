@@ -20,8 +20,7 @@ from torch import nn
 
 from adaptkit.adapters.lora import LoraWeights
 from adaptkit.errors import EngineStateError
-from adaptkit.lora_stack import LayerStacks, Siblings, rides_batched_path
-from adaptkit.measured import shared_inputs
+from adaptkit.lora_stack import LayerStacks, rides_batched_path, siblings_of
 from adaptkit.routing import AdapterGroup, RowsNotSeparable, current_plan
 
 
@@ -561,20 +560,6 @@ def attach_lora(model: nn.Module, name: str, adapter, dtype: torch.dtype, device
     attach_saved(model, name, adapter.saved_modules)
 
 
-_SIBLINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {layer name: Siblings}
-
-
-def siblings_of(model: nn.Module) -> dict[str, Siblings]:
-    """The :class:`~adaptkit.lora_stack.Siblings` of each layer that reads the same input as others."""
-    found = _SIBLINGS.get(model)
-    if found is None:
-        found = _SIBLINGS[model] = {}
-        for group in shared_inputs(model):
-            siblings = Siblings()
-            found.update(dict.fromkeys(group, siblings))
-    return found
-
-
 def attach_saved(model: nn.Module, name: str, saved: dict) -> None:
     """Register the adapter's stored modules (``modules_to_save``): its rows run these copies."""
     for module_name, state in saved.items():
@@ -608,19 +593,3 @@ def detach_saved(model: nn.Module, name: str, saved: dict) -> None:
         if module is not None and name in module.replacements:
             module.remove(name)
             unwrap_if_empty(model, module_name)
-
-
-def attach_pet(model: nn.Module, name: str, adapter, dtype: torch.dtype, device: torch.device) -> None:
-    """Check the base scores a PET slot as the adapter was trained to; attach its LoRA, if it carries one
-    (the pattern and verbalizer act in ``Engine.classify``, not in the model)."""
-    from adaptkit.adapters.pet import check_pet_fits
-    from adaptkit.measured import facts_of
-
-    check_pet_fits(adapter, facts_of(model), model)
-    if adapter.lora is not None:
-        attach_lora(model, name, adapter.lora, dtype, device)
-
-
-def detach_pet(model: nn.Module, name: str, adapter) -> None:
-    if adapter.lora is not None:
-        detach_lora(model, name, adapter.lora)

@@ -4,7 +4,7 @@ adds one entry to :data:`KIND_HANDLERS`."""
 
 from __future__ import annotations
 
-from adaptkit import inject, prefix_cache, sites
+from adaptkit import heads, inject, prefix_cache, sites
 from adaptkit.adapters.bottleneck import bottleneck_details
 from adaptkit.adapters.fusion import fusion_details
 from adaptkit.adapters.lora import RESIDUAL_INITS, LoraAdapter, TokenRows
@@ -59,7 +59,7 @@ KIND_HANDLERS = {
     "fusion": (sites.attach_fusion, sites.detach_fusion, fusion_details),
     "prefix": (prefix_cache.attach_prefix, prefix_cache.detach_prefix, prefix_details),
     "prompt": (prefix_cache.attach_prompt, prefix_cache.detach_prompt, prompt_details),
-    "pet": (inject.attach_pet, inject.detach_pet, pet_details),
+    "pet": (heads.attach_pet, heads.detach_pet, pet_details),
 }
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from adaptkit.compositions import members_of
+from adaptkit.measured import shared_inputs
 from adaptkit.routing import RoutingPlan
 
 SEGMENT_TOKENS = 1024  # mean tokens per slot from which segments (SGMV) replace gather + batched matmul (BGMV)
@@ -393,3 +394,17 @@ def stacked_nbytes(adapter, element_size: int) -> tuple[int, int]:
         total += padded_rank(weights.rank) * per_rank
         padding += (padded_rank(weights.rank) - weights.rank) * per_rank
     return total, padding
+
+
+_SIBLINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {layer name: Siblings}
+
+
+def siblings_of(model: torch.nn.Module) -> dict[str, Siblings]:
+    """The :class:`~adaptkit.lora_stack.Siblings` of each layer that reads the same input as others."""
+    found = _SIBLINGS.get(model)
+    if found is None:
+        found = _SIBLINGS[model] = {}
+        for group in shared_inputs(model):
+            siblings = Siblings()
+            found.update(dict.fromkeys(group, siblings))
+    return found

@@ -49,7 +49,8 @@ KINDS = ("lora", "prefix", "prompt", "bottleneck")
 
 def build(root: Path) -> tuple[Path, dict[str, Path]]:
     from adaptkit.formats.adapterhub import write_bottleneck
-    from adaptkit.formats.peft import write_lora, write_prefix, write_prompt
+    from adaptkit.formats.peft import write_lora
+    from adaptkit.formats.peft_prompt import write_prefix, write_prompt
 
     base = build_tiny_model(root / "base", "llama", **MODEL)
     adapters = {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from adaptkit.adapters.lora import LoraAdapter
 from adaptkit.errors import AdapterFormatError, UnsupportedAdapterError
-from adaptkit.formats import adapterhub, peft, pet, prefix_file
+from adaptkit.formats import adapterhub, peft, peft_prompt, pet, prefix_file
 from adaptkit.hub import local_path
 
 
@@ -60,8 +60,8 @@ def _reader_for(path: Path):
             raise UnsupportedAdapterError(
                 f"{path / peft.CONFIG_NAME}: peft_type {peft_type!r} is not supported; supported: {known}"
             )
-        readers = {"lora": ("lora", peft.read_lora), "prefix": ("prefix", peft.read_prefix),
-                   "ptuning": ("prompt", peft.read_prompt), "prompt": ("prompt", peft.read_prompt)}
+        readers = {"lora": ("lora", peft.read_lora), "prefix": ("prefix", peft_prompt.read_prefix),
+                   "ptuning": ("prompt", peft_prompt.read_prompt), "prompt": ("prompt", peft_prompt.read_prompt)}
         if kind not in readers:
             raise UnsupportedAdapterError(f"{path}: {peft_type} adapters cannot be loaded by this version")
         served_as, reader = readers[kind]

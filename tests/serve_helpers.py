@@ -12,7 +12,8 @@ def write_adapters(base: Path, root: Path, names=KINDS, seed: int = 0) -> dict[s
     """One random adapter per name (its kind: the name up to a digit suffix) for ``base``, in its own format."""
     from adaptkit.demo import random_bottleneck, random_lora, random_prefix, random_prompt
     from adaptkit.formats.adapterhub import write_bottleneck
-    from adaptkit.formats.peft import write_lora, write_prefix, write_prompt
+    from adaptkit.formats.peft import write_lora
+    from adaptkit.formats.peft_prompt import write_prefix, write_prompt
 
     paths = {}
     for i, name in enumerate(names):

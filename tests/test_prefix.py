@@ -20,7 +20,7 @@ import adaptkit as ak
 from adaptkit.adapters.prefix import PrefixAdapter, PrefixConfig
 from adaptkit.errors import AdapterFormatError, AdapterMismatchError, OutputExistsError
 from adaptkit.formats.detect import read_adapter
-from adaptkit.formats.peft import write_prefix
+from adaptkit.formats.peft_prompt import write_prefix
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import adaptkit as ak
 from adaptkit.adapters.prompt import PromptAdapter, PromptConfig
 from adaptkit.errors import AdapterMismatchError, UnsupportedAdapterError
 from adaptkit.formats.detect import read_adapter
-from adaptkit.formats.peft import write_prompt
+from adaptkit.formats.peft_prompt import write_prompt
 from adaptkit.prefix_cache import prompt_kv
 
 METHODS = ["prompt", "ptuning_mlp", "ptuning_lstm"]

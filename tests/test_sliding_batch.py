@@ -12,7 +12,8 @@ from serve_helpers import check_concurrent_completions
 
 import adaptkit as ak
 from adaptkit.demo import random_lora, random_prefix, random_prompt
-from adaptkit.formats.peft import write_lora, write_prefix, write_prompt
+from adaptkit.formats.peft import write_lora
+from adaptkit.formats.peft_prompt import write_prefix, write_prompt
 
 COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,

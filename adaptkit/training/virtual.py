@@ -59,7 +59,7 @@ class PrefixMLP(nn.Module):
 
 def _prefix_setup(ctx: SetupContext, config: PrefixConfig, trainable: nn.Module, flat: Callable, options: dict,
                   encoder_fields: dict | None) -> MethodSetup:
-    from adaptkit.formats.peft import write_prefix, write_prompt_encoder
+    from adaptkit.formats.peft_prompt import write_prefix, write_prompt_encoder
 
     engine = ctx.engine
 
@@ -147,7 +147,7 @@ class PromptEncoder(nn.Module):
 
 def _prompt_setup(ctx: SetupContext, config: PromptConfig, trainable: nn.Module, embeddings: Callable,
                   options: dict, encoder_fields: dict | None = None, pretrain: dict | None = None) -> MethodSetup:
-    from adaptkit.formats.peft import write_prompt, write_prompt_encoder
+    from adaptkit.formats.peft_prompt import write_prompt, write_prompt_encoder
 
     engine = ctx.engine
 
