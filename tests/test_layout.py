@@ -164,3 +164,12 @@ def test_every_extra_declares_what_its_feature_imports():
     assert missing == []
     # transformers reads GGUF (the demo's model) only with both of these; it imports them itself
     assert {"gguf", "accelerate"} <= declared["demo"]
+
+
+def test_no_source_file_is_longer_than_a_sitting():
+    """A module a reader can take in at once: none over 600 lines in adaptkit/, cli/ and formats/ (the engine
+    keeps the facade and delegates; each command group has its module)."""
+    root = Path(__file__).resolve().parents[1]
+    long = {str(path.relative_to(root)): n for folder in ("adaptkit", "cli", "formats")
+            for path in (root / folder).rglob("*.py") if (n := len(path.read_text().splitlines())) > 600}
+    assert not long, long
