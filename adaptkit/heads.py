@@ -21,22 +21,22 @@ def classify(engine, texts: Sequence[str] | str, adapter=None) -> list[dict[str,
     if isinstance(adapter, str) and engine._adapters.get(adapter) is not None and engine._adapters[adapter].kind == KIND:
         return _classify_pet(engine, texts, adapter)
     logits, _ = _head_logits(engine, texts, adapter, token_level=False)
-    labels = _labels(engine, logits.shape[-1])
-    return [dict(zip(labels, row.tolist())) for row in logits.float().softmax(-1)]
+    names = labels(engine.model.config, logits.shape[-1])
+    return [dict(zip(names, row.tolist())) for row in logits.float().softmax(-1)]
 
 
 def classify_tokens(engine, texts: Sequence[str] | str, adapter=None) -> list[list[dict]]:
     """See :meth:`Engine.classify_tokens`."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     logits, offsets = _head_logits(engine, texts, adapter, token_level=True)
-    labels = _labels(engine, logits.shape[-1])
+    names = labels(engine.model.config, logits.shape[-1])
     out = []
     for text, row_logits, row_offsets in zip(texts, logits.float().softmax(-1), offsets):
         tokens = []
         for probs, (start, end) in zip(row_logits, row_offsets):
             if end > start:
                 score, index = probs.max(-1)
-                tokens.append({"text": text[start:end], "start": start, "end": end, "label": labels[int(index)],
+                tokens.append({"text": text[start:end], "start": start, "end": end, "label": names[int(index)],
                                "score": float(score)})
         out.append(tokens)
     return out
@@ -64,8 +64,9 @@ def _head_logits(engine, texts: list[str], adapter, token_level: bool):
     offsets = [[tuple(o) for o in row] for row in encoded["offset_mapping"]] if token_level else None
     return logits, offsets
 
-def _labels(engine, count: int) -> list[str]:
-    names = getattr(engine.model.config, "id2label", None) or {}
+def labels(config, count: int) -> list[str]:
+    """The names of a head's ``count`` outputs: ``config.id2label``, else ``LABEL_i``."""
+    names = getattr(config, "id2label", None) or {}
     return [str(names.get(i, names.get(str(i), f"LABEL_{i}"))) for i in range(count)]
 
 def _classify_pet(engine, texts: list[str], adapter: str) -> list[dict[str, float]]:

@@ -417,7 +417,9 @@ def head_labels_of(engine, task: str) -> tuple[str, ...]:
     if wanted is None or not head.endswith(wanted):
         raise InvalidArgumentError(f"task {task!r} trains a ...{wanted or 'ForSequenceClassification'} head; "
                                    f"{engine.base.path} is a {head}")
-    return tuple(engine._labels(engine.model.config.num_labels))
+    from adaptkit.heads import labels
+
+    return tuple(labels(engine.model.config, engine.model.config.num_labels))
 
 
 def with_trained_head(engine, setup: MethodSetup, method: str, task: str) -> MethodSetup:
