@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from adaptkit.adapters.bottleneck import KIND as BOTTLENECK
 from adaptkit.adapters.fusion import KIND as FUSION
@@ -23,34 +24,32 @@ from adaptkit.errors import EngineStateError, InvalidArgumentError, UnsupportedA
 MAX_MIX_WEIGHT = 100.0  # beyond this a delta swamps the base: logits overflow long before it is useful
 
 
-@dataclass(frozen=True)
-class Stack:
+@dataclass(frozen=True, init=False)
+class _Names:
+    """A composition of named adapters, each with weight 1 (``needs``: the fewest names it takes)."""
+
+    names: tuple[str, ...]
+    needs: ClassVar[tuple[int, str]] = (1, "one adapter name")
+
+    def __init__(self, *names: str):
+        if len(names) < self.needs[0]:
+            raise InvalidArgumentError(f"{type(self).__name__} needs at least {self.needs[1]}")
+        object.__setattr__(self, "names", tuple(names))
+
+    def members(self) -> dict[str, float]:
+        return dict.fromkeys(self.names, 1.0)
+
+
+@dataclass(frozen=True, init=False)
+class Stack(_Names):
     """Apply adapters one after the other: ``ak.Stack("a", "b")``."""
 
-    names: tuple[str, ...]
 
-    def __init__(self, *names: str):
-        if len(names) < 1:
-            raise InvalidArgumentError("Stack needs at least one adapter name")
-        object.__setattr__(self, "names", tuple(names))
-
-    def members(self) -> dict[str, float]:
-        return dict.fromkeys(self.names, 1.0)
-
-
-@dataclass(frozen=True)
-class Fuse:
+@dataclass(frozen=True, init=False)
+class Fuse(_Names):
     """AdapterFusion over bottleneck adapters: ``ak.Fuse("a", "b")``."""
 
-    names: tuple[str, ...]
-
-    def __init__(self, *names: str):
-        if len(names) < 2:
-            raise InvalidArgumentError("Fuse needs at least two adapter names")
-        object.__setattr__(self, "names", tuple(names))
-
-    def members(self) -> dict[str, float]:
-        return dict.fromkeys(self.names, 1.0)
+    needs: ClassVar[tuple[int, str]] = (2, "two adapter names")
 
 
 @dataclass(frozen=True)

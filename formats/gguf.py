@@ -259,12 +259,7 @@ def add_tokenizer(writer, gguf, folder: Path, vocab_size: int) -> str | None:
             types.append(kind)
         tokens, types = _padded(tokens, types, vocab_size, gguf)
         scores += [-1000.0] * (len(tokens) - len(scores))
-        writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(tokens)
-        writer.add_token_scores(scores)
-        writer.add_token_types(types)
-        gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+        _add_vocab(writer, gguf, folder, "llama", "default", tokens, types, scores)
         return None
     from transformers import AutoTokenizer
 
@@ -290,12 +285,20 @@ def add_tokenizer(writer, gguf, folder: Path, vocab_size: int) -> str | None:
         else:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
+    _add_vocab(writer, gguf, folder, "gpt2", pre, tokens, types)
+    return warning
+
+
+def _add_vocab(writer, gguf, folder: Path, model: str, pre: str, tokens: list, types: list, scores=None) -> None:
+    """The ``tokenizer.ggml.*`` keys of one vocabulary, with the folder's special ids, flags, chat template and
+    (a ``gpt2`` BPE) merges."""
+    writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
+    if scores is not None:
+        writer.add_token_scores(scores)
     writer.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
-    return warning
+    gguf.SpecialVocab(folder, load_merges=model == "gpt2", n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
 
 def _padded(tokens: list, types: list, vocab_size: int, gguf) -> tuple[list, list]:
