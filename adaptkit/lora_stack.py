@@ -328,7 +328,7 @@ class Siblings:
 
     def __init__(self):
         self._members: list[weakref.ref] = []
-        self._stacked: tuple | None = None  # (layout, members, {rank: [slots, k*R, in]})
+        self._stacked: tuple | None = None  # (members, {rank: [slots, k*R, in]})
         self._stash: tuple | None = None  # (x, layout, routes, members, {rank: hidden}, members still to take it)
 
     def join(self, stacks: LayerStacks) -> None:
@@ -343,7 +343,7 @@ class Siblings:
             members = [m for m in (ref() for ref in self._members) if m is not None and m.layout is member.layout]
             if len(members) < 2:
                 return None
-            stacked = self._stacked_A(member.layout, members)
+            stacked = self._stacked_A(members)
             if stacked is None:
                 return None
             shared = {}
@@ -360,11 +360,15 @@ class Siblings:
             self._stash = None
         return {rank: h[..., i * rank:(i + 1) * rank] for rank, h in shared.items()}
 
-    def _stacked_A(self, layout: Layout, members: list[LayerStacks]) -> dict[int, torch.Tensor] | None:
+    def _stacked_A(self, members: list[LayerStacks]) -> dict[int, torch.Tensor] | None:
         """The members' A factors stacked per bucket (their storage from now on); None where their buckets
-        differ in capacity (equal layouts reached through different histories)."""
-        if self._stacked is not None and self._stacked[0] is layout and self._stacked[1] == members:
-            return self._stacked[2]
+        differ in capacity (equal layouts reached through different histories). Kept while every member's A
+        is still a view of it: an add that grows a bucket moves that member's A to storage of its own."""
+        if self._stacked is not None and self._stacked[0] == members:
+            kept = self._stacked[1]
+            if kept.keys() == members[0].buckets.keys() and all(
+                    m.buckets[rank].A._base is A for rank, A in kept.items() for m in members):
+                return kept
         if any(len({m.buckets[rank].A.shape for m in members}) > 1 for rank in members[0].buckets):
             return None
         stacked = {}
@@ -374,7 +378,7 @@ class Siblings:
             for i, m in enumerate(members):
                 m.buckets[rank].A = A[:, i * rank:(i + 1) * rank]
             stacked[rank] = A
-        self._stacked = (layout, members, stacked)
+        self._stacked = (members, stacked)
         return stacked
 
 

@@ -193,3 +193,22 @@ def test_layers_reading_one_input_share_one_shrink(tiny_llama, monkeypatch):
     assert len(calls) == 4 * layers
     rows = ["later", "all", "later"]
     torch.testing.assert_close(engine.logits(ids, adapters=rows), unshared(ids, rows), atol=1e-5, rtol=0)
+
+
+def test_shared_shrink_follows_adds_and_removes_between_forwards(tiny_llama):
+    """Adds that grow a bucket (a member's A moves to storage of its own), removes and a re-add under the same name
+    with other weights, all between two forwards, back to the same layout: the shared shrink reads the new weights."""
+    engine = ak.Engine.from_pretrained(tiny_llama)
+    for i in range(4):  # a full bucket of 4 slots
+        engine.add_adapter(f"s{i}", random_lora(tiny_llama, SEVEN, r=4, seed=20 + i))
+    ids = random_ids(batch=2, length=5, seed=2)
+    engine.logits(ids, adapters=["s0", "s1"])  # the stacks are shared from here
+    engine.add_adapter("grow", random_lora(tiny_llama, SEVEN, r=4, seed=30))  # every layer's bucket grows
+    engine.remove_adapter("grow")
+    engine.remove_adapter("s1")
+    engine.add_adapter("s1", random_lora(tiny_llama, SEVEN, r=4, seed=99))  # same slot, same layout, new weights
+    shared = engine.logits(ids, adapters=["s0", "s1"])
+    reference = ak.Engine.from_pretrained(tiny_llama)
+    for name, seed in (("s0", 20), ("s1", 99)):
+        reference.add_adapter(name, random_lora(tiny_llama, SEVEN, r=4, seed=seed))
+    torch.testing.assert_close(shared, reference.logits(ids, adapters=["s0", "s1"]), atol=1e-5, rtol=0)
