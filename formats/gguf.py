@@ -81,7 +81,7 @@ def architecture(config) -> str:
             f"model type {config.model_type!r} cannot be exported to GGUF by adaptkit (it writes "
             f"{', '.join(sorted(set(ARCHITECTURES)))}); export a merged checkpoint (adaptkit merge) and convert it "
             "with llama.cpp's convert_hf_to_gguf.py")
-    scaling = getattr(config, "rope_scaling", None) or {}
+    scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else "default"
     if kind not in ("default", None):
         raise UnsupportedAdapterError(f"{config.model_type} with rope scaling {kind!r}: adaptkit writes GGUF for "

@@ -21,7 +21,7 @@ import torch
 from click.testing import CliRunner
 from conftest import random_ids
 
-from adaptkit.demo import build_tokenizer, random_lora
+from adaptkit.demo import build_tiny_model, build_tokenizer, random_lora
 from adaptkit.errors import InvalidArgumentError, UnsupportedAdapterError
 from adaptkit.formats.peft import write_lora
 from adaptkit.merging.checkpoint import merge_checkpoint
@@ -235,6 +235,10 @@ def test_refusals_name_what_and_why(llama, tmp_path, tiny_bert):
     base, (first, _), root = llama
     with pytest.raises(UnsupportedAdapterError, match="bert"):
         export_gguf(tiny_bert, tmp_path / "b.gguf", progress=False)
+    scaled = build_tiny_model(tmp_path / "scaled", "llama", rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                              "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    with pytest.raises(UnsupportedAdapterError, match="llama3"):
+        export_gguf(scaled, tmp_path / "s.gguf", progress=False)
     with pytest.raises(InvalidArgumentError, match="q4_k"):
         export_gguf(base, tmp_path / "x.gguf", outtype="q4_k", progress=False)
     dora = make_peft_lora(base, tmp_path / "dora", seed=1, use_dora=True)
