@@ -7,6 +7,7 @@ renamed into place only when complete (:func:`atomic_output_dir`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -51,16 +52,26 @@ class Checkpoint:
                     shapes[key] = tuple(tensor.shape)
         return shapes
 
-    def read_tensor(self, key: str) -> torch.Tensor:
+    @functools.cached_property
+    def _shard_of(self) -> dict[str, Path]:
+        """Which safetensors shard holds each key (headers only, read once)."""
+        where: dict[str, Path] = {}
         for shard in self.shards:
-            if self.is_safetensors:
-                with safe_open(str(shard), framework="pt") as f:
-                    if key in f.keys():
-                        return f.get_tensor(key)
-            else:
-                state = _load_bin(shard)
-                if key in state:
-                    return state[key]
+            with safe_open(str(shard), framework="pt") as f:
+                where.update(dict.fromkeys(f.keys(), shard))
+        return where
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        """One tensor, read from its shard alone (safetensors); a ``.bin`` shard is loaded whole to find it."""
+        if self.is_safetensors:
+            if key not in self._shard_of:
+                raise KeyError(key)
+            with safe_open(str(self._shard_of[key]), framework="pt") as f:
+                return f.get_tensor(key)
+        for shard in self.shards:
+            state = _load_bin(shard)
+            if key in state:
+                return state[key]
         raise KeyError(key)
 
     def iter_shards(self) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:

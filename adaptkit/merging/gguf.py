@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 
 def export_gguf(
     base: str | os.PathLike, out: str | os.PathLike, adapters=(), weights=None, outtype: str = "f16",
@@ -62,7 +60,7 @@ def export_gguf(
             if warning:
                 warnings.append(warning)
 
-        gguf_format.write_gguf(tmp, arch, metadata, planned, _reader(checkpoint), _progress("writing GGUF", progress))
+        gguf_format.write_gguf(tmp, arch, metadata, planned, checkpoint.read_tensor, _progress("writing GGUF", progress))
     return out, warnings
 
 
@@ -138,24 +136,6 @@ def _transposed_keys(folder: Path) -> set[str]:
     from adaptkit.inject import is_conv1d
 
     return {f"{name}.weight" for name, module in meta_model(folder).named_modules() if is_conv1d(module)}
-
-
-def _reader(checkpoint):
-    """``read(key)``, reading each tensor from its shard without loading the others."""
-    from safetensors import safe_open
-
-    if not checkpoint.is_safetensors:
-        return checkpoint.read_tensor
-    where = {}
-    for shard in checkpoint.shards:
-        with safe_open(str(shard), framework="pt") as f:
-            where.update(dict.fromkeys(f.keys(), shard))
-
-    def read(key: str) -> torch.Tensor:
-        with safe_open(str(where[key]), framework="pt") as f:
-            return f.get_tensor(key)
-
-    return read
 
 
 def _progress(description: str, enabled: bool):
